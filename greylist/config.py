@@ -1,0 +1,159 @@
+"""All settings in one place: defaults, then run-script flags, then environment.
+
+The environment wins over flags on purpose. tcprules sets variables per client
+netblock (``1.2.3.:allow,GREYLIST_DELAY="300"``), while a flag in the run
+script applies to everybody: the specific beats the general.
+
+:data:`SETTINGS` is the single table of every setting (name, flag, variable,
+parser, default, help); the wrapper's hand-written flag reader, the admin
+commands' argparse options and the README's table all come from it.
+"""
+
+from __future__ import annotations
+
+from greylist.policy import Policy
+from greylist.values import Value
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use; the message names the setting."""
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``5m``, ``2h``, ``1.5d`` or ``1w``."""
+    raw = text.strip().lower()
+    unit = 1
+    if raw and raw[-1] in _UNITS:
+        unit = _UNITS[raw[-1]]
+        raw = raw[:-1]
+    try:
+        value = float(raw) * unit
+    except ValueError:
+        raise ConfigError(f"not a duration: {text!r} (use e.g. 60, 90s, 5m, 2h, 1d)") from None
+    if value != value or value < 0 or value == float("inf"):
+        raise ConfigError(f"not a duration: {text!r} (must be a finite number >= 0)")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off", ""):
+        return False
+    raise ConfigError(f"not a yes/no value: {text!r}")
+
+
+def parse_on_error(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("pass", "tempfail"):
+        raise ConfigError(f"on-error must be 'pass' or 'tempfail', not {text!r}")
+    return value
+
+
+def parse_text(text: str) -> str:
+    if any(c in text for c in "\r\n\0"):
+        raise ConfigError("text settings cannot contain CR, LF or NUL")
+    return text
+
+
+def parse_store(text: str) -> str:
+    if "://" not in text:
+        raise ConfigError(f"store must be a URL such as file:///var/qmail/cqgreylist, not {text!r}")
+    return text
+
+
+#: name, command-line flag, environment variable, parser, default, help
+SETTINGS = (
+    ("delay", "--delay", "GREYLIST_DELAY", parse_duration, 60.0,
+     "how long a new client must wait before its retry passes"),
+    ("retry_window", "--retry-window", "GREYLIST_RETRY_WINDOW", parse_duration, 2 * 86400.0,
+     "how long a first-seen entry waits for its retry before it counts as new again"),
+    ("max_age", "--max-age", "GREYLIST_MAX_AGE", parse_duration, 35 * 86400.0,
+     "how long a client that passed stays known after its last pass"),
+    ("store", "--store", "GREYLIST_STORE", parse_store, "file:///var/qmail/cqgreylist",
+     "where entries live: file:///DIR (cqgreylist tree) or memory://"),
+    ("on_error", "--on-error", "GREYLIST_ON_ERROR", parse_on_error, "pass",
+     "when the store fails: pass (fail open, default) or tempfail (fail closed)"),
+    ("hostname", "--hostname", "GREYLIST_HOSTNAME", parse_text, "",
+     "host name in SMTP replies (default: /var/qmail/control/me, else the machine's name)"),
+    ("message", "--message", "GREYLIST_MESSAGE", parse_text, "you are greylisted try again",
+     "text of the RCPT and DATA tempfail replies"),
+    ("enhanced", "--enhanced-codes", "GREYLIST_ENHANCED", parse_bool, False,
+     "add enhanced status code 4.7.1 and a retry hint to the tempfail replies"),
+    ("timeout", "--timeout", "GREYLIST_TIMEOUT", parse_duration, 300.0,
+     "idle seconds before the tempfail dialogue answers 421 and closes"),
+)
+
+BOOLEAN_FLAGS = frozenset(flag for _, flag, _, parser, _, _ in SETTINGS if parser is parse_bool)
+
+
+class Config(Value):
+    """Every setting of every front end; build it with :func:`load`."""
+
+    __slots__ = tuple(s[0] for s in SETTINGS)
+
+    def __init__(self, **values: object) -> None:
+        for name, _flag, _env, _parser, default, _help in SETTINGS:
+            setattr(self, name, values.pop(name, default))
+        if values:
+            raise TypeError(f"unknown settings: {', '.join(sorted(values))}")
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(self.delay, self.retry_window, self.max_age)
+
+
+def load(flags: dict[str, str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Defaults, overridden by flags (text, keyed by setting name), overridden by environment."""
+    flags = flags or {}
+    environ = environ or {}
+    values: dict[str, object] = {}
+    for name, flag, env, parser, _default, _help in SETTINGS:
+        for source, raw in ((flag, flags.get(name)), (env, environ.get(env))):
+            if raw is None:
+                continue
+            try:
+                values[name] = parser(raw) if isinstance(raw, str) else raw
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
+    config = Config(**values)
+    try:
+        config.policy
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return config
+
+
+def split_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Read ``--flag value`` / ``--flag=value`` options up to the program to run.
+
+    Hand-written rather than argparse, which costs the wrapper 5 ms a connection.
+    """
+    by_flag = {flag: name for name, flag, *_ in SETTINGS}
+    flags: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("--"):
+            break
+        flag, eq, value = arg.partition("=")
+        if flag not in by_flag:
+            raise ConfigError(f"unknown option {flag}")
+        if flag in BOOLEAN_FLAGS:
+            flags[by_flag[flag]] = value if eq else "1"
+        elif eq:
+            flags[by_flag[flag]] = value
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"option {flag} needs a value")
+            i += 1
+            flags[by_flag[flag]] = argv[i]
+        i += 1
+    return flags, argv[i:]

@@ -1,0 +1,221 @@
+"""``greylist``: the admin commands (expire, show, stats).
+
+These start once per admin action, not per SMTP connection, so they may use
+argparse, json and tabulate freely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+from greylist.config import SETTINGS, ConfigError, load
+from greylist.keys import BadAddress, parse_ip
+from greylist.policy import Policy, Record, decide, is_expired
+from greylist.stores import StoreError, open_store
+
+#: Upper bounds (seconds) and labels of the age histogram in ``greylist stats``.
+AGE_BUCKETS = (
+    (60, "< 1 min"), (300, "1-5 min"), (3600, "5-60 min"), (86400, "1-24 h"),
+    (7 * 86400, "1-7 d"), (35 * 86400, "7-35 d"), (float("inf"), ">= 35 d"),
+)
+TEMP_FILE_GRACE = 3600.0  # a wrapper's temp file older than this was left by a killed process
+
+
+def add_setting_options(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """Options for the named settings, from the one settings table."""
+    for name, flag, env, _parser, default, help_text in SETTINGS:
+        if name in names:
+            parser.add_argument(flag, dest=name, metavar=name.upper(),
+                                help=f"{help_text} (env {env}; default {default!r})")
+
+
+def config_from(args: argparse.Namespace):
+    flags = {n: getattr(args, n) for n, *_ in SETTINGS if getattr(args, n, None) is not None}
+    return load(flags, dict(os.environ))
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def human(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def cmd_expire(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    policy: Policy = config.policy
+    now = time.time()
+    counts = {"scanned": 0, "expired_pending": 0, "expired_known": 0, "removed": 0,
+              "changed_meanwhile": 0, "temp_files_removed": 0}
+    with open_store(config.store) as store:
+        for key, record in store.scan():
+            counts["scanned"] += 1
+            if not is_expired(record, now, policy):
+                continue
+            counts["expired_pending" if record.pending else "expired_known"] += 1
+            if args.dry_run:
+                if args.verbose:
+                    print(f"would remove {key} (last seen {iso(record.last_seen)})")
+                continue
+            # Only if a wrapper has not touched it since the scan read it.
+            if store.delete(key, expected=record):
+                counts["removed"] += 1
+                if args.verbose:
+                    print(f"removed {key}")
+            else:
+                counts["changed_meanwhile"] += 1
+        stale = getattr(store, "stale_temp_files", None)
+        if stale is not None and not args.dry_run:
+            for path in list(stale(now - TEMP_FILE_GRACE)):
+                try:
+                    os.unlink(path)
+                    counts["temp_files_removed"] += 1
+                except OSError:
+                    pass
+    if args.json:
+        print(json.dumps({"dry_run": args.dry_run, **counts}, indent=2))
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        done = counts["expired_pending"] + counts["expired_known"] if args.dry_run else counts["removed"]
+        print(f"{config.store}: scanned {counts['scanned']} entries, {verb} {done} "
+              f"({counts['expired_pending']} pending past the {human(policy.retry_window)} retry window, "
+              f"{counts['expired_known']} known clients silent for over {human(policy.max_age)})")
+        if counts["changed_meanwhile"]:
+            print(f"kept {counts['changed_meanwhile']} that a connection renewed during the scan")
+        if counts["temp_files_removed"]:
+            print(f"removed {counts['temp_files_removed']} stale temporary files")
+    return 0
+
+
+def describe(key: str, record: Record | None, now: float, policy: Policy) -> dict:
+    verdict = decide(record, now, policy).verdict
+    info: dict = {"client": key, "state": "unknown" if record is None else
+                  ("pending" if record.pending else "known")}
+    if record is not None:
+        info.update(first_seen=iso(record.first_seen), last_seen=iso(record.last_seen),
+                    passes=record.passes, age_seconds=round(now - record.first_seen, 3))
+    info["next_connection"] = verdict.action
+    info["reason"] = verdict.reason
+    if verdict.action == "tempfail":
+        info["retry_in_seconds"] = round(verdict.retry_in, 3)
+    return info
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    try:
+        key = parse_ip(args.ip)
+    except BadAddress as exc:
+        print(f"greylist show: {exc}", file=sys.stderr)
+        return 2
+    with open_store(config.store) as store:
+        record = store.get(key)
+        info = describe(key, record, time.time(), config.policy)
+        path_of = getattr(store, "path_of", None)
+        if path_of is not None:
+            info["path"] = path_of(key)[1]
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        from tabulate import tabulate
+
+        print(tabulate(list(info.items()), tablefmt="plain"))
+    return 0 if record is not None else 1
+
+
+def bucket_of(age: float) -> str:
+    for bound, label in AGE_BUCKETS:
+        if age < bound:
+            return label
+    return AGE_BUCKETS[-1][1]
+
+
+def gather_stats(store, now: float, policy: Policy) -> dict:
+    """Entries, pending vs known, expired, and age histograms (since first seen)."""
+    hist = {label: {"pending": 0, "known": 0} for _, label in AGE_BUCKETS}
+    totals = {"entries": 0, "pending": 0, "known": 0, "expired": 0}
+    for _key, record in store.scan():
+        state = "pending" if record.pending else "known"
+        totals["entries"] += 1
+        totals[state] += 1
+        totals["expired"] += is_expired(record, now, policy)
+        hist[bucket_of(now - record.first_seen)][state] += 1
+    stats: dict = {"store": store.url, **totals, "age_histogram": hist}
+    usage = getattr(store, "disk_usage", None)
+    if usage is not None:
+        stats["disk"] = usage()
+    return stats
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    config = config_from(args)
+    with open_store(config.store) as store:
+        stats = gather_stats(store, time.time(), config.policy)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    from tabulate import tabulate
+
+    summary = [["store", stats["store"]], ["entries", stats["entries"]],
+               ["pending (waiting for a retry)", stats["pending"]],
+               ["known (passed at least once)", stats["known"]],
+               ["expired (greylist expire would remove)", stats["expired"]]]
+    if "disk" in stats:
+        summary += [["files", stats["disk"]["files"]], ["directories", stats["disk"]["directories"]],
+                    ["bytes on disk", stats["disk"]["bytes"]]]
+    print(tabulate(summary, tablefmt="simple"))
+    print()
+    rows = [[label, c["pending"], c["known"], c["pending"] + c["known"]]
+            for label, c in stats["age_histogram"].items()]
+    print(tabulate(rows, headers=["age since first seen", "pending", "known", "total"],
+                   tablefmt="simple"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="greylist", description="Greylist store administration.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("expire", help="remove stale entries (replaces the cron find)")
+    add_setting_options(p, ("store", "retry_window", "max_age"))
+    p.add_argument("--dry-run", action="store_true", help="count, remove nothing")
+    p.add_argument("-v", "--verbose", action="store_true", help="name each entry")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_expire)
+
+    p = sub.add_parser("show", help="one client's entry and what its next connection gets")
+    p.add_argument("ip")
+    add_setting_options(p, ("store", "delay", "retry_window", "max_age"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("stats", help="entries, pending vs known, age histogram")
+    add_setting_options(p, ("store", "delay", "retry_window", "max_age"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, StoreError) as exc:
+        print(f"greylist {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""``greylist-wrap PROGRAM [ARGS...]``: the UCSPI wrapper that replaces cqgreylist.
+
+tcpserver runs it once per SMTP connection, in front of qmail-smtpd::
+
+    tcpserver ... 0 smtp greylist-wrap qmail-smtpd HOST checkpassword true 2>&1
+
+It decides from TCPREMOTEIP, then either replaces itself with PROGRAM
+(``os.execvp``: same pid, same environment, no shell, no parent left behind)
+or speaks the tempfail dialogue itself and exits.
+
+It starts once per connection, so it imports only ``os``, ``time``, ``select``,
+``_socket`` and the store it uses: no argparse, logging, re, dataclasses,
+redis or asyncio (tests/frontends/test_wrap_imports.py enforces this).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from greylist.config import ConfigError, load, split_flags
+from greylist.keys import BadAddress, parse_ip
+from greylist.policy import PASS, TEMPFAIL, Verdict, whitelisted
+
+EX_TEMPFAIL = 111  # qmail's "temporary failure" exit status
+
+USAGE = "usage: greylist-wrap [--delay 60] [--store URL] [--on-error pass|tempfail] ... PROGRAM [ARGS...]"
+
+
+def log(fields: dict[str, object]) -> None:
+    """One key=value line on stderr (tcpserver's log); values are quoted if needed."""
+    parts = ["greylist-wrap:"]
+    for key, value in fields.items():
+        if isinstance(value, float):
+            text = f"{value:.3f}".rstrip("0").rstrip(".") if value else "0"
+        else:
+            text = str(value)
+        if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').encode(
+                "ascii", "backslashreplace").decode("ascii") + '"'
+        parts.append(f"{key}={text}")
+    line = (" ".join(parts) + "\n").encode("ascii", "backslashreplace")
+    try:
+        os.write(2, line)
+    except OSError:
+        pass
+
+
+def say(reply: str) -> None:
+    from greylist.smtp import encode
+
+    try:
+        os.write(1, encode(reply))
+    except OSError:
+        pass
+
+
+def refuse(host_setting: str, fields: dict[str, object]) -> int:
+    """Log why we cannot decide and answer 421: the client keeps its mail and retries."""
+    from greylist.hostname import smtp_hostname
+    from greylist.smtp import unavailable
+
+    log(fields)
+    say(unavailable(smtp_hostname(host_setting)))
+    return EX_TEMPFAIL
+
+
+def run_program(program: list[str], host_setting: str, fields: dict[str, object]) -> int:
+    """Hand the connection to PROGRAM; only returns if exec failed."""
+    import _signal
+
+    # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec:
+    # qmail-smtpd must get the default dispositions a shell would give it.
+    for name in ("SIGPIPE", "SIGXFSZ"):
+        if hasattr(_signal, name):
+            _signal.signal(getattr(_signal, name), _signal.SIG_DFL)
+    try:
+        os.execvp(program[0], program)
+    except OSError as exc:
+        fields = dict(fields, verdict="error", error=f"cannot run {program[0]}: {exc.strerror}")
+        return refuse(host_setting, fields)
+    return EX_TEMPFAIL  # pragma: no cover - execvp does not return
+
+
+def serve_tempfail(config, verdict: Verdict, rfd: int = 0, wfd: int = 1) -> None:
+    """Speak the greylisting dialogue until QUIT, EOF, the idle timeout or too many lines."""
+    import select
+
+    from greylist.hostname import smtp_hostname
+    from greylist.smtp import MAX_COMMANDS, Dialogue, LineReader, encode
+
+    dialogue = Dialogue(
+        smtp_hostname(config.hostname), config.message, config.enhanced, verdict.retry_in
+    )
+    reader = LineReader()
+    commands = 0
+
+    def send(reply: str) -> bool:
+        try:
+            os.write(wfd, encode(reply))
+            return True
+        except OSError:
+            return False
+
+    if not send(dialogue.greeting):
+        return
+    while True:
+        try:
+            ready, _, _ = select.select([rfd], [], [], config.timeout)
+        except (OSError, ValueError):
+            return
+        if not ready:
+            send(dialogue.timeout)
+            return
+        try:
+            data = os.read(rfd, 4096)
+        except OSError:
+            return
+        if not data:
+            return  # EOF, possibly mid-line: nothing more to say
+        for line in reader.feed(data):
+            commands += 1
+            if commands > MAX_COMMANDS:
+                send(dialogue.too_many)
+                return
+            if line is None:
+                reply, close = dialogue.too_long, False
+            else:
+                reply, close = dialogue.answer(line)
+            if not send(reply) or close:
+                return
+
+
+def decide_connection(config, environ) -> tuple[Verdict, dict[str, object]]:
+    """The verdict for this connection and the fields of its log line."""
+    from greylist.greylister import check
+    from greylist.stores import StoreError, open_store
+
+    ip = parse_ip(environ.get("TCPREMOTEIP", ""))
+    fields: dict[str, object] = {"ip": ip}
+    started = time.perf_counter()
+    try:
+        store = open_store(config.store)
+        try:
+            verdict = check(store, ip, time.time(), config.policy)
+        finally:
+            store.close()
+    except Exception as exc:  # a failing store (or a bug of ours) must not lose mail
+        if not isinstance(exc, (StoreError, OSError)):
+            exc = f"internal error {type(exc).__name__}: {exc}"
+        action = TEMPFAIL if config.on_error == "tempfail" else PASS
+        verdict = Verdict(action, "store-error", 0.0, config.delay)
+        fields["error"] = str(exc)
+        fields["on_error"] = config.on_error
+    fields["decision_ms"] = (time.perf_counter() - started) * 1000.0
+    return verdict, fields
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ
+    pid = os.getpid()
+    host_setting = environ.get("GREYLIST_HOSTNAME", "")
+    try:
+        flags, program = split_flags(argv)
+        config = load(flags, environ)
+    except ConfigError as exc:
+        return refuse(host_setting, {"pid": pid, "verdict": "error", "error": str(exc)})
+    host_setting = config.hostname
+    if not program:
+        return refuse(host_setting, {"pid": pid, "verdict": "error", "error": USAGE})
+
+    if "RELAYCLIENT" in environ or "WHITELISTED" in environ:
+        verdict = whitelisted()
+        fields: dict[str, object] = {"ip": environ.get("TCPREMOTEIP", "")}
+    else:
+        try:
+            verdict, fields = decide_connection(config, environ)
+        except BadAddress:
+            raw = environ.get("TCPREMOTEIP")
+            problem = "TCPREMOTEIP is not set" if raw is None else f"TCPREMOTEIP {raw!r} is not an IP address"
+            return refuse(host_setting, {"pid": pid, "verdict": "error", "error": problem + " (run me under tcpserver)"})
+
+    fields = {"pid": pid, "ip": fields.pop("ip", ""), "verdict": verdict.action,
+              "reason": verdict.reason, "age": verdict.age, **fields}
+    if verdict.action == PASS:
+        log(fields)
+        return run_program(program, host_setting, fields)
+    fields["retry_in"] = verdict.retry_in
+    log(fields)
+    serve_tempfail(config, verdict)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""One connection against one store: read, decide, write, settle races.
+
+This is the only place that turns a :func:`~greylist.policy.decide` result
+into store operations. The wrapper, the other front ends and the simulator
+all call :func:`check`, so a change to the policy or the write protocol
+changes all of them at once.
+"""
+
+from __future__ import annotations
+
+from greylist.policy import WRITE_CREATE, WRITE_UPDATE, Policy, Verdict, decide
+from greylist.stores.base import Store
+
+
+def check(store: Store, key: str, now: float, policy: Policy) -> Verdict:
+    """Decide for ``key`` at ``now`` and record the outcome. Raises StoreError."""
+    decision = decide(store.get(key), now, policy)
+    write = decision.write
+    if write == WRITE_CREATE:
+        if not store.add(key, decision.record):
+            # Another connection from the same new client created the entry
+            # between our read and our create. Decide again on what it wrote
+            # (a "too soon" tempfail), so both answer coherently with one entry.
+            existing = store.get(key)
+            if existing is not None:
+                decision = decide(existing, now, policy)
+                if decision.write == WRITE_UPDATE:
+                    store.put(key, decision.record)
+    elif write == WRITE_UPDATE:
+        store.put(key, decision.record)
+    return decision.verdict

@@ -1,0 +1,157 @@
+"""The greylisting decision, in plain words (as postgrey explains its own).
+
+A client we have never seen is told to come back later ("new"), and we note
+when we first saw it. A real mail server queues the message and retries; if it
+comes back after ``delay`` seconds, but before ``retry_window`` has run out, it
+passes ("passed") and from then on it is a known client ("known") for as long
+as it keeps sending at least once per ``max_age``. A client that comes back too
+early is told again to wait ("too-soon"); one that comes back after the retry
+window, or a known client silent for longer than ``max_age``, starts over as
+new. Most spam sources never retry, so they never get through.
+
+:func:`decide` is pure: it reads no clock and does no I/O. It takes the stored
+record and the time, and returns the verdict and the record to write. Every
+front end and the simulator call exactly this function.
+"""
+
+from __future__ import annotations
+
+from greylist.values import Value
+
+PASS = "pass"
+TEMPFAIL = "tempfail"
+
+NEW = "new"
+TOO_SOON = "too-soon"
+PASSED = "passed"
+KNOWN = "known"
+WHITELISTED = "whitelisted"
+
+#: What the caller must write back to the store after a decision.
+WRITE_NONE = 0
+WRITE_CREATE = 1  # no record existed: create it only if still absent (race-safe)
+WRITE_UPDATE = 2  # overwrite the existing record
+
+
+class Policy(Value):
+    """Timing of the policy, in seconds.
+
+    delay: how long a new client must wait before a retry passes (cqgreylist: 60).
+    retry_window: how long a first-seen entry waits for its retry before it
+        counts as new again (postgrey: 2 days).
+    max_age: how long a client that passed stays known after its last pass.
+    """
+
+    __slots__ = ("delay", "retry_window", "max_age")
+
+    def __init__(
+        self, delay: float = 60.0, retry_window: float = 2 * 86400.0, max_age: float = 35 * 86400.0
+    ) -> None:
+        self.delay = delay
+        self.retry_window = retry_window
+        self.max_age = max_age
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value != value or value < 0:
+                raise ValueError(f"policy {name} must be a number of seconds >= 0, not {value!r}")
+        if self.retry_window < self.delay:
+            raise ValueError(
+                f"retry window ({self.retry_window:g} s) is shorter than the delay "
+                f"({self.delay:g} s): no client could ever pass"
+            )
+
+
+class Record(Value):
+    """What a store keeps per key.
+
+    first_seen: when the current greylisting episode began (the first tempfail).
+    last_seen: the last time the client was let through (or first_seen while pending).
+    passes: how many times it was let through; 0 means still pending.
+    """
+
+    __slots__ = ("first_seen", "last_seen", "passes")
+
+    def __init__(self, first_seen: float, last_seen: float, passes: int = 0) -> None:
+        self.first_seen = first_seen
+        self.last_seen = last_seen
+        self.passes = passes
+
+    @property
+    def pending(self) -> bool:
+        return self.passes == 0
+
+
+class Verdict(Value):
+    """The answer for one connection, as data.
+
+    action: PASS or TEMPFAIL. reason: NEW, TOO_SOON, PASSED, KNOWN or WHITELISTED.
+    age: seconds since the entry was first seen (0 for a new one).
+    retry_in: for a tempfail, seconds until a retry would pass.
+    """
+
+    __slots__ = ("action", "reason", "age", "retry_in")
+
+    def __init__(self, action: str, reason: str, age: float = 0.0, retry_in: float = 0.0) -> None:
+        self.action = action
+        self.reason = reason
+        self.age = age
+        self.retry_in = retry_in
+
+    @property
+    def passed(self) -> bool:
+        return self.action == PASS
+
+
+class Decision(Value):
+    """A verdict and what to write so that the store reflects it."""
+
+    __slots__ = ("verdict", "record", "write")
+
+    def __init__(self, verdict: Verdict, record: Record, write: int) -> None:
+        self.verdict = verdict
+        self.record = record
+        self.write = write
+
+
+def decide(record: Record | None, now: float, policy: Policy) -> Decision:
+    """Decide one connection from its stored record at time ``now``."""
+    if record is not None:
+        if record.passes:
+            if now - record.last_seen <= policy.max_age:
+                return Decision(
+                    Verdict(PASS, KNOWN, now - record.first_seen),
+                    Record(record.first_seen, now, record.passes + 1),
+                    WRITE_UPDATE,
+                )
+        else:
+            waited = now - record.first_seen
+            if waited < policy.delay:
+                return Decision(
+                    Verdict(TEMPFAIL, TOO_SOON, waited, policy.delay - waited),
+                    record,
+                    WRITE_NONE,
+                )
+            if waited <= policy.retry_window:
+                return Decision(
+                    Verdict(PASS, PASSED, waited),
+                    Record(record.first_seen, now, 1),
+                    WRITE_UPDATE,
+                )
+        # Stale: a pending entry whose retry window ran out, or a known client
+        # silent for longer than max_age. It starts over as new.
+        return Decision(
+            Verdict(TEMPFAIL, NEW, 0.0, policy.delay), Record(now, now, 0), WRITE_UPDATE
+        )
+    return Decision(Verdict(TEMPFAIL, NEW, 0.0, policy.delay), Record(now, now, 0), WRITE_CREATE)
+
+
+def whitelisted() -> Verdict:
+    """The verdict for a client that skips greylisting without touching the store."""
+    return Verdict(PASS, WHITELISTED)
+
+
+def is_expired(record: Record, now: float, policy: Policy) -> bool:
+    """True when :func:`decide` would treat the record as new: safe to delete."""
+    if record.passes:
+        return now - record.last_seen > policy.max_age
+    return now - record.first_seen > policy.retry_window

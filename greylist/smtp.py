@@ -1,0 +1,94 @@
+"""The SMTP side of a tempfail, as data: replies defined once, lines read safely.
+
+cqgreylist answers the whole SMTP dialogue itself when it tempfails, so that
+the client sees a 4xx at RCPT and queues the message (see the table in
+shared/reference/cqgreylist-behaviour.md, which :class:`Dialogue` follows
+reply for reply). The reader is bytes-only: no line is ever decoded, so
+non-UTF-8 input cannot raise, and a line is capped at 512 bytes (RFC 5321
+4.5.3.1.4) so a hostile client cannot make us buffer without bound.
+"""
+
+from __future__ import annotations
+
+MAX_LINE = 512
+MAX_COMMANDS = 100
+
+
+class Dialogue:
+    """Replies of the greylisting dialogue for one host name and message."""
+
+    def __init__(self, host: str, message: str, enhanced: bool = False, retry_in: float = 0.0):
+        self.host = host
+        if enhanced:
+            hint = f" in {max(1, int(retry_in + 0.999))} s" if retry_in > 0 else ""
+            rcpt = f"450 4.7.1 Rcpt to <> - {message}{hint}"
+            data = f"451 4.7.1 {message}{hint}"
+        else:
+            rcpt = f"450 Rcpt to <> - {message}"
+            data = f"451 {message}"
+        self.replies = {
+            b"HELO": f"250 {host}",
+            b"EHLO": "250 hello",
+            b"MAIL": "250 ok",
+            b"RCPT": rcpt,
+            b"DATA": data,
+            b"RSET": "250 ready",
+            b"NOOP": "250 noop",
+        }
+        self.greeting = f"220 {host} cqgreylist - reconnect later"
+        self.bye = f"221 {host} Bye"
+        self.unknown = "502 not implemented"
+        self.too_long = "500 line too long"
+        self.timeout = f"421 {host} timeout"
+        self.too_many = f"421 {host} too many commands, closing"
+
+    def answer(self, line: bytes) -> tuple[str, bool]:
+        """The reply to one command line (without its line ending), and whether to close."""
+        verb = line[:4].upper()
+        if verb == b"QUIT":
+            return self.bye, True
+        return self.replies.get(verb, self.unknown), False
+
+
+def unavailable(host: str) -> str:
+    """The reply when we cannot decide at all: the client keeps the mail and retries."""
+    return f"421 {host} service temporarily unavailable, closing transmission channel"
+
+
+def encode(reply: str) -> bytes:
+    return reply.encode("utf-8", "replace") + b"\r\n"
+
+
+class LineReader:
+    """Splits a byte stream into command lines: CRLF or bare LF, at most MAX_LINE bytes.
+
+    ``feed`` returns the complete lines; an over-long line is returned once as
+    ``None`` (answer "too long") and the rest of it, up to its LF, is dropped.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.skipping = False
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        self.buffer += data
+        lines: list[bytes | None] = []
+        while True:
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                if len(self.buffer) >= MAX_LINE and not self.skipping:
+                    lines.append(None)
+                    self.skipping = True
+                if self.skipping:
+                    self.buffer = b""
+                return lines
+            line, self.buffer = self.buffer[:end], self.buffer[end + 1 :]
+            if self.skipping:
+                self.skipping = False
+                continue
+            if len(line) + 1 > MAX_LINE:
+                lines.append(None)
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            lines.append(line)

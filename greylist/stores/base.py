@@ -1,0 +1,61 @@
+"""The one storage interface every store implements.
+
+A store maps a key (the canonical client address, for now) to a
+:class:`~greylist.policy.Record`. Stores make no decisions; they keep records
+and count their own operations so that the simulator and benchmarks can report
+filesystem or database load without a second implementation.
+"""
+
+from __future__ import annotations
+
+from greylist.policy import Record
+
+
+class StoreError(Exception):
+    """The store cannot be read or written (permissions, full disk, server down)."""
+
+
+class Store:
+    """Interface and shared bookkeeping. Subclasses implement the five methods.
+
+    ``ops`` counts low-level operations by name (``stat``, ``mkdir``, ``create``,
+    ``write``, ``rename``, ``utime``, ``unlink``, ``read`` for the file tree).
+    """
+
+    url = ""
+
+    def __init__(self) -> None:
+        self.ops: dict[str, int] = {}
+
+    def count(self, op: str, n: int = 1) -> None:
+        ops = self.ops
+        ops[op] = ops.get(op, 0) + n
+
+    def get(self, key: str) -> Record | None:
+        """The record for key, or None."""
+        raise NotImplementedError
+
+    def add(self, key: str, record: Record) -> bool:
+        """Create the record only if the key is absent; False if it already existed."""
+        raise NotImplementedError
+
+    def put(self, key: str, record: Record) -> None:
+        """Create or overwrite the record (atomically: readers see old or new)."""
+        raise NotImplementedError
+
+    def delete(self, key: str, expected: Record | None = None) -> bool:
+        """Remove the key; with ``expected``, only if it still holds that record."""
+        raise NotImplementedError
+
+    def scan(self):
+        """Iterate over (key, record) pairs. Entries that cannot be read are skipped."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections or handles; the default has none."""
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,292 @@
+"""``file:///DIR``: the cqgreylist file tree, read as it is and written safely.
+
+Layout (unchanged for IPv4, so an admin can switch binaries and no known client
+is greylisted again)::
+
+    DIR/66/66.94.237.12                          IPv4: first octet / address
+    DIR/v6/2001-0db8/2001-0db8-0000-...-0001     IPv6: /32 prefix / 8 groups
+
+``v6`` can never be an IPv4 first octet, and the IPv6 names use only hex digits
+and dashes (no colons, which some tools and file systems mishandle).
+
+A file's mtime is the last activity and its content is ``FIRST_SEEN PASSES``.
+An empty file is a cqgreylist entry, or one of ours still pending: first seen
+= mtime, no passes. cqgreylist never touched a file after creating it, so its
+daily cron ``find -mtime +1`` re-greylisted every regular sender; here a pass
+refreshes mtime, so the same cron line (or ``greylist expire``) only removes
+clients that went quiet.
+
+Race safety: a new entry is created with O_EXCL (one of several simultaneous
+connections wins, the others read its entry), and a changed entry is written
+to a temporary file and renamed over the old one, so a reader sees the old or
+the new record, never a torn one. Nothing is fsynced: losing an entry in a
+crash costs one more tempfail, not mail.
+"""
+
+from __future__ import annotations
+
+import os
+
+from greylist.keys import BadAddress, packed_ip, parse_ip
+from greylist.policy import Record
+from greylist.stores.base import Store, StoreError
+
+_O_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_O_CREATE_TMP = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+
+
+class FileStore(Store):
+    def __init__(self, base: str) -> None:
+        super().__init__()
+        if not base.startswith("/"):
+            raise StoreError(f"file store needs an absolute directory, not {base!r}")
+        self.base = base.rstrip("/") or "/"
+        self.url = "file://" + self.base
+
+    @classmethod
+    def from_url(cls, url: str) -> "FileStore":
+        return cls(url[len("file://"):])
+
+    # -- paths -------------------------------------------------------------
+    def path_of(self, key: str) -> tuple[str, str]:
+        """(directory, file) for a key; the key is re-parsed, never used raw."""
+        try:
+            packed = packed_ip(key)
+        except BadAddress:
+            raise StoreError(f"file store keys are IP addresses, not {key!r}") from None
+        if len(packed) == 4:
+            directory = f"{self.base}/{packed[0]}"
+            return directory, f"{directory}/{packed[0]}.{packed[1]}.{packed[2]}.{packed[3]}"
+        digits = packed.hex()
+        groups = [digits[i : i + 4] for i in range(0, 32, 4)]
+        directory = f"{self.base}/v6/{groups[0]}-{groups[1]}"
+        return directory, f"{directory}/{'-'.join(groups)}"
+
+    # -- reading -----------------------------------------------------------
+    def get(self, key: str) -> Record | None:
+        _, path = self.path_of(key)
+        return self._read(path)
+
+    def _read(self, path: str) -> Record | None:
+        self.count("stat")
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+        mtime = st.st_mtime
+        if st.st_size == 0:
+            return Record(mtime, mtime, 0)
+        self.count("read")
+        try:
+            fd = os.open(path, _O_READ)
+            try:
+                data = os.read(fd, 128)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            return None  # expired between stat and open
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+        return parse_content(data, mtime)
+
+    # -- writing -----------------------------------------------------------
+    def add(self, key: str, record: Record) -> bool:
+        directory, path = self.path_of(key)
+        content = format_content(record)
+        for attempt in (1, 2):
+            self.count("create")
+            try:
+                fd = os.open(path, _O_CREATE_NEW, 0o600)
+            except FileExistsError:
+                return False
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise StoreError(f"cannot create {path}: directory vanished") from None
+                self._mkdir(directory)
+                continue
+            except OSError as exc:
+                raise StoreError(f"cannot create {path}: {exc.strerror}") from None
+            try:
+                self._fill(fd, content, record.last_seen, path)
+            finally:
+                os.close(fd)
+            return True
+        return False  # pragma: no cover - the loop always returns
+
+    def put(self, key: str, record: Record) -> None:
+        directory, path = self.path_of(key)
+        name = path[len(directory) + 1 :]
+        tmp = f"{directory}/.{name}.{os.getpid()}.tmp"
+        content = format_content(record)
+        for attempt in (1, 2):
+            self.count("create")
+            try:
+                fd = os.open(tmp, _O_CREATE_TMP, 0o600)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise StoreError(f"cannot create {tmp}: directory vanished") from None
+                self._mkdir(directory)
+                continue
+            except OSError as exc:
+                raise StoreError(f"cannot create {tmp}: {exc.strerror}") from None
+            try:
+                self._fill(fd, content, record.last_seen, tmp)
+            finally:
+                os.close(fd)
+            self.count("rename")
+            try:
+                os.rename(tmp, path)
+            except OSError as exc:
+                self._unlink_quietly(tmp)
+                raise StoreError(f"cannot rename {tmp} to {path}: {exc.strerror}") from None
+            return
+
+    def _fill(self, fd: int, content: bytes, mtime: float, path: str) -> None:
+        """Write the content and set mtime (the injected clock's time, not the kernel's)."""
+        try:
+            if content:
+                self.count("write")
+                if os.write(fd, content) != len(content):
+                    raise OSError(28, "short write (disk full?)")
+            self.count("utime")
+            os.utime(fd, (mtime, mtime))
+        except OSError as exc:
+            self._unlink_quietly(path)
+            raise StoreError(f"cannot write {path}: {exc.strerror}") from None
+
+    def _mkdir(self, directory: str) -> None:
+        """mkdir -p, mode 0700 as cqgreylist made its directories."""
+        self.count("mkdir")
+        try:
+            os.makedirs(directory, 0o700, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create directory {directory}: {exc.strerror}") from None
+
+    def _unlink_quietly(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def delete(self, key: str, expected: Record | None = None) -> bool:
+        _, path = self.path_of(key)
+        return self._delete(path, expected)
+
+    def _delete(self, path: str, expected: Record | None) -> bool:
+        if expected is not None and self._read(path) != expected:
+            return False  # a wrapper touched it since it was scanned
+        self.count("unlink")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreError(f"cannot remove {path}: {exc.strerror}") from None
+        return True
+
+    # -- iterating ---------------------------------------------------------
+    def scan(self):
+        """Every readable entry; names that are not ours (or temp files) are skipped."""
+        try:
+            top = sorted(os.listdir(self.base))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot list {self.base}: {exc.strerror}") from None
+        for name in top:
+            if name == "v6":
+                try:
+                    subdirs = sorted(os.listdir(f"{self.base}/v6"))
+                except OSError:
+                    continue
+                for sub in subdirs:
+                    yield from self._scan_dir(f"{self.base}/v6/{sub}", _v6_key)
+            elif name.isdigit():
+                yield from self._scan_dir(f"{self.base}/{name}", _v4_key)
+
+    def _scan_dir(self, directory: str, key_of):
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            return
+        for name in names:
+            key = key_of(name)
+            if key is None:
+                continue
+            try:
+                record = self._read(f"{directory}/{name}")
+            except StoreError:
+                continue
+            if record is not None:
+                yield key, record
+
+    def stale_temp_files(self, older_than: float):
+        """Temp files left by a wrapper killed mid-write (paths), for expire to remove."""
+        for root, _dirs, files in os.walk(self.base):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    path = f"{root}/{name}"
+                    try:
+                        if os.stat(path).st_mtime < older_than:
+                            yield path
+                    except OSError:
+                        continue
+
+    def disk_usage(self) -> dict[str, int]:
+        """Files, directories and bytes on disk (allocated blocks), for reports."""
+        files = directories = size = 0
+        for root, dirs, names in os.walk(self.base):
+            directories += 1
+            try:
+                size += os.stat(root).st_blocks * 512
+            except OSError:
+                pass
+            for name in names:
+                files += 1
+                try:
+                    size += os.stat(f"{root}/{name}").st_blocks * 512
+                except OSError:
+                    pass
+        return {"files": files, "directories": directories, "bytes": size}
+
+
+def format_content(record: Record) -> bytes:
+    """Empty while pending with mtime = first seen (cqgreylist's own format)."""
+    if record.passes == 0 and record.first_seen == record.last_seen:
+        return b""
+    return b"%.3f %d\n" % (record.first_seen, record.passes)
+
+
+def parse_content(data: bytes, mtime: float) -> Record:
+    """Read ``FIRST_SEEN PASSES``; anything else is treated as a cqgreylist entry."""
+    parts = data.split()
+    if len(parts) == 2:
+        try:
+            first, passes = float(parts[0]), int(parts[1])
+        except ValueError:
+            pass
+        else:
+            if first == first and passes >= 0:
+                return Record(first, mtime, passes)
+    return Record(mtime, mtime, 0)
+
+
+def _v4_key(name: str) -> str | None:
+    try:
+        packed = packed_ip(name)
+    except BadAddress:
+        return None
+    return name if len(packed) == 4 and ":" not in name else None
+
+
+def _v6_key(name: str) -> str | None:
+    groups = name.split("-")
+    if len(groups) != 8 or any(len(g) != 4 for g in groups):
+        return None
+    try:
+        return parse_ip(":".join(groups))
+    except BadAddress:
+        return None

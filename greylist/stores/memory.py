@@ -1,0 +1,43 @@
+"""``memory://``: a dict, for tests and the simulator's fastest runs."""
+
+from __future__ import annotations
+
+from greylist.policy import Record
+from greylist.stores.base import Store
+
+
+class MemoryStore(Store):
+    url = "memory://"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: dict[str, Record] = {}
+
+    @classmethod
+    def from_url(cls, url: str) -> "MemoryStore":
+        return cls()
+
+    def get(self, key: str) -> Record | None:
+        return self.data.get(key)
+
+    def add(self, key: str, record: Record) -> bool:
+        if key in self.data:
+            return False
+        self.data[key] = record
+        return True
+
+    def put(self, key: str, record: Record) -> None:
+        self.data[key] = record
+
+    def delete(self, key: str, expected: Record | None = None) -> bool:
+        current = self.data.get(key)
+        if current is None or (expected is not None and current != expected):
+            return False
+        del self.data[key]
+        return True
+
+    def scan(self):
+        return iter(list(self.data.items()))
+
+    def __len__(self) -> int:
+        return len(self.data)

@@ -1,0 +1,1 @@
+"""The traffic simulator: drives the real greylisting core on a virtual clock."""
