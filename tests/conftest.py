@@ -1,0 +1,75 @@
+"""Shared fixtures: the installed wrapper as a real subprocess, a stand-in smtpd."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDIN = Path(__file__).resolve().parent / "helpers" / "standin_smtpd.py"
+
+
+def wrapper_command() -> list[str]:
+    """The installed greylist-wrap beside this interpreter, else the source script."""
+    installed = Path(sys.executable).parent / "greylist-wrap"
+    if installed.exists():
+        return [str(installed)]
+    return [sys.executable, str(ROOT / "bin" / "greylist-wrap")]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GREYLIST_", "TCP", "RELAYCLIENT", "WHITELISTED"))}
+    env["PYTHONPATH"] = str(ROOT)
+    env["GREYLIST_HOSTNAME"] = "mx.test"
+    env.update(extra)
+    return env
+
+
+class Wrapper:
+    """Runs greylist-wrap as tcpserver would: own process, UCSPI env, real pipes."""
+
+    def __init__(self, store_url: str, tmp: Path) -> None:
+        self.store_url = store_url
+        self.tmp = tmp
+        self.command = wrapper_command()
+
+    def env(self, ip: str | None = "192.0.2.10", **extra: str) -> dict[str, str]:
+        env = base_env(GREYLIST_STORE=self.store_url, **extra)
+        if ip is not None:
+            env["TCPREMOTEIP"] = ip
+        return env
+
+    def run(self, ip: str | None = "192.0.2.10", stdin: bytes = b"QUIT\r\n",
+            args: list[str] | None = None, program: list[str] | None = None,
+            timeout: float = 20, **extra: str) -> subprocess.CompletedProcess:
+        program = program if program is not None else [sys.executable, str(STANDIN), "arg1", "arg two"]
+        return subprocess.run(self.command + (args or []) + program, input=stdin,
+                              env=self.env(ip, **extra), capture_output=True, timeout=timeout)
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "cqgreylist"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def wrapper(store_dir: Path, tmp_path: Path) -> Wrapper:
+    return Wrapper(f"file://{store_dir}", tmp_path)
+
+
+def parse_log(stderr: bytes) -> list[dict[str, str]]:
+    """The wrapper's key=value lines (values may be double-quoted)."""
+    import shlex
+
+    lines = []
+    for line in stderr.decode().splitlines():
+        if line.startswith("greylist-wrap:"):
+            lines.append(dict(part.split("=", 1) for part in shlex.split(line)[1:]))
+    return lines

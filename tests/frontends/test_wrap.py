@@ -1,0 +1,234 @@
+"""greylist-wrap as a real subprocess with real pipes, as tcpserver runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import STANDIN, parse_log, wrapper_command, base_env
+
+SESSION = b"HELO c.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nRSET\r\nNOOP\r\nVRFY x\r\nQUIT\r\n"
+EXPECTED = (b"220 mx.test cqgreylist - reconnect later\r\n250 mx.test\r\n250 ok\r\n"
+            b"450 Rcpt to <> - you are greylisted try again\r\n451 you are greylisted try again\r\n"
+            b"250 ready\r\n250 noop\r\n502 not implemented\r\n221 mx.test Bye\r\n")
+
+
+def age_entry(store_dir: Path, ip: str, seconds: float) -> None:
+    path = store_dir / ip.split(".")[0] / ip
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+def test_new_client_gets_the_tempfail_dialogue(wrapper, store_dir):
+    result = wrapper.run(stdin=SESSION)
+    assert result.stdout == EXPECTED
+    assert result.returncode == 0
+    assert (store_dir / "192" / "192.0.2.10").exists()
+    [log] = parse_log(result.stderr)
+    assert log["ip"] == "192.0.2.10" and log["verdict"] == "tempfail" and log["reason"] == "new"
+    assert float(log["decision_ms"]) >= 0 and "age" in log
+
+
+def test_retry_after_delay_execs_the_program(wrapper, store_dir, tmp_path):
+    wrapper.run()
+    age_entry(store_dir, "192.0.2.10", 61)
+    report = tmp_path / "report.json"
+    result = wrapper.run(stdin=b"MAIL FROM:<a@b>\r\nQUIT\r\n", STANDIN_REPORT=str(report),
+                         TCPLOCALPORT="25")
+    assert result.stdout == b"220 standin ESMTP\r\n250 ok\r\n221 standin bye\r\n"
+    info = json.loads(report.read_text())
+    # exec, not fork: the program has the wrapper's pid, its argv and environment unchanged
+    [log] = parse_log(result.stderr)
+    assert info["pid"] == int(log["pid"])
+    assert info["argv"][1:] == ["arg1", "arg two"]
+    assert info["env"]["TCPREMOTEIP"] == "192.0.2.10" and info["env"]["TCPLOCALPORT"] == "25"
+    assert log["verdict"] == "pass" and log["reason"] == "passed"
+    assert float(log["age"]) >= 61
+
+
+def test_program_gets_default_sigpipe_and_sigxfsz(wrapper):
+    """Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec unless we reset them."""
+    result = wrapper.run(program=["/bin/grep", "SigIgn", "/proc/self/status"], RELAYCLIENT="")
+    mask = int(result.stdout.split()[1], 16)
+    assert not mask & (1 << (13 - 1)), "SIGPIPE still ignored"
+    assert not mask & (1 << (25 - 1)), "SIGXFSZ still ignored"
+
+
+def test_too_soon_is_tempfailed_again(wrapper):
+    wrapper.run()
+    log = parse_log(wrapper.run().stderr)[0]
+    assert (log["verdict"], log["reason"]) == ("tempfail", "too-soon")
+    assert 0 < float(log["retry_in"]) <= 60
+
+
+@pytest.mark.parametrize("var", ["RELAYCLIENT", "WHITELISTED"])
+def test_whitelisted_client_never_touches_the_store(tmp_path, var):
+    from conftest import Wrapper
+
+    missing = tmp_path / "no-such-store"
+    w = Wrapper(f"file://{missing}", tmp_path)
+    result = w.run(stdin=b"QUIT\r\n", **{var: ""})
+    assert result.stdout.startswith(b"220 standin")
+    assert not missing.exists()
+    assert parse_log(result.stderr)[0]["reason"] == "whitelisted"
+
+
+def test_variable_beats_run_script_flag(wrapper):
+    """tcprules sets GREYLIST_DELAY per netblock; it overrides the run script's --delay."""
+    wrapper.run(args=["--delay", "3600"])
+    result = wrapper.run(args=["--delay", "3600"], GREYLIST_DELAY="0")
+    assert parse_log(result.stderr)[0]["reason"] == "passed"
+
+
+def test_enhanced_codes_in_the_dialogue(wrapper):
+    result = wrapper.run(stdin=b"RCPT TO:<x@y>\r\nQUIT\r\n", args=["--enhanced-codes"],
+                         GREYLIST_MESSAGE="Greylisted, see https://example.org/grey")
+    assert b"450 4.7.1 Rcpt to <> - Greylisted, see https://example.org/grey in 60 s\r\n" in result.stdout
+
+
+@pytest.mark.parametrize("ip,why", [(None, "not set"), ("../../etc/passwd", "not an IP"),
+                                    ("1.2.3.4; rm -rf /", "not an IP"), ("", "not an IP")])
+def test_missing_or_bad_tcpremoteip(wrapper, store_dir, ip, why):
+    result = wrapper.run(ip=ip)
+    assert result.stdout == b"421 mx.test service temporarily unavailable, closing transmission channel\r\n"
+    assert result.returncode == 111
+    assert why in parse_log(result.stderr)[0]["error"]
+    assert list(store_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("program", [["/nonexistent/qmail-smtpd"], [os.devnull]])
+def test_program_missing_or_not_executable(wrapper, program):
+    result = wrapper.run(program=program, GREYLIST_DELAY="0", RELAYCLIENT="")
+    assert result.stdout.startswith(b"421 mx.test")
+    assert result.returncode == 111
+    assert b"Traceback" not in result.stdout + result.stderr
+    assert "cannot run" in parse_log(result.stderr)[-1]["error"]
+
+
+def test_no_program_is_a_usage_error(wrapper):
+    result = wrapper.run(program=[])
+    assert result.stdout.startswith(b"421 ") and b"usage" in result.stderr
+
+
+def test_bad_setting_answers_421_and_says_which(wrapper):
+    result = wrapper.run(GREYLIST_DELAY="soon")
+    assert result.stdout.startswith(b"421 ")
+    assert "GREYLIST_DELAY" in parse_log(result.stderr)[0]["error"]
+
+
+def test_unwritable_store_fails_open_by_default(tmp_path):
+    from conftest import Wrapper
+
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("")
+    w = Wrapper(f"file://{blocker}", tmp_path)
+    result = w.run()
+    assert result.stdout.startswith(b"220 standin")
+    log = parse_log(result.stderr)[0]
+    assert (log["verdict"], log["reason"], log["on_error"]) == ("pass", "store-error", "pass")
+    assert "cannot" in log["error"]
+    closed = w.run(GREYLIST_ON_ERROR="tempfail", stdin=SESSION)
+    assert closed.stdout == EXPECTED
+    assert parse_log(closed.stderr)[0]["verdict"] == "tempfail"
+
+
+def test_known_client_passes_even_if_the_disk_is_full(wrapper, store_dir):
+    wrapper.run()
+    age_entry(store_dir, "192.0.2.10", 120)
+    cmd = wrapper.command + [sys.executable, str(STANDIN)]
+    code = ("import resource, os, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)); "
+            "os.execv(sys.argv[1], sys.argv[1:])")
+    result = subprocess.run([sys.executable, "-c", code] + cmd, input=b"QUIT\r\n",
+                            env=wrapper.env(), capture_output=True, timeout=20)
+    assert result.stdout.startswith(b"220 standin")
+    assert parse_log(result.stderr)[0]["reason"] == "store-error"
+
+
+HOSTILE = [
+    (b"HELO " + b"x" * 1000 + b"\r\nQUIT\r\n", b"500 line too long\r\n221 mx.test Bye\r\n"),
+    (b"HELO a\nRCPT TO:<b>\nQUIT\n", b"250 mx.test\r\n450 Rcpt to <> - you are greylisted try again\r\n221 mx.test Bye\r\n"),
+    (b"HE\x00LO\r\nRCPT\x00TO\r\nQUIT\r\n", b"502 not implemented\r\n450 Rcpt to <> - you are greylisted try again\r\n221 mx.test Bye\r\n"),
+    (b"\xff\xfe\xfd\r\n\xc3\x28 MAIL\r\nQUIT\r\n", b"502 not implemented\r\n502 not implemented\r\n221 mx.test Bye\r\n"),
+    (b"HELO a\r\nMAIL FROM:<a@b", b"250 mx.test\r\n"),  # EOF mid-line: close quietly
+    (b"", b""),
+]
+
+
+@pytest.mark.parametrize("stdin,replies", HOSTILE)
+def test_hostile_input(wrapper, stdin, replies):
+    result = wrapper.run(stdin=stdin)
+    assert result.stdout == b"220 mx.test cqgreylist - reconnect later\r\n" + replies
+    assert result.returncode == 0
+    assert b"Traceback" not in result.stderr
+
+
+def test_too_many_commands_closes(wrapper):
+    result = wrapper.run(stdin=b"NOOP\r\n" * 500)
+    assert result.stdout.endswith(b"421 mx.test too many commands, closing\r\n")
+    assert result.stdout.count(b"250 noop") == 100
+
+
+def test_idle_timeout_answers_421(wrapper):
+    proc = subprocess.Popen(wrapper.command + [sys.executable, str(STANDIN)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=wrapper.env(GREYLIST_TIMEOUT="1"))
+    started = time.monotonic()
+    proc.stdin.write(b"HELO a\r\n")
+    proc.stdin.flush()
+    out = proc.stdout.read()  # stdin stays open: only the idle timeout can end this
+    proc.stdin.close()
+    proc.wait(timeout=20)
+    assert out.endswith(b"250 mx.test\r\n421 mx.test timeout\r\n")
+    assert time.monotonic() - started < 15
+
+
+def test_fifty_concurrent_connections_from_one_new_ip(wrapper, store_dir):
+    procs = [subprocess.Popen(wrapper.command + [sys.executable, str(STANDIN)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=wrapper.env(ip="203.0.113.50")) for _ in range(50)]
+    results = [p.communicate(b"RCPT TO:<x@y>\r\nQUIT\r\n", timeout=60) for p in procs]
+    reasons = []
+    for (out, err), p in zip(results, procs):
+        assert p.returncode == 0, err
+        assert out == (b"220 mx.test cqgreylist - reconnect later\r\n"
+                       b"450 Rcpt to <> - you are greylisted try again\r\n221 mx.test Bye\r\n")
+        [log] = parse_log(err)
+        assert "error" not in log
+        reasons.append(log["reason"])
+    assert set(reasons) <= {"new", "too-soon"} and "new" in reasons
+    files = [p for p in (store_dir / "203").iterdir()]
+    assert [f.name for f in files] == ["203.0.113.50"]
+
+
+def test_pass_path_imports_nothing_heavy(wrapper, store_dir):
+    """A fresh interpreter running the pass path: none of the slow modules load."""
+    (store_dir / "192").mkdir()
+    (store_dir / "192" / "192.0.2.10").touch()
+    age_entry(store_dir, "192.0.2.10", 3600)
+    code = (
+        "import os, sys\n"
+        "def fake_exec(*a):\n"
+        "    mods = sorted(sys.modules)\n"
+        "    import json; print(json.dumps(mods)); sys.stdout.flush(); os._exit(0)\n"
+        "os.execvp = fake_exec\n"
+        "from greylist.frontends.wrap import main\n"
+        "main(['/bin/true'])\n"
+    )
+    result = subprocess.run([sys.executable, "-I", "-c", code], env=wrapper.env(),
+                            capture_output=True, timeout=20, cwd="/")
+    # -I drops PYTHONPATH: run from the installed package if there is one, else the source tree
+    if result.returncode != 0:
+        result = subprocess.run([sys.executable, "-c", code], env=wrapper.env(),
+                                capture_output=True, timeout=20)
+    modules = set(json.loads(result.stdout))
+    assert "greylist.stores.filetree" in modules
+    heavy = {"argparse", "logging", "tabulate", "redis", "asyncio", "re", "dataclasses",
+             "typing", "inspect", "socket", "enum", "json", "subprocess", "sqlite3",
+             "greylist.stores.memory"}
+    assert not heavy & modules, heavy & modules

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given, strategies as st
+
+from greylist.keys import BadAddress, parse_ip
+
+
+@given(st.ip_addresses())
+def test_every_real_address_parses_to_its_canonical_form(addr):
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        assert parse_ip(str(addr)) == str(addr.ipv4_mapped)
+    else:
+        assert parse_ip(str(addr)) == str(addr)
+        assert parse_ip(addr.exploded) == str(addr)
+
+
+@given(st.text(max_size=60))
+def test_hostile_text_is_rejected_or_is_a_real_address(text):
+    try:
+        canonical = parse_ip(text)
+    except BadAddress:
+        return
+    assert str(ipaddress.ip_address(text)) in (canonical, f"::ffff:{canonical}") or \
+        ipaddress.ip_address(text).ipv4_mapped is not None
+
+
+@pytest.mark.parametrize("text", ["", "../../etc/passwd", "1.2.3", "1.2.3.4 ", "01.2.3.4",
+                                  "1.2.3.4\x00", "fe80::1%eth0", "256.0.0.1", "1.2.3.4/24", "\udcff"])
+def test_malformed_addresses(text):
+    with pytest.raises(BadAddress):
+        parse_ip(text)
+
+
+def test_ipv4_mapped_is_the_ipv4_client():
+    assert parse_ip("::ffff:66.94.237.12") == "66.94.237.12"
+    assert parse_ip("2001:0DB8:0000:0000:0000:0000:0000:0001") == "2001:db8::1"
