@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: simulate test bench install clean
+.PHONY: simulate test bench bench-ci demo install reinstall clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,11 @@ bench: install reinstall
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The short benchmark CI runs: fails only on a gross (2x) regression.
+bench-ci: install reinstall
+	$(BIN)/python benchmarks/run.py --quick
+
+# A scripted SMTP session through the wrapper: greylisted, then let through.
+demo: install reinstall
+	sh examples/demo.sh

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STANDIN = Path(__file__).resolve().parent / "helpers" / "standin_smtpd.py"
+STANDIN = ROOT / "simulator" / "standin_smtpd.py"
 
 
 def wrapper_command() -> list[str]:

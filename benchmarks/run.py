@@ -1,0 +1,98 @@
+"""Run the benchmark suite, write JSON, compare each figure with the baseline.
+
+    python benchmarks/run.py            # full run, prints the comparison table
+    python benchmarks/run.py --quick    # the short run CI does
+    python benchmarks/run.py --update-baseline
+
+Figures are compared as ratios to benchmarks/baseline.json. Because shared
+machines are noisy, only a gross regression fails the run: a figure more than
+``--tolerance`` (default 2x) worse than its baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks import wrapper_startup  # noqa: E402
+
+#: name -> (function, kwargs for a full run, kwargs for a quick run)
+SUITE = {
+    "wrapper_startup": (wrapper_startup.measure, {"runs": 200}, {"runs": 40}),
+}
+
+#: (benchmark, figure, "lower" or "higher" is better)
+COMPARED = [
+    ("wrapper_startup", "pass_vs_bare", "lower"),
+    ("wrapper_startup", "tempfail_vs_bare", "lower"),
+]
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+
+
+def compare(results: dict, baseline: dict, tolerance: float) -> tuple[list[list], bool]:
+    rows, ok = [], True
+    for bench, figure, better in COMPARED:
+        now = results.get(bench, {}).get(figure)
+        base = baseline.get(bench, {}).get(figure)
+        if now is None:
+            continue
+        if base in (None, 0):
+            rows.append([f"{bench}.{figure}", "-", now, "-", "new figure"])
+            continue
+        worse_by = now / base if better == "lower" else base / now
+        status = "ok" if worse_by <= tolerance else f"REGRESSION (> {tolerance:g}x)"
+        ok = ok and worse_by <= tolerance
+        rows.append([f"{bench}.{figure}", base, now, f"{now / base:.2f}x", f"{better} is better: {status}"])
+    return rows, ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs, as CI does")
+    parser.add_argument("--only", action="append", choices=sorted(SUITE), help="run only these")
+    parser.add_argument("--out", default="bench-results/latest.json")
+    parser.add_argument("--baseline", default=str(HERE / "baseline.json"))
+    parser.add_argument("--tolerance", type=float, default=2.0)
+    parser.add_argument("--update-baseline", action="store_true")
+    args = parser.parse_args(argv)
+
+    results: dict = {"machine": machine(), "quick": args.quick}
+    for name, (func, full, quick) in SUITE.items():
+        if args.only and name not in args.only:
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        results[name] = func(**(quick if args.quick else full))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.update_baseline:
+        Path(args.baseline).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"baseline written to {args.baseline}")
+    baseline = json.loads(Path(args.baseline).read_text()) if Path(args.baseline).exists() else {}
+
+    from tabulate import tabulate
+
+    for name in SUITE:
+        if name in results:
+            print(f"\n{name}")
+            print(tabulate(list(results[name].items()), tablefmt="simple"))
+    rows, ok = compare(results, baseline, args.tolerance)
+    print("\ncomparison with the baseline")
+    print(tabulate(rows, headers=["figure", "baseline", "now", "now/baseline", "verdict"]))
+    print(f"\nresults written to {out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""greylist expire / show / stats against a real file tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from greylist.frontends.admin import main
+from greylist.policy import Record
+from greylist.stores.filetree import FileStore
+
+
+def fill(base) -> FileStore:
+    store = FileStore(str(base))
+    now = time.time()
+    store.add("192.0.2.1", Record(now - 10, now - 10, 0))             # pending, fresh
+    store.add("192.0.2.2", Record(now - 3 * 86400, now - 3 * 86400, 0))  # pending, past window
+    store.put("2001:db8::5", Record(now - 90 * 86400, now - 86400, 12))  # known, active
+    store.put("198.51.100.3", Record(now - 90 * 86400, now - 40 * 86400, 2))  # known, silent
+    return store
+
+
+def test_expire_dry_run_then_for_real(tmp_path, capsys):
+    store = fill(tmp_path)
+    url = f"file://{tmp_path}"
+    assert main(["expire", "--store", url, "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["expired_pending"], report["expired_known"], report["removed"]) == (1, 1, 0)
+    assert len(list(store.scan())) == 4
+    assert main(["expire", "--store", url]) == 0
+    out = capsys.readouterr().out
+    assert "removed 2" in out
+    assert sorted(k for k, _ in store.scan()) == ["192.0.2.1", "2001:db8::5"]
+
+
+def test_expire_max_age_flag_and_stale_temp_files(tmp_path, capsys):
+    store = fill(tmp_path)
+    tmp = tmp_path / "192" / ".192.0.2.1.4242.tmp"
+    tmp.write_text("x")
+    os.utime(tmp, (time.time() - 7200,) * 2)
+    assert main(["expire", "--store", f"file://{tmp_path}", "--max-age", "1h", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["expired_known"] == 2 and report["temp_files_removed"] == 1
+    assert not tmp.exists()
+
+
+def test_show(tmp_path, capsys):
+    fill(tmp_path)
+    assert main(["show", "192.0.2.1", "--store", f"file://{tmp_path}", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["state"] == "pending" and info["next_connection"] == "tempfail"
+    assert info["reason"] == "too-soon" and 45 <= info["retry_in_seconds"] <= 50
+    assert info["path"] == f"{tmp_path}/192/192.0.2.1"
+    assert main(["show", "203.0.113.9", "--store", f"file://{tmp_path}"]) == 1
+    assert "unknown" in capsys.readouterr().out
+    assert main(["show", "not-an-ip", "--store", f"file://{tmp_path}"]) == 2
+    assert "not an IP address" in capsys.readouterr().err
+
+
+def test_stats(tmp_path, capsys):
+    fill(tmp_path)
+    assert main(["stats", "--store", f"file://{tmp_path}", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["entries"], stats["pending"], stats["known"], stats["expired"]) == (4, 2, 2, 2)
+    assert stats["age_histogram"]["< 1 min"]["pending"] == 1
+    assert stats["age_histogram"][">= 35 d"]["known"] == 2
+    assert stats["disk"]["files"] == 4
+    assert main(["stats", "--store", f"file://{tmp_path}"]) == 0
+    assert "age since first seen" in capsys.readouterr().out
+
+
+def test_bad_store_url_is_a_clear_error(capsys):
+    assert main(["stats", "--store", "nosuch://x"]) == 2
+    assert "unknown store URL" in capsys.readouterr().err

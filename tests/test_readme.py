@@ -1,0 +1,23 @@
+"""Keep the README true: every setting documented, its commands real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from greylist.config import SETTINGS
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def test_every_setting_is_documented():
+    for name, flag, env, *_ in SETTINGS:
+        assert f"`{flag}`" in README, flag
+        assert f"`{env}`" in README, env
+
+
+def test_readme_starts_with_two_make_commands():
+    block = README.split("```sh", 1)[1].split("```", 1)[0].strip().splitlines()
+    assert len(block) == 2 and all(line.startswith("make ") for line in block)
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    for line in block:
+        assert f"\n{line.split()[1]}:" in makefile
