@@ -14,6 +14,7 @@ import time
 from datetime import datetime, timezone
 
 from greylist.config import SETTINGS, ConfigError, load
+from greylist.expiry import expire
 from greylist.keys import BadAddress, parse_ip
 from greylist.policy import Policy, Record, decide, is_expired
 from greylist.stores import StoreError, open_store
@@ -55,25 +56,15 @@ def cmd_expire(args: argparse.Namespace) -> int:
     config = config_from(args)
     policy: Policy = config.policy
     now = time.time()
-    counts = {"scanned": 0, "expired_pending": 0, "expired_known": 0, "removed": 0,
-              "changed_meanwhile": 0, "temp_files_removed": 0}
+
+    def say(key: str, record, removed: bool) -> None:
+        if args.verbose:
+            what = "removed" if removed else "would remove"
+            print(f"{what} {key} (last seen {iso(record.last_seen)})")
+
     with open_store(config.store) as store:
-        for key, record in store.scan():
-            counts["scanned"] += 1
-            if not is_expired(record, now, policy):
-                continue
-            counts["expired_pending" if record.pending else "expired_known"] += 1
-            if args.dry_run:
-                if args.verbose:
-                    print(f"would remove {key} (last seen {iso(record.last_seen)})")
-                continue
-            # Only if a wrapper has not touched it since the scan read it.
-            if store.delete(key, expected=record):
-                counts["removed"] += 1
-                if args.verbose:
-                    print(f"removed {key}")
-            else:
-                counts["changed_meanwhile"] += 1
+        counts = expire(store, now, policy, dry_run=args.dry_run, on_removed=say)
+        counts["temp_files_removed"] = 0
         stale = getattr(store, "stale_temp_files", None)
         if stale is not None and not args.dry_run:
             for path in list(stale(now - TEMP_FILE_GRACE)):

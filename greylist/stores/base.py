@@ -51,6 +51,10 @@ class Store:
         """Iterate over (key, record) pairs. Entries that cannot be read are skipped."""
         raise NotImplementedError
 
+    def size(self) -> int:
+        """How many entries there are. The default counts a full scan; stores that can count cheaply override it."""
+        return sum(1 for _ in self.scan())
+
     def close(self) -> None:
         """Release connections or handles; the default has none."""
 

@@ -223,6 +223,28 @@ class FileStore(Store):
             if record is not None:
                 yield key, record
 
+    def size(self) -> int:
+        """Entries counted from directory listings alone (no stat per file)."""
+        total = 0
+        try:
+            top = os.listdir(self.base)
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise StoreError(f"cannot list {self.base}: {exc.strerror}") from None
+        dirs = [f"{self.base}/{n}" for n in top if n.isdigit()]
+        if "v6" in top:
+            try:
+                dirs += [f"{self.base}/v6/{n}" for n in os.listdir(f"{self.base}/v6")]
+            except OSError:
+                pass
+        for directory in dirs:
+            try:
+                total += sum(1 for name in os.listdir(directory) if not name.startswith("."))
+            except OSError:
+                continue
+        return total
+
     def stale_temp_files(self, older_than: float):
         """Temp files left by a wrapper killed mid-write (paths), for expire to remove."""
         for root, _dirs, files in os.walk(self.base):

@@ -39,5 +39,5 @@ class MemoryStore(Store):
     def scan(self):
         return iter(list(self.data.items()))
 
-    def __len__(self) -> int:
+    def size(self) -> int:
         return len(self.data)

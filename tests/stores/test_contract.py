@@ -62,3 +62,13 @@ def test_unknown_scheme_is_a_clear_error():
         open_store("postgres://db/greylist")
     with pytest.raises(StoreError, match="unknown store URL"):
         open_store("/var/qmail/cqgreylist")
+
+
+def test_size_counts_entries(store):
+    assert store.size() == 0
+    for i in range(5):
+        store.add(f"192.0.2.{i}", Record(1.0, 1.0, 0))
+    store.put("2001:db8::1", Record(1.0, 2.0, 1))
+    assert store.size() == 6
+    store.delete("192.0.2.0")
+    assert store.size() == 5
