@@ -128,6 +128,28 @@ def load(flags: dict[str, str] | None = None, environ: dict[str, str] | None = N
     return config
 
 
+def add_setting_options(parser, names: tuple[str, ...]) -> None:
+    """argparse options for the named settings, from the one settings table.
+
+    Used by the admin commands and the simulator (never by the wrapper, which
+    must not import argparse); options default to None so that unset ones
+    fall through to the environment and the defaults in :func:`load`.
+    """
+    for name, flag, env, _parser, default, help_text in SETTINGS:
+        if name in names:
+            if flag in BOOLEAN_FLAGS:
+                parser.add_argument(flag, dest=name, action="store_const", const="1",
+                                    help=f"{help_text} (env {env})")
+            else:
+                parser.add_argument(flag, dest=name, metavar=name.upper(),
+                                    help=f"{help_text} (env {env}; default {default!r})")
+
+
+def flags_of(args: object) -> dict[str, str]:
+    """The settings an argparse namespace was given, keyed by setting name."""
+    return {n: getattr(args, n) for n, *_ in SETTINGS if getattr(args, n, None) is not None}
+
+
 def split_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     """Read ``--flag value`` / ``--flag=value`` options up to the program to run.
 

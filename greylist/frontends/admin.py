@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from greylist.config import SETTINGS, ConfigError, load
+from greylist.config import ConfigError, add_setting_options, flags_of, load
 from greylist.expiry import expire
 from greylist.keys import BadAddress, parse_ip
 from greylist.policy import Policy, Record, decide, is_expired
@@ -27,17 +27,8 @@ AGE_BUCKETS = (
 TEMP_FILE_GRACE = 3600.0  # a wrapper's temp file older than this was left by a killed process
 
 
-def add_setting_options(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
-    """Options for the named settings, from the one settings table."""
-    for name, flag, env, _parser, default, help_text in SETTINGS:
-        if name in names:
-            parser.add_argument(flag, dest=name, metavar=name.upper(),
-                                help=f"{help_text} (env {env}; default {default!r})")
-
-
 def config_from(args: argparse.Namespace):
-    flags = {n: getattr(args, n) for n, *_ in SETTINGS if getattr(args, n, None) is not None}
-    return load(flags, dict(os.environ))
+    return load(flags_of(args), dict(os.environ))
 
 
 def iso(ts: float) -> str:

@@ -1,0 +1,206 @@
+"""``simulate``: what greylisting would do to a server's traffic, before deploying it.
+
+    simulate --rate 300k/day --duration 1d --seed 7
+    simulate --compare delay=60,300,900
+    simulate replay /var/log/qmail/smtpd/current --format tcpserver
+
+Settings come from the flags (the environment's GREYLIST_* variables are not
+read here, so a shell that exports them cannot skew a plan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from greylist.config import SETTINGS, ConfigError, add_setting_options, flags_of, load, parse_duration
+from greylist.stores import StoreError, open_store
+from simulator import report as reports
+from simulator.scenario import ScenarioError, load as load_scenario, parse_rate
+from simulator.simulation import RunOptions, Simulation
+
+POLICY_SETTINGS = ("delay", "retry_window", "max_age")
+
+
+class SimulateError(Exception):
+    """A bad option; the message says which and why."""
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    add_setting_options(parser, POLICY_SETTINGS)
+    parser.add_argument("--store", default="memory://",
+                        help="store to drive: memory:// (default), file:///EMPTY_DIR, or file:// "
+                             "for a fresh temporary directory")
+    parser.add_argument("--compare", metavar="SETTING=V1,V2,...",
+                        help="run each value of one policy setting on the very same traffic, "
+                             "e.g. delay=60,300,900")
+    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON (- for stdout)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--quiet", action="store_true", help="no tables, no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="simulate", description="Simulate greylisting on a day (or more) of synthetic traffic.",
+        epilog="Replay logged traffic instead: simulate replay LOGFILE --help")
+    parser.add_argument("--rate", help="first-attempt connections: 300k/day, 3.5/s, 12000/h "
+                                       "(default: the scenario's)")
+    parser.add_argument("--duration", default="1d", help="simulated time: 1d, 12h, 1w (default 1d)")
+    parser.add_argument("--scenario", help="scenario TOML file (default: simulator/scenarios/default.toml)")
+    parser.add_argument("--no-drain", action="store_true",
+                        help="stop at the end of the window instead of following queued mail to the end")
+    parser.add_argument("--expire-every", default="1d",
+                        help="how often the simulated 'greylist expire' cron runs (default 1d)")
+    add_common(parser)
+    return parser
+
+
+class StoreFactory:
+    """Fresh stores for each run; file:// with no path makes (and removes) temp dirs."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.temp_dirs: list[str] = []
+        if url.startswith("file://") and url != "file://":
+            path = Path(url[len("file://"):])
+            if path.exists() and any(path.iterdir()):
+                raise SimulateError(f"--store {url}: the directory is not empty; the simulator runs "
+                                    "on its own clock and must not mix with real entries (use file:// "
+                                    "for a temporary directory)")
+
+    def open(self, run: int):
+        url = self.url
+        if url == "file://":
+            self.temp_dirs.append(tempfile.mkdtemp(prefix="greylist-sim-"))
+            url = f"file://{self.temp_dirs[-1]}"
+        elif url.startswith("file://") and run > 0:
+            url = f"{url.rstrip('/')}/run{run}"
+        return open_store(url)
+
+    def cleanup(self) -> None:
+        for d in self.temp_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def parse_compare(text: str | None) -> tuple[str, list[str]] | None:
+    if not text:
+        return None
+    name, sep, values = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or name not in POLICY_SETTINGS:
+        raise SimulateError(f"--compare {text!r}: use SETTING=V1,V2 with SETTING one of "
+                            f"{', '.join(POLICY_SETTINGS)}")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if len(items) < 2:
+        raise SimulateError(f"--compare {text!r}: give at least two values")
+    return name, items
+
+
+def policies_for(args: argparse.Namespace) -> list[tuple[dict, object]]:
+    """(label, policy) for each run: one, or one per --compare value."""
+    flags = flags_of(args)
+    compare = parse_compare(args.compare)
+    runs = []
+    for value in (compare[1] if compare else [None]):
+        run_flags = dict(flags)
+        label = {}
+        if compare:
+            run_flags[compare[0]] = value
+            label = {"compare": f"{compare[0]}={value}"}
+        try:
+            runs.append((label, load(run_flags, {}).policy))
+        except ConfigError as exc:
+            raise SimulateError(str(exc)) from None
+    return runs
+
+
+class Progress:
+    def __init__(self, enabled: bool, label: str = "") -> None:
+        self.enabled = enabled
+        self.label = label
+
+    def __call__(self, done: float) -> None:
+        if self.enabled:
+            bar = int(30 * min(1.0, done))
+            sys.stderr.write(f"\r{self.label}[{'#' * bar}{' ' * (30 - bar)}] {100 * done:5.1f}%")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+
+
+def emit(args: argparse.Namespace, results: list[dict], compare) -> None:
+    if not args.quiet:
+        if compare:
+            print(reports.compare_table(compare[0], compare[1], results), end="")
+        else:
+            print(reports.tables(results[0]), end="")
+    if args.json:
+        text = reports.to_json(results if compare else results[0])
+        if args.json == "-":
+            sys.stdout.write(text)
+        else:
+            Path(args.json).write_text(text)
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    try:
+        duration = parse_duration(args.duration)
+        expire_every = parse_duration(args.expire_every)
+    except ConfigError as exc:
+        raise SimulateError(str(exc)) from None
+    if duration <= 0:
+        raise SimulateError("--duration must be more than 0")
+    if duration > 366 * 86400:
+        raise SimulateError("--duration is limited to a year")
+    scenario = load_scenario(args.scenario)
+    rate = parse_rate(args.rate) if args.rate else None
+    options = RunOptions(duration=duration, seed=args.seed, drain=not args.no_drain,
+                         expire_every=expire_every, rate=rate)
+    expected = (rate or scenario.rate) * duration
+    if expected > 50_000_000:
+        raise SimulateError(f"that is {expected:,.0f} first-attempt connections; keep a run under "
+                            "50 million (shorten --duration or lower --rate)")
+    runs = policies_for(args)
+    factory = StoreFactory(args.store)
+    results = []
+    try:
+        for i, (label, policy) in enumerate(runs):
+            progress = Progress(sys.stderr.isatty() and not args.quiet and expected > 100_000,
+                                f"{label.get('compare', '')} ")
+            with factory.open(i) as store:
+                sim = Simulation(scenario, policy, store, options, progress=progress).run()
+                progress.close()
+                results.append(reports.build(sim, label))
+    finally:
+        factory.cleanup()
+    compare = parse_compare(args.compare)
+    emit(args, results, compare)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "replay":
+            from simulator.replay.cli import run_replay
+
+            return run_replay(argv[1:])
+        args = build_parser().parse_args(argv)
+        return run_synthetic(args)
+    except (SimulateError, ScenarioError, StoreError, ConfigError) as exc:
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        print("simulate: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

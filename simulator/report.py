@@ -1,0 +1,211 @@
+"""A simulation's results as data (JSON) and as tables for people.
+
+Everything in the report is a function of scenario, seed and policy, so the
+same inputs give byte-identical JSON, except the ``timing`` section: decision
+times and wall time are measured on the machine and differ run to run.
+"""
+
+from __future__ import annotations
+
+import json
+
+from simulator.metrics import percentile
+from simulator.simulation import HOUR, Simulation
+
+OPS = ("stat", "read", "mkdir", "create", "write", "rename", "utime", "unlink")
+
+
+def build(sim: Simulation, label: dict | None = None) -> dict:
+    classes = [s.summary() for s in sim.stats.values()]
+    legit = [s for s in sim.stats.values() if s.kind == "legit"]
+    spam = [s for s in sim.stats.values() if s.kind == "spam"]
+    connections = sum(s.connections for s in sim.stats.values())
+    messages = sum(s.messages for s in sim.stats.values())
+    tempfails = sum(s.tempfails for s in sim.stats.values())
+    legit_delays = sorted(d for s in legit for d in s.delays)
+    legit_messages = sum(s.messages for s in legit)
+    spam_messages = sum(s.messages for s in spam)
+
+    def pct(q: float):
+        v = percentile(legit_delays, q)
+        return None if v is None else round(v, 1)
+
+    overall = {
+        "first_attempts": messages,
+        "connections": connections,
+        "retries": connections - messages,
+        "tempfails": tempfails,
+        "tempfail_ratio": round(tempfails / connections, 4) if connections else 0.0,
+        "legit_messages": legit_messages,
+        "legit_delayed": sum(s.delayed for s in legit),
+        "legit_delayed_share": round(sum(s.delayed for s in legit) / legit_messages, 4) if legit_messages else 0.0,
+        "legit_lost": sum(s.given_up for s in legit),
+        "legit_in_flight": sum(s.in_flight for s in legit),
+        "legit_delay_p50": pct(50), "legit_delay_p90": pct(90), "legit_delay_p99": pct(99),
+        "legit_delay_max": round(legit_delays[-1], 1) if legit_delays else None,
+        "spam_messages": spam_messages,
+        "spam_stopped": sum(s.given_up for s in spam),
+        "spam_stopped_share": round(sum(s.given_up for s in spam) / spam_messages, 4) if spam_messages else 0.0,
+    }
+    ops = {op: sim.store.ops.get(op, 0) for op in OPS if op in sim.store.ops}
+    store = {
+        "kind": sim.store.url.split("://", 1)[0],
+        "entries_end_of_window": sim.entries_at_end_of_window,
+        "entries_peak": max([h.entries for h in sim.hours] + [sim.entries_at_end_of_window]),
+        "entries_end": sim.store.size(),
+        "ops": ops,
+        "ops_per_connection": {op: round(n / connections, 3) for op, n in ops.items()} if connections else {},
+    }
+    if sim.disk_samples:
+        for key in ("files", "directories", "bytes"):
+            store[f"{key}_peak"] = max(d[key] for d in sim.disk_samples)
+            store[f"{key}_end"] = sim.disk_samples[-1][key]
+    timeline = [{"hour": i, "connections": h.connections, "tempfails": h.tempfails,
+                 "tempfail_ratio": round(h.tempfails / h.connections, 4) if h.connections else 0.0,
+                 "legit_delivered": h.legit_delivered, "legit_delayed": h.legit_delayed,
+                 "spam_passed": h.spam_passed, "entries": h.entries}
+                for i, h in enumerate(sim.hours)]
+    ns = sorted(sim.decision_ns)
+    timing = {
+        "decision_us_p50": round(percentile(ns, 50) / 1000, 2) if ns else None,
+        "decision_us_p99": round(percentile(ns, 99) / 1000, 2) if ns else None,
+        "wall_seconds": round(sim.wall_seconds, 3),
+        "connections_per_wall_second": round(connections / sim.wall_seconds) if sim.wall_seconds else None,
+    }
+    policy = sim.policy
+    return {
+        "run": {
+            "scenario": sim.scenario.source.rsplit("/", 1)[-1],
+            "rate_per_day": round((sim.options.rate or sim.scenario.rate) * 86400, 3),
+            "duration_hours": round(sim.options.duration / HOUR, 3),
+            "seed": sim.options.seed,
+            "drain": sim.options.drain,
+            "policy": {"delay": policy.delay, "retry_window": policy.retry_window,
+                       "max_age": policy.max_age},
+            **(label or {}),
+        },
+        "overall": overall,
+        "drain_connections": sim.drain.connections,
+        "classes": classes,
+        "store": store,
+        "expiry_runs": sim.expiry_runs,
+        "timeline": timeline,
+        "timing": timing,
+    }
+
+
+def to_json(report: dict) -> str:
+    return json.dumps(report, indent=2, sort_keys=False) + "\n"
+
+
+def _fmt_delay(seconds) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def tables(report: dict) -> str:
+    from tabulate import tabulate
+
+    run, o, st, t = report["run"], report["overall"], report["store"], report["timing"]
+    pol = run["policy"]
+    out = [
+        f"scenario {run['scenario']}: {run['rate_per_day']:,.0f} first-attempt connections/day for "
+        f"{run['duration_hours']:g} h, seed {run['seed']}; policy delay {pol['delay']:g} s, retry window "
+        f"{_fmt_delay(pol['retry_window'])}, max age {pol['max_age'] / 86400:g} d; store {st['kind']}://",
+        "",
+        tabulate([
+            ["connections (first attempts + retries)", f"{o['connections']:,}"],
+            ["  first attempts / retries", f"{o['first_attempts']:,} / {o['retries']:,}"],
+            ["tempfailed", f"{o['tempfails']:,} ({_pct(o['tempfail_ratio'])})"],
+            ["legitimate messages", f"{o['legit_messages']:,}"],
+            ["  delayed", f"{o['legit_delayed']:,} ({_pct(o['legit_delayed_share'])})"],
+            ["  delay of delayed mail p50 / p90 / p99 / max",
+             " / ".join(_fmt_delay(o[k]) for k in ("legit_delay_p50", "legit_delay_p90",
+                                                     "legit_delay_p99", "legit_delay_max"))],
+            ["  lost (sender gave up)", f"{o['legit_lost']:,}"],
+            ["spam messages", f"{o['spam_messages']:,}"],
+            ["  stopped", f"{o['spam_stopped']:,} ({_pct(o['spam_stopped_share'])})"],
+        ], tablefmt="simple", headers=["overall", ""]),
+        "",
+    ]
+    rows = []
+    for c in report["classes"]:
+        rows.append([c["class"], c["kind"], f"{c['messages']:,}", f"{c['connections']:,}",
+                     _pct(c["tempfail_ratio"]), _pct(c["delayed_share"]),
+                     c.get("lost", "") if c["kind"] == "legit" else _pct(c["stopped_share"]),
+                     _fmt_delay(c["delay_p50"]), _fmt_delay(c["delay_p90"]),
+                     _fmt_delay(c["delay_p99"]), _fmt_delay(c["delay_max"])])
+    out.append(tabulate(rows, headers=["sender class", "kind", "messages", "connections", "tempfailed",
+                                       "delayed", "lost/stopped", "p50", "p90", "p99", "max"],
+                        tablefmt="simple", stralign="right"))
+    out.append("")
+    store_rows = [["entries at end of window / peak", f"{st['entries_end_of_window']:,} / {st['entries_peak']:,}"]]
+    if "files_end" in st:
+        store_rows += [["files / directories (peak)", f"{st['files_peak']:,} / {st['directories_peak']:,}"],
+                       ["bytes on disk (peak)", f"{st['bytes_peak']:,}"]]
+    if st["ops_per_connection"]:
+        store_rows.append(["store operations per connection",
+                           ", ".join(f"{op} {n:g}" for op, n in st["ops_per_connection"].items())])
+    store_rows += [["decision time p50 / p99", f"{t['decision_us_p50']} / {t['decision_us_p99']} µs"],
+                   ["wall time", f"{t['wall_seconds']:.2f} s ({t['connections_per_wall_second']:,} connections/s)"]]
+    out.append(tabulate(store_rows, headers=["store and speed", ""], tablefmt="simple"))
+    out.append("")
+    timeline = report["timeline"]
+    if timeline:
+        step = 1 if len(timeline) <= 48 else 24
+        rows = []
+        for i in range(0, len(timeline), step):
+            chunk = timeline[i:i + step]
+            conns = sum(h["connections"] for h in chunk)
+            temps = sum(h["tempfails"] for h in chunk)
+            rows.append([f"{i}" if step == 1 else f"day {i // 24 + 1}", f"{conns:,}",
+                         _pct(temps / conns) if conns else "-",
+                         sum(h["legit_delivered"] for h in chunk), sum(h["legit_delayed"] for h in chunk),
+                         sum(h["spam_passed"] for h in chunk), f"{chunk[-1]['entries']:,}"])
+        out.append(tabulate(rows, headers=["hour" if step == 1 else "", "connections", "tempfailed",
+                                           "legit delivered", "of which delayed", "spam passed",
+                                           "store entries"], tablefmt="simple", stralign="right"))
+    return "\n".join(out) + "\n"
+
+
+COMPARE_ROWS = [
+    ("connections", ("overall", "connections"), "{:,}"),
+    ("tempfailed", ("overall", "tempfail_ratio"), "pct"),
+    ("legit delayed", ("overall", "legit_delayed_share"), "pct"),
+    ("legit delay p50", ("overall", "legit_delay_p50"), "delay"),
+    ("legit delay p90", ("overall", "legit_delay_p90"), "delay"),
+    ("legit delay p99", ("overall", "legit_delay_p99"), "delay"),
+    ("legit delay max", ("overall", "legit_delay_max"), "delay"),
+    ("legit lost", ("overall", "legit_lost"), "{:,}"),
+    ("spam stopped", ("overall", "spam_stopped_share"), "pct"),
+    ("store entries (peak)", ("store", "entries_peak"), "{:,}"),
+    ("decision p99 (µs)", ("timing", "decision_us_p99"), "{}"),
+]
+
+
+def compare_table(setting: str, values: list[str], reports: list[dict]) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for label, (section, key), fmt in COMPARE_ROWS:
+        row = [label]
+        for r in reports:
+            v = r[section][key]
+            if fmt == "pct":
+                row.append(_pct(v))
+            elif fmt == "delay":
+                row.append(_fmt_delay(v))
+            else:
+                row.append("-" if v is None else fmt.format(v))
+        rows.append(row)
+    return tabulate(rows, headers=[""] + [f"{setting}={v}" for v in values],
+                    tablefmt="simple", stralign="right") + "\n"
