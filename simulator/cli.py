@@ -20,7 +20,7 @@ from greylist.config import SETTINGS, ConfigError, add_setting_options, flags_of
 from greylist.stores import StoreError, open_store
 from simulator import report as reports
 from simulator.scenario import ScenarioError, load as load_scenario, parse_rate
-from simulator.simulation import RunOptions, Simulation
+from simulator.simulation import RunOptions, simulate
 
 POLICY_SETTINGS = ("delay", "retry_window", "max_age")
 
@@ -173,9 +173,11 @@ def run_synthetic(args: argparse.Namespace) -> int:
             progress = Progress(sys.stderr.isatty() and not args.quiet and expected > 100_000,
                                 f"{label.get('compare', '')} ")
             with factory.open(i) as store:
-                sim = Simulation(scenario, policy, store, options, progress=progress).run()
+                server = simulate(scenario, policy, store, options, progress=progress)
                 progress.close()
-                results.append(reports.build(sim, label))
+                run = {"scenario": scenario.source.rsplit("/", 1)[-1],
+                       "rate_per_day": round((rate or scenario.rate) * 86400, 3), "seed": args.seed}
+                results.append(reports.build(server, run, label))
     finally:
         factory.cleanup()
     compare = parse_compare(args.compare)

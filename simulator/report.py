@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 
 from simulator.metrics import percentile
-from simulator.simulation import HOUR, Simulation
+from simulator.simulation import HOUR, SimulatedServer
 
 OPS = ("stat", "read", "mkdir", "create", "write", "rename", "utime", "unlink")
 
 
-def build(sim: Simulation, label: dict | None = None) -> dict:
+def build(sim: SimulatedServer, run: dict, label: dict | None = None) -> dict:
+    """The report of a finished run; ``run`` describes the input (scenario or log)."""
     classes = [s.summary() for s in sim.stats.values()]
     legit = [s for s in sim.stats.values() if s.kind == "legit"]
     spam = [s for s in sim.stats.values() if s.kind == "spam"]
@@ -75,17 +76,15 @@ def build(sim: Simulation, label: dict | None = None) -> dict:
     policy = sim.policy
     return {
         "run": {
-            "scenario": sim.scenario.source.rsplit("/", 1)[-1],
-            "rate_per_day": round((sim.options.rate or sim.scenario.rate) * 86400, 3),
-            "duration_hours": round(sim.options.duration / HOUR, 3),
-            "seed": sim.options.seed,
-            "drain": sim.options.drain,
+            **run,
+            "duration_hours": round(sim.duration / HOUR, 3),
+            "drain": sim.drain,
             "policy": {"delay": policy.delay, "retry_window": policy.retry_window,
                        "max_age": policy.max_age},
             **(label or {}),
         },
         "overall": overall,
-        "drain_connections": sim.drain.connections,
+        "drain_connections": sim.drain_hour.connections,
         "classes": classes,
         "store": store,
         "expiry_runs": sim.expiry_runs,
@@ -117,9 +116,16 @@ def tables(report: dict) -> str:
 
     run, o, st, t = report["run"], report["overall"], report["store"], report["timing"]
     pol = run["policy"]
+    if "log" in run:
+        source = (f"replay of {run['log']} ({run['format']}: {run['logged_connections']:,} connections "
+                  f"from {run['lines']:,} lines, {run['bad_lines']:,} unreadable), "
+                  f"{run['rate_per_day']:,.0f} connections/day over {run['duration_hours']:g} h; "
+                  f"tempfailed clients retry like {run['retry_model']} unless the log shows them back")
+    else:
+        source = (f"scenario {run['scenario']}: {run['rate_per_day']:,.0f} first-attempt connections/day "
+                  f"for {run['duration_hours']:g} h, seed {run['seed']}")
     out = [
-        f"scenario {run['scenario']}: {run['rate_per_day']:,.0f} first-attempt connections/day for "
-        f"{run['duration_hours']:g} h, seed {run['seed']}; policy delay {pol['delay']:g} s, retry window "
+        f"{source}; policy delay {pol['delay']:g} s, retry window "
         f"{_fmt_delay(pol['retry_window'])}, max age {pol['max_age'] / 86400:g} d; store {st['kind']}://",
         "",
         tabulate([

@@ -1,15 +1,21 @@
-"""A simulated server: traffic from a scenario, decisions from the real core.
+"""A simulated server: traffic in, decisions from the real core, measurements out.
 
-Every connection goes through :func:`greylist.greylister.check` with the
-store the user chose and the policy under test, at the virtual time of the
-event loop; nothing here decides anything itself. A change to the policy or
-to a store changes the simulation by itself.
+Every connection goes through :func:`greylist.greylister.check` with the store
+the user chose and the policy under test, at the virtual time of the event
+loop; nothing here decides anything itself. A change to the policy or to a
+store changes the simulation by itself.
 
-Traffic is drawn so that it is the same for every policy: arrival times,
-sender classes, addresses and per-message queue phases come from one seeded
-generator at arrival, and the address a provider farm retries from is a
-fixed function of the message and the attempt number. So ``--compare``
-runs each policy on the very same connections; only the answers differ.
+:class:`SimulatedServer` is what the traffic talks to (clock, store, policy,
+counters, the hourly timeline, the expire cron job). The traffic is either
+synthetic (:class:`SyntheticTraffic`, from a scenario) or replayed from logs
+(:mod:`simulator.replay`). Both follow each message through its retries with
+:class:`Message` and :meth:`SimulatedServer.attempt`.
+
+Synthetic traffic is drawn so that it is the same for every policy: arrival
+times, sender classes, addresses and per-message queue phases come from one
+seeded generator at arrival, and the address a provider farm retries from is
+a fixed function of the message and the attempt number. So ``--compare`` runs
+each policy on the very same connections; only the answers differ.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ DAY = 86400.0
 class RunOptions:
     duration: float = DAY
     seed: int = 7
-    drain: bool = True  # follow queued messages to delivery or give-up after the last arrival
+    drain: bool = True  # follow queued messages to delivery or give-up after the window
     expire_every: float = DAY  # the simulated `greylist expire` cron job
     rate: float | None = None  # override the scenario's first-attempt rate (per second)
 
@@ -51,47 +57,181 @@ def random_ipv4(rng: random.Random) -> str:
 
 
 class Message:
-    __slots__ = ("first", "cls", "stats", "ip", "attempt", "phase", "tag", "pool")
+    """One message being delivered: its first attempt, retries so far, where it comes from.
 
-    def __init__(self, first, cls, stats, ip, phase, tag, pool):
+    offsets: retry times after the first attempt; lifetime: when the sender gives up;
+    pool: a provider farm's addresses (the try's address is picked from it by tag);
+    waiting: for replay, the next logged connection of this client takes over.
+    """
+
+    __slots__ = ("first", "stats", "kind", "ip", "attempt", "phase", "tag", "pool",
+                 "offsets", "lifetime")
+
+    def __init__(self, first: float, stats: ClassStats, ip: str | None, offsets: list[float],
+                 lifetime: float, phase: float = 0.0, tag: int = 0, pool: list[str] | None = None):
         self.first = first
-        self.cls = cls
         self.stats = stats
+        self.kind = stats.kind
         self.ip = ip
         self.attempt = 0
         self.phase = phase
         self.tag = tag
         self.pool = pool
+        self.offsets = offsets
+        self.lifetime = lifetime
 
 
-class Simulation:
-    def __init__(self, scenario: Scenario, policy: Policy, store: Store, options: RunOptions,
-                 progress=None):
-        self.progress = progress  # called with the fraction of the window done, once an hour
-        self.scenario = scenario
+class SimulatedServer:
+    """The clock, the store and the policy under test, and everything measured."""
+
+    def __init__(self, policy: Policy, store: Store, start: float, duration: float,
+                 drain: bool = True, expire_every: float = DAY, progress=None) -> None:
         self.policy = policy
         self.store = store
-        self.options = options
-        self.env = Environment(scenario.start)
-        self.rng = random.Random(options.seed)
-        self.stats = {c.name: ClassStats(c.name, c.kind) for c in scenario.senders}
+        self.env = Environment(start)
+        self.start = start
+        self.duration = duration
+        self.end = start + duration
+        self.drain = drain
+        self.expire_every = expire_every
+        self.progress = progress  # called with the fraction of the window done, once an hour
         self.hours: list[Hour] = []
         self.decision_ns: list[int] = []
         self.disk_samples: list[dict] = []
         self.expiry_runs: list[dict] = []
-        self.end = scenario.start + options.duration
-        self.arrivals_open = True
-        rng = self.rng
+        self.stats: dict[str, ClassStats] = {}
+        self.retry_hook = None  # replay: decides whether a synthetic retry is needed
+
+    def class_stats(self, name: str, kind: str) -> ClassStats:
+        if name not in self.stats:
+            self.stats[name] = ClassStats(name, kind)
+        return self.stats[name]
+
+    # -- one connection ------------------------------------------------------
+    def connect(self, ip: str) -> bool:
+        """One SMTP connection from ``ip`` now; True when it passes."""
+        started = time.perf_counter_ns()
+        verdict = check(self.store, ip, self.env.now, self.policy)
+        self.decision_ns.append(time.perf_counter_ns() - started)
+        hour = self.hours[-1]
+        hour.connections += 1
+        if verdict.action == PASS:
+            return True
+        hour.tempfails += 1
+        return False
+
+    def attempt(self, msg: Message) -> None:
+        """A try of ``msg``: deliver it, or schedule its next retry, or give up."""
+        now = self.env.now
+        if msg.pool is not None:
+            # The farm host for this try: a fixed function of message and attempt.
+            ip = msg.pool[(msg.tag * 2654435761 + msg.attempt * 40503) % len(msg.pool)]
+        else:
+            ip = msg.ip
+        stats = msg.stats
+        stats.connections += 1
+        if self.connect(ip):
+            self.delivered(msg, now)
+            return
+        stats.tempfails += 1
+        self.retry_later(msg)
+
+    def delivered(self, msg: Message, now: float) -> None:
+        stats = msg.stats
+        hour = self.hours[-1]
+        stats.delivered += 1
+        if now > msg.first:
+            stats.delayed += 1
+            stats.delays.append(now - msg.first)
+            if msg.kind == "legit":
+                hour.legit_delayed += 1
+        if msg.kind == "legit":
+            hour.legit_delivered += 1
+        else:
+            hour.spam_passed += 1
+
+    def retry_later(self, msg: Message) -> None:
+        offsets = msg.offsets
+        if msg.attempt < len(offsets):
+            at = msg.first + offsets[msg.attempt] + msg.phase
+            msg.attempt += 1
+            if at <= msg.first + msg.lifetime:
+                if self.retry_hook is not None and not self.retry_hook(msg, at):
+                    return  # replay: the client's next logged connection carries it
+                if self.drain or at < self.end:
+                    self.env.schedule(at, self.attempt, msg)
+                else:
+                    msg.stats.in_flight += 1
+                return
+        msg.stats.given_up += 1
+
+    # -- housekeeping --------------------------------------------------------
+    def _tick(self) -> None:
+        if self.hours:
+            self.hours[-1].entries = self.store.size()
+        if self.progress is not None:
+            self.progress((self.env.now - self.start) / self.duration)
+        if self.env.now < self.end:
+            self.hours.append(Hour())
+            self.env.timeout(HOUR, self._tick)
+
+    def _expire(self) -> None:
+        self._sample_disk()
+        counts = expire(self.store, self.env.now, self.policy)
+        self.expiry_runs.append({"at_hours": round((self.env.now - self.start) / HOUR, 2), **counts})
+        if self.env.now + self.expire_every < self.end:
+            self.env.timeout(self.expire_every, self._expire)
+
+    def _sample_disk(self) -> None:
+        usage = getattr(self.store, "disk_usage", None)
+        if usage is not None:
+            self.disk_samples.append(usage())
+
+    def run(self) -> "SimulatedServer":
+        """Process the window, then (with drain) the retries of mail still queued."""
+        self.env.schedule(self.start, self._tick)
+        if self.expire_every and self.expire_every < self.duration:
+            self.env.schedule(self.start + self.expire_every, self._expire)
+        started = time.perf_counter()
+        self.env.run(self.end)
+        self.entries_at_end_of_window = self.store.size()
+        if self.hours:
+            self.hours[-1].entries = self.entries_at_end_of_window
+        self.drain_hour = Hour()
+        if self.drain:
+            self.hours.append(self.drain_hour)  # counts the retries after the window
+            self.env.run()
+            self.hours.pop()
+        self.wall_seconds = time.perf_counter() - started
+        self._sample_disk()
+        return self
+
+
+class SyntheticTraffic:
+    """Arrivals from a scenario: two Poisson streams (legit, spam) with daily curves."""
+
+    def __init__(self, server: SimulatedServer, scenario: Scenario, seed: int,
+                 rate: float | None = None) -> None:
+        self.server = server
+        self.scenario = scenario
+        self.rate = scenario.rate if rate is None else rate
+        self.rng = rng = random.Random(seed)
+        for c in scenario.senders:
+            server.class_stats(c.name, c.kind)
         # Fixed populations: regular correspondents and provider farms' pools.
         self.regulars = {c.name: [random_ipv4(rng) for _ in range(c.regulars)] for c in scenario.senders}
-        self.pools = {}
+        self.pools: dict[str, list[str]] = {}
         for c in scenario.senders:
             if c.pool > 1:
                 nets = [random_ipv4(rng).rsplit(".", 1)[0] for _ in range(c.pool_networks)]
                 self.pools[c.name] = [f"{nets[i % len(nets)]}.{10 + (i // len(nets)) % 240}"
                                       for i in range(c.pool)]
 
-    # -- arrivals ------------------------------------------------------------
+    def start(self) -> None:
+        s = self.scenario
+        self._stream("spam", self.rate * s.spam_share, s.spam_peak_hour, s.spam_amplitude)
+        self._stream("legit", self.rate * (1 - s.spam_share), s.legit_peak_hour, s.legit_amplitude)
+
     def _stream(self, kind: str, mean_rate: float, peak_hour: float, amplitude: float) -> None:
         classes = self.scenario.of_kind(kind)
         if mean_rate <= 0 or not classes:
@@ -105,25 +245,26 @@ class Simulation:
         self._next_arrival(state)
 
     def _next_arrival(self, state: dict) -> None:
-        """Thinning: candidates at the peak rate, kept with probability rate(t)/peak rate."""
+        """Thinning: candidates at the peak rate, kept with probability rate(t) / peak rate."""
         rng = self.rng
-        t = self.env.now
-        two_pi_over_day = 2 * math.pi / DAY
-        start = self.scenario.start
+        server = self.server
+        t = server.env.now
+        omega = 2 * math.pi / DAY
+        origin = server.start + state["peak"]
         while True:
             t += rng.expovariate(state["max"])
-            if t >= self.end:
+            if t >= server.end:
                 return
-            rate = state["mean"] * (1 + state["amp"] * math.cos(two_pi_over_day * (t - start - state["peak"])))
+            rate = state["mean"] * (1 + state["amp"] * math.cos(omega * (t - origin)))
             if rng.random() * state["max"] <= rate:
                 break
-        self.env.schedule(t, self._arrive, state)
+        server.env.schedule(t, self._arrive, state)
 
     def _arrive(self, state: dict) -> None:
         rng = self.rng
-        r = rng.random() * state["cum"][-1]
-        cls: SenderClass = state["classes"][bisect.bisect_right(state["cum"], r)] \
-            if r < state["cum"][-1] else state["classes"][-1]
+        cum = state["cum"]
+        index = min(bisect.bisect_right(cum, rng.random() * cum[-1]), len(cum) - 1)
+        cls: SenderClass = state["classes"][index]
         pool = self.pools.get(cls.name)
         if pool is not None:
             ip = None
@@ -132,97 +273,19 @@ class Simulation:
         else:
             ip = random_ipv4(rng)
         phase = rng.random() * cls.queue_run if cls.queue_run else 0.0
-        msg = Message(self.env.now, cls, self.stats[cls.name], ip, phase, rng.getrandbits(32), pool)
-        msg.stats.messages += 1
-        self._attempt(msg)
+        server = self.server
+        stats = server.stats[cls.name]
+        msg = Message(server.env.now, stats, ip, cls.offsets, cls.lifetime, phase,
+                      rng.getrandbits(32), pool)
+        stats.messages += 1
+        server.attempt(msg)
         self._next_arrival(state)
 
-    # -- one connection ------------------------------------------------------
-    def _attempt(self, msg: Message) -> None:
-        now = self.env.now
-        if msg.pool is not None:
-            # The farm host for this try: a fixed function of message and attempt.
-            pool = msg.pool
-            ip = pool[(msg.tag * 2654435761 + msg.attempt * 40503) % len(pool)]
-        else:
-            ip = msg.ip
-        started = time.perf_counter_ns()
-        verdict = check(self.store, ip, now, self.policy)
-        self.decision_ns.append(time.perf_counter_ns() - started)
-        stats = msg.stats
-        stats.connections += 1
-        hour = self.hours[-1]
-        hour.connections += 1
-        if verdict.action == PASS:
-            stats.delivered += 1
-            legit = msg.cls.kind == "legit"
-            if msg.attempt:
-                stats.delayed += 1
-                stats.delays.append(now - msg.first)
-                if legit:
-                    hour.legit_delayed += 1
-            if legit:
-                hour.legit_delivered += 1
-            else:
-                hour.spam_passed += 1
-            return
-        stats.tempfails += 1
-        hour.tempfails += 1
-        offsets = msg.cls.offsets
-        if msg.attempt < len(offsets):
-            at = msg.first + offsets[msg.attempt] + msg.phase
-            msg.attempt += 1
-            if at <= msg.first + msg.cls.lifetime and (self.options.drain or at < self.end):
-                self.env.schedule(at, self._attempt, msg)
-                return
-            if at <= msg.first + msg.cls.lifetime:
-                stats.in_flight += 1
-                return
-        stats.given_up += 1
 
-    # -- housekeeping --------------------------------------------------------
-    def _tick(self) -> None:
-        if self.hours:
-            self.hours[-1].entries = self.store.size()
-        if self.progress is not None:
-            self.progress((self.env.now - self.scenario.start) / self.options.duration)
-        if self.env.now < self.end:
-            self.hours.append(Hour())
-            self.env.timeout(HOUR, self._tick)
-
-    def _expire(self) -> None:
-        self._sample_disk()
-        counts = expire(self.store, self.env.now, self.policy)
-        self.expiry_runs.append({"at_hours": round((self.env.now - self.scenario.start) / HOUR, 2),
-                                 **counts})
-        if self.env.now + self.options.expire_every < self.end:
-            self.env.timeout(self.options.expire_every, self._expire)
-
-    def _sample_disk(self) -> None:
-        usage = getattr(self.store, "disk_usage", None)
-        if usage is not None:
-            self.disk_samples.append(usage())
-
-    def run(self) -> "Simulation":
-        s = self.scenario
-        rate = self.options.rate if self.options.rate is not None else s.rate
-        self.env.schedule(s.start, self._tick)
-        self._stream("spam", rate * s.spam_share, s.spam_peak_hour, s.spam_amplitude)
-        self._stream("legit", rate * (1 - s.spam_share), s.legit_peak_hour, s.legit_amplitude)
-        if self.options.expire_every and self.options.expire_every < self.options.duration:
-            self.env.schedule(s.start + self.options.expire_every, self._expire)
-        started = time.perf_counter()
-        self.env.run(self.end)
-        self.entries_at_end_of_window = self.store.size()
-        self.extra_hours = self.hours
-        if self.options.drain:
-            drain = Hour()
-            self.hours.append(drain)  # connections after the window: retries of queued mail
-            self.env.run()
-            self.hours.pop()
-            self.drain = drain
-        else:
-            self.drain = Hour()
-        self.wall_seconds = time.perf_counter() - started
-        self._sample_disk()
-        return self
+def simulate(scenario: Scenario, policy: Policy, store: Store, options: RunOptions,
+             progress=None) -> SimulatedServer:
+    """One synthetic run, start to end."""
+    server = SimulatedServer(policy, store, scenario.start, options.duration, options.drain,
+                             options.expire_every, progress)
+    SyntheticTraffic(server, scenario, options.seed, options.rate).start()
+    return server.run()

@@ -1,0 +1,1 @@
+"""Replay of logged traffic: log readers and the counterfactual replay."""

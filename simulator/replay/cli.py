@@ -1,0 +1,80 @@
+"""``simulate replay LOGFILE``: the counterfactual replay of a logged server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from greylist.config import ConfigError, parse_duration
+from simulator import report as reports
+from simulator.replay.formats import FORMATS, LogError, parse
+from simulator.replay.replay import replay, rescale, retry_model
+from simulator.scenario import load as load_scenario, parse_rate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from simulator.cli import add_common
+
+    parser = argparse.ArgumentParser(
+        prog="simulate replay",
+        description="Replay a logged server's connections through the greylisting core: "
+                    "what would greylisting have done to this traffic?")
+    parser.add_argument("logfile", help="the log (- for standard input)")
+    parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    parser.add_argument("--year", type=int, help="year of yearless syslog stamps (Postfix; default: this year)")
+    parser.add_argument("--rate", help="rescale the log's timing to this mean rate (300k/day, 3.5/s)")
+    parser.add_argument("--retry-model", default="postfix",
+                        help="how a tempfailed client retries when the log does not show it coming "
+                             "back: a sender class of the scenario (postfix, exim, qmail, sendmail, "
+                             "exchange, office365, gmail, bulk) or none (default postfix)")
+    parser.add_argument("--scenario", help="scenario file whose sender classes are the retry models")
+    parser.add_argument("--no-drain", action="store_true")
+    parser.add_argument("--show-bad", type=int, default=10, metavar="N",
+                        help="list the first N unreadable lines (default 10)")
+    add_common(parser)
+    return parser
+
+
+def run_replay(argv: list[str]) -> int:
+    from simulator.cli import SimulateError, StoreFactory, emit, parse_compare, policies_for
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.logfile == "-":
+            log = parse(sys.stdin, args.format, args.year)
+        else:
+            with open(args.logfile, encoding="utf-8", errors="replace") as f:
+                log = parse(f, args.format, args.year)
+    except OSError as exc:
+        raise SimulateError(f"cannot read {args.logfile}: {exc.strerror}") from None
+    except LogError as exc:
+        raise SimulateError(f"{args.logfile}: {exc}") from None
+    if log.bad:
+        shown = "; ".join(f"line {n}: {why}" for n, why in log.bad[: args.show_bad])
+        more = f" (and {len(log.bad) - args.show_bad} more)" if len(log.bad) > args.show_bad else ""
+        print(f"simulate replay: skipped {len(log.bad)} unreadable lines of {log.lines}: {shown}{more}",
+              file=sys.stderr)
+    if not log.events:
+        raise SimulateError(f"{args.logfile}: no connections found in {log.lines} lines "
+                            f"({log.format} format)")
+    scenario = load_scenario(args.scenario)
+    model = retry_model(scenario, args.retry_model)
+    events, factor = rescale(log.events, parse_rate(args.rate) if args.rate else None)
+    span = max(events[-1][0] - events[0][0], 1.0)
+    factory = StoreFactory(args.store)
+    results = []
+    try:
+        for i, (label, policy) in enumerate(policies_for(args)):
+            with factory.open(i) as store:
+                server = replay(events, policy, store, model, drain=not args.no_drain)
+                run = {"log": Path(args.logfile).name, "format": log.format, "lines": log.lines,
+                       "bad_lines": len(log.bad), "ignored_lines": log.ignored,
+                       "logged_connections": len(events), "time_scale": round(factor, 6),
+                       "rate_per_day": round(len(events) / span * 86400, 3),
+                       "retry_model": args.retry_model}
+                results.append(reports.build(server, run, label))
+    finally:
+        factory.cleanup()
+    emit(args, results, parse_compare(args.compare))
+    return 0

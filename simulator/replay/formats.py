@@ -1,0 +1,290 @@
+"""Readers for the logs admins have: each line becomes a connection, is ignored, or is bad.
+
+Formats (``--format``, or ``auto`` to detect from the first lines):
+
+- ``tcpserver``: ``tcpserver: pid PID from IP`` lines (one per connection; a
+  later ``tcpserver: deny PID`` drops it), stamped by multilog (``@`` + TAI64N)
+  or by syslog (``Oct 22 02:13:41 host ...`` or ISO 8601).
+- ``postfix``: ``postfix/smtpd[PID]: connect from NAME[IP]`` syslog lines (no
+  year in the stamp: ``--year``, and a year is added when the months wrap).
+- ``wrapper``: our own ``greylist-wrap: ... ip=IP verdict=...`` lines, stamped
+  as tcpserver's.
+- ``jsonl``: one JSON object a line, ``{"time": 1767571200.5, "ip": "192.0.2.1"}``;
+  time is unix seconds or an ISO 8601 string; other fields are ignored.
+- ``csv``: a header line naming ``time`` and ``ip`` columns, then rows.
+
+Lines that are well-formed but not connections (tcpserver status lines, other
+programs' output) are *ignored*; lines that cannot be read are *bad*, counted
+with their line numbers; a file of mostly bad lines stops with a clear message.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from greylist.keys import BadAddress, parse_ip
+
+FORMATS = ("tcpserver", "postfix", "wrapper", "jsonl", "csv")
+MAX_BAD_SHARE = 0.5
+_MONTHS = {m: i + 1 for i, m in enumerate(
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"))}
+
+_TAI = re.compile(r"^@([0-9a-fA-F]{24})\s+(.*)$")
+_SYSLOG = re.compile(r"^([A-Z][a-z]{2})\s+(\d{1,2})\s+(\d{2}):(\d{2}):(\d{2})(\.\d+)?\s+\S+\s+(.*)$")
+_ISO = re.compile(r"^(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?)\s+(?:\S+\s+)?(.*)$")
+_TCP_FROM = re.compile(r"tcpserver: pid (\d+) from (\S+)\s*$")
+_TCP_DENY = re.compile(r"tcpserver: deny (\d+) ")
+_TCP_OTHER = re.compile(r"tcpserver: (status|ok|end|deny|fatal|warning|pid)\b")
+_POSTFIX = re.compile(r"postfix(?:/[\w.-]+)*/smtpd\[\d+\]: connect from [^\[\s]*\[([^\]]+)\]")
+_WRAPPER = re.compile(r"greylist-wrap: (.*)$")
+
+
+class LogError(ValueError):
+    """The log cannot be replayed (unreadable, mostly bad lines, unknown format)."""
+
+
+@dataclass
+class ParsedLog:
+    events: list[tuple[float, str]] = field(default_factory=list)  # (unix time, canonical IP)
+    lines: int = 0
+    ignored: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (line number, why)
+    format: str = ""
+
+
+def tai64n(label: str) -> float:
+    """Unix time of a multilog TAI64N label (24 hex digits, without the @)."""
+    seconds = int(label[:16], 16) - (1 << 62) - 10  # daemontools hard-codes TAI-UTC = 10 s
+    return seconds + int(label[16:24], 16) / 1e9
+
+
+def _iso(text: str) -> float:
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
+
+
+class _Stamps:
+    """Timestamp prefixes: TAI64N, ISO 8601, or yearless syslog (with a year that wraps)."""
+
+    def __init__(self, year: int) -> None:
+        self.year = year
+        self.last_month = 0
+
+    def split(self, line: str) -> tuple[float, str] | None:
+        m = _TAI.match(line)
+        if m:
+            return tai64n(m.group(1)), m.group(2)
+        m = _ISO.match(line)
+        if m:
+            try:
+                return _iso(m.group(1)), m.group(2)
+            except ValueError:
+                return None
+        m = _SYSLOG.match(line)
+        if m and m.group(1) in _MONTHS:
+            month = _MONTHS[m.group(1)]
+            if self.last_month and month < self.last_month:
+                self.year += 1  # December to January: the log crossed a new year
+            self.last_month = month
+            try:
+                t = datetime(self.year, month, int(m.group(2)), int(m.group(3)), int(m.group(4)),
+                             int(m.group(5)), tzinfo=timezone.utc).timestamp()
+            except ValueError:
+                return None
+            return t + (float(m.group(6)) if m.group(6) else 0.0), m.group(7)
+        return None
+
+
+def _ip(text: str) -> str | None:
+    try:
+        return parse_ip(text)
+    except BadAddress:
+        return None
+
+
+def detect(sample: list[str]) -> str:
+    """The format of a log from its first lines."""
+    scores = dict.fromkeys(FORMATS, 0)
+    for line in sample:
+        s = line.strip()
+        if not s:
+            continue
+        if s.startswith("{"):
+            scores["jsonl"] += 1
+        if "tcpserver: pid" in s:
+            scores["tcpserver"] += 1
+        if "/smtpd[" in s and "connect from" in s:
+            scores["postfix"] += 1
+        if "greylist-wrap:" in s and " ip=" in s:
+            scores["wrapper"] += 2  # beats tcpserver when both appear in one log
+    first = next((line for line in sample if line.strip()), "")
+    if "," in first and {"time", "ip"} <= {c.strip().lower() for c in first.split(",")}:
+        return "csv"
+    best = max(scores, key=lambda k: scores[k])
+    if scores[best] == 0:
+        raise LogError("cannot tell the log format from its first lines; name it with --format "
+                       f"({', '.join(FORMATS)})")
+    return best
+
+
+def parse(stream: io.TextIOBase, fmt: str = "auto", year: int | None = None) -> ParsedLog:
+    """Read a whole log; raise LogError when most of it cannot be read."""
+    lines = list(stream)
+    if fmt == "auto":
+        fmt = detect(lines[:200])
+    if fmt not in FORMATS:
+        raise LogError(f"unknown log format {fmt!r} (use {', '.join(FORMATS)} or auto)")
+    out = ParsedLog(format=fmt)
+    stamps = _Stamps(year or datetime.now(timezone.utc).year)
+    reader = {"tcpserver": _tcpserver, "postfix": _postfix, "wrapper": _wrapper,
+              "jsonl": _jsonl, "csv": _csv}[fmt]
+    reader(lines, out, stamps)
+    considered = out.lines
+    if considered and len(out.bad) > MAX_BAD_SHARE * considered:
+        first = ", ".join(f"line {n}: {why}" for n, why in out.bad[:3])
+        raise LogError(f"{len(out.bad)} of {considered} lines cannot be read as {fmt} ({first}); "
+                       "is this the right --format?")
+    out.events.sort(key=lambda e: e[0])
+    return out
+
+
+def _count(out: ParsedLog, lines: list[str]):
+    for number, raw in enumerate(lines, 1):
+        line = raw.rstrip("\r\n")
+        if not line.strip():
+            continue
+        out.lines += 1
+        yield number, line
+
+
+def _tcpserver(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+    by_pid: dict[str, int] = {}
+    denied: set[int] = set()
+    for number, line in _count(out, lines):
+        split = stamps.split(line)
+        if split is None:
+            out.bad.append((number, "no timestamp"))
+            continue
+        t, rest = split
+        m = _TCP_FROM.search(rest)
+        if m:
+            ip = _ip(m.group(2))
+            if ip is None:
+                out.bad.append((number, f"not an IP address: {m.group(2)[:40]!r}"))
+                continue
+            by_pid[m.group(1)] = len(out.events)
+            out.events.append((t, ip))
+            continue
+        m = _TCP_DENY.search(rest)
+        if m and m.group(1) in by_pid:
+            denied.add(by_pid.pop(m.group(1)))
+        out.ignored += 1
+    if denied:
+        out.events = [e for i, e in enumerate(out.events) if i not in denied]
+        out.ignored += len(denied)
+
+
+def _postfix(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+    for number, line in _count(out, lines):
+        split = stamps.split(line)
+        if split is None:
+            out.bad.append((number, "no syslog timestamp"))
+            continue
+        t, rest = split
+        m = _POSTFIX.search(rest)
+        if not m:
+            out.ignored += 1
+            continue
+        ip = _ip(m.group(1))
+        if ip is None:
+            out.bad.append((number, f"not an IP address: {m.group(1)[:40]!r}"))
+            continue
+        out.events.append((t, ip))
+
+
+def _wrapper(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+    for number, line in _count(out, lines):
+        split = stamps.split(line)
+        if split is None:
+            out.bad.append((number, "no timestamp"))
+            continue
+        t, rest = split
+        m = _WRAPPER.search(rest)
+        if not m:
+            out.ignored += 1
+            continue
+        fields = dict(part.split("=", 1) for part in m.group(1).split() if "=" in part)
+        if fields.get("verdict") == "error":
+            out.ignored += 1
+            continue
+        ip = _ip(fields.get("ip", ""))
+        if ip is None:
+            out.bad.append((number, "no valid ip= field"))
+            continue
+        out.events.append((t, ip))
+
+
+def _jsonl(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+    for number, line in _count(out, lines):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            out.bad.append((number, "not JSON"))
+            continue
+        if not isinstance(obj, dict):
+            out.bad.append((number, "not a JSON object"))
+            continue
+        t = _time_field(obj.get("time"))
+        ip = _ip(obj.get("ip")) if isinstance(obj.get("ip"), str) else None
+        if t is None or ip is None:
+            out.bad.append((number, "needs a valid time and ip"))
+            continue
+        out.events.append((t, ip))
+
+
+def _csv(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+    rows = csv.reader(lines)
+    try:
+        header = [c.strip().lower() for c in next(rows)]
+    except StopIteration:
+        return
+    if "time" not in header or "ip" not in header:
+        raise LogError("the CSV header must name a time and an ip column")
+    ti, ii = header.index("time"), header.index("ip")
+    for number, row in enumerate(rows, 2):
+        if not row or not any(c.strip() for c in row):
+            continue
+        out.lines += 1
+        t = _time_field(row[ti] if len(row) > ti else None)
+        ip = _ip(row[ii].strip()) if len(row) > ii else None
+        if t is None or ip is None:
+            out.bad.append((number, "needs a valid time and ip"))
+            continue
+        out.events.append((t, ip))
+
+
+def _time_field(value) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value == value and abs(value) < 1e11 else None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = float(text)
+        except ValueError:
+            pass
+        else:
+            return number if number == number and abs(number) < 1e11 else None
+        try:
+            return _iso(text)
+        except ValueError:
+            return None
+    return None
