@@ -19,14 +19,11 @@ from pathlib import Path
 from greylist.config import SETTINGS, ConfigError, add_setting_options, flags_of, load, parse_duration
 from greylist.stores import StoreError, open_store
 from simulator import report as reports
+from simulator.errors import SimulateError
 from simulator.scenario import ScenarioError, load as load_scenario, parse_rate
 from simulator.simulation import RunOptions, simulate
 
 POLICY_SETTINGS = ("delay", "retry_window", "max_age")
-
-
-class SimulateError(Exception):
-    """A bad option; the message says which and why."""
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:

@@ -95,7 +95,7 @@ class SimulatedServer:
         self.drain = drain
         self.expire_every = expire_every
         self.progress = progress  # called with the fraction of the window done, once an hour
-        self.hours: list[Hour] = []
+        self.hours: list[Hour] = [Hour()]  # the first hour of the window
         self.decision_ns: list[int] = []
         self.disk_samples: list[dict] = []
         self.expiry_runs: list[dict] = []
@@ -167,8 +167,8 @@ class SimulatedServer:
 
     # -- housekeeping --------------------------------------------------------
     def _tick(self) -> None:
-        if self.hours:
-            self.hours[-1].entries = self.store.size()
+        """On the hour: close the hour's line of the timeline, open the next."""
+        self.hours[-1].entries = self.store.size()
         if self.progress is not None:
             self.progress((self.env.now - self.start) / self.duration)
         if self.env.now < self.end:
@@ -189,14 +189,13 @@ class SimulatedServer:
 
     def run(self) -> "SimulatedServer":
         """Process the window, then (with drain) the retries of mail still queued."""
-        self.env.schedule(self.start, self._tick)
+        self.env.schedule(self.start + HOUR, self._tick)
         if self.expire_every and self.expire_every < self.duration:
             self.env.schedule(self.start + self.expire_every, self._expire)
         started = time.perf_counter()
         self.env.run(self.end)
         self.entries_at_end_of_window = self.store.size()
-        if self.hours:
-            self.hours[-1].entries = self.entries_at_end_of_window
+        self.hours[-1].entries = self.entries_at_end_of_window
         self.drain_hour = Hour()
         if self.drain:
             self.hours.append(self.drain_hour)  # counts the retries after the window

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from greylist.config import ConfigError, parse_duration
 from simulator import report as reports
+from simulator.errors import SimulateError
 from simulator.replay.formats import FORMATS, LogError, parse
 from simulator.replay.replay import replay, rescale, retry_model
 from simulator.scenario import load as load_scenario, parse_rate
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_replay(argv: list[str]) -> int:
-    from simulator.cli import SimulateError, StoreFactory, emit, parse_compare, policies_for
+    from simulator.cli import StoreFactory, emit, parse_compare, policies_for
 
     args = build_parser().parse_args(argv)
     try:

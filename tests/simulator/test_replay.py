@@ -1,0 +1,153 @@
+"""Log readers on sample lines of each format, and the counterfactual replay."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import pytest
+
+from greylist.policy import Policy
+from greylist.stores.memory import MemoryStore
+from simulator.replay.formats import LogError, detect, parse, tai64n
+from simulator.replay.replay import replay, rescale, retry_model
+from simulator.scenario import load
+
+
+def tai(unix: int, nanos: int = 0) -> str:
+    return "@" + format((1 << 62) + 10 + unix, "016x") + format(nanos, "08x")
+
+
+T0 = int(datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc).timestamp())
+
+
+def test_tai64n_labels():
+    assert tai64n(tai(T0, 500_000_000)[1:]) == T0 + 0.5
+    assert tai64n("400000003c6b4d6a0c2fd0e4") == pytest.approx(1013665120.204460, abs=1e-6)
+
+
+TCPSERVER = f"""{tai(T0)} tcpserver: status: 1/40
+{tai(T0)} tcpserver: pid 101 from 192.0.2.1
+{tai(T0)} tcpserver: ok 101 mx.example:198.51.100.1:25 :192.0.2.1::40001
+{tai(T0 + 1)} tcpserver: pid 102 from 2001:db8::7
+{tai(T0 + 2)} tcpserver: pid 103 from 203.0.113.9
+{tai(T0 + 2)} tcpserver: deny 103 mx.example:198.51.100.1:25 :203.0.113.9::40002
+{tai(T0 + 3)} qmail-smtpd: something else entirely
+{tai(T0 + 4)} tcpserver: end 101 status 0
+not a log line at all
+{tai(T0 + 5)} tcpserver: pid 104 from 300.1.1.1
+"""
+
+
+def test_tcpserver_multilog():
+    log = parse(io.StringIO(TCPSERVER), "auto")
+    assert log.format == "tcpserver"
+    assert log.events == [(T0, "192.0.2.1"), (T0 + 1, "2001:db8::7")]  # the denied one dropped
+    assert [n for n, _ in log.bad] == [9, 10]
+    assert log.lines == 10 and log.ignored == 6
+
+
+def test_tcpserver_syslog_and_iso_stamps():
+    text = ("Mar  2 09:00:00 mx tcpserver: pid 1 from 192.0.2.1\n"
+            "2026-03-02T09:00:05.250+00:00 mx tcpserver: pid 2 from 192.0.2.2\n")
+    log = parse(io.StringIO(text), "tcpserver", year=2026)
+    assert log.events == [(T0, "192.0.2.1"), (T0 + 5.25, "192.0.2.2")]
+
+
+def test_postfix_connect_lines_with_year_and_new_year_wrap():
+    text = ("Dec 31 23:59:58 mx postfix/smtpd[26895]: connect from mail.example[192.0.2.1]\n"
+            "Dec 31 23:59:59 mx postfix/smtpd[26895]: disconnect from mail.example[192.0.2.1]\n"
+            "Jan  1 00:00:01 mx postfix/smtpd[26896]: connect from unknown[2001:db8::1]\n"
+            "Jan  1 00:00:02 mx postfix/submission/smtpd[26897]: connect from x[192.0.2.3]\n"
+            "Jan  1 00:00:03 mx postfix/smtpd[26898]: connect from x[not-an-ip]\n")
+    log = parse(io.StringIO(text), "auto", year=2025)
+    assert log.format == "postfix"
+    new_year = datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()
+    assert log.events == [(new_year - 2, "192.0.2.1"), (new_year + 1, "2001:db8::1"),
+                          (new_year + 2, "192.0.2.3")]
+    assert log.bad == [(5, "not an IP address: 'not-an-ip'")]
+
+
+def test_our_own_wrapper_lines():
+    text = (f"{tai(T0)} greylist-wrap: pid=5 ip=192.0.2.1 verdict=tempfail reason=new age=0\n"
+            f"{tai(T0 + 60)} greylist-wrap: pid=6 ip=192.0.2.1 verdict=pass reason=passed age=60\n"
+            f"{tai(T0 + 61)} greylist-wrap: pid=7 verdict=error error=\"TCPREMOTEIP is not set\"\n"
+            f"{tai(T0 + 62)} tcpserver: pid 8 from 192.0.2.9\n")
+    log = parse(io.StringIO(text), "auto")
+    assert log.format == "wrapper"
+    assert log.events == [(T0, "192.0.2.1"), (T0 + 60, "192.0.2.1")]
+
+
+def test_jsonl_and_csv():
+    text = ('{"time": %d, "ip": "192.0.2.1", "sender": "a@b"}\n'
+            '{"time": "2026-03-02T09:00:10Z", "ip": "::ffff:192.0.2.2"}\n'
+            '{"time": "yesterday", "ip": "192.0.2.3"}\n[1, 2]\n{broken\n'
+            '{"time": %d.5, "ip": "2001:db8::1"}\n{"time": %d, "ip": "192.0.2.4"}\n') % (T0, T0 + 20, T0 + 30)
+    log = parse(io.StringIO(text), "jsonl")
+    assert log.events == [(T0, "192.0.2.1"), (T0 + 10, "192.0.2.2"), (T0 + 20.5, "2001:db8::1"),
+                          (T0 + 30, "192.0.2.4")]
+    assert [n for n, _ in log.bad] == [3, 4, 5]
+    with pytest.raises(LogError, match="cannot be read as jsonl"):
+        parse(io.StringIO('{"time": 1}\nnope\n'), "jsonl")
+    csv_text = f"time,ip,recipient\n{T0},192.0.2.1,x@y\n{T0 + 1},bad,x@y\n\n{T0 + 2},192.0.2.2\n"
+    log = parse(io.StringIO(csv_text), "auto")
+    assert log.format == "csv" and [ip for _, ip in log.events] == ["192.0.2.1", "192.0.2.2"]
+    assert log.bad == [(3, "needs a valid time and ip")]
+
+
+def test_mostly_garbage_stops_with_a_clear_message():
+    garbage = "\n".join(f"{tai(T0)} tcpserver: pid {i} from 192.0.2.1" if i == 0 else "x" * i
+                        for i in range(10))
+    with pytest.raises(LogError, match="9 of 10 lines cannot be read as tcpserver"):
+        parse(io.StringIO(garbage), "tcpserver")
+    with pytest.raises(LogError, match="cannot tell the log format"):
+        detect(["hello", "world"])
+
+
+def test_counterfactual_log_returns_count_as_retries():
+    model = retry_model(load(), "postfix")
+    events = [(T0, "192.0.2.1"), (T0 + 120, "192.0.2.1"), (T0 + 10, "192.0.2.2")]
+    events.sort()
+    server = replay(events, Policy(delay=60), MemoryStore(), model)
+    stats = server.stats["logged clients"]
+    # 192.0.2.1: tempfailed, the log shows it back at +120 s (before Postfix's 300 s):
+    # that connection passes and delivers both messages. 192.0.2.2 retries as Postfix would.
+    assert stats.messages == 3 and stats.given_up == 0 and stats.delivered == 3
+    assert sorted(stats.delays) == [120.0, pytest.approx(300.0, abs=300)]
+    assert stats.connections == 4
+
+
+def test_retry_model_none_uses_only_the_log():
+    events = [(T0, "192.0.2.1"), (T0 + 10, "192.0.2.2"), (T0 + 120, "192.0.2.1")]
+    server = replay(events, Policy(delay=60), MemoryStore(), retry_model(load(), "none"))
+    stats = server.stats["logged clients"]
+    assert stats.delivered == 2 and stats.given_up == 1 and stats.connections == 3
+
+
+def test_rescale_to_a_target_rate():
+    events = [(float(i * 10), "192.0.2.1") for i in range(11)]  # 11 in 100 s
+    scaled, factor = rescale(events, 11 / 50)
+    assert factor == 0.5 and scaled[-1][0] == 50.0
+
+
+def test_replay_command_end_to_end(tmp_path):
+    log = tmp_path / "current"
+    lines = [f"{tai(T0 + 30 * i)} tcpserver: pid {i} from 192.0.2.{i % 7}" for i in range(200)]
+    lines.insert(5, "garbled")
+    log.write_text("\n".join(lines) + "\n")
+    out = subprocess.run([sys.executable, "-m", "simulator.cli", "replay", str(log), "--json", "-",
+                          "--quiet"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["run"]["logged_connections"] == 200 and report["run"]["bad_lines"] == 1
+    assert "line 6: no timestamp" in out.stderr
+    assert report["overall"]["legit_lost"] == 0
+    compare = subprocess.run([sys.executable, "-m", "simulator.cli", "replay", str(log),
+                              "--compare", "delay=60,3600"], capture_output=True, text=True)
+    assert "delay=3600" in compare.stdout
+    missing = subprocess.run([sys.executable, "-m", "simulator.cli", "replay", str(tmp_path / "nope")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
