@@ -21,17 +21,23 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks import wrapper_startup  # noqa: E402
+from benchmarks import decisions, simulated_day, wrapper_startup  # noqa: E402
 
 #: name -> (function, kwargs for a full run, kwargs for a quick run)
 SUITE = {
     "wrapper_startup": (wrapper_startup.measure, {"runs": 200}, {"runs": 40}),
+    "decisions": (decisions.measure, {"calls": 100_000}, {"calls": 20_000}),
+    "simulated_day": (simulated_day.measure, {"hours": 24.0}, {"hours": 3.0, "file_hours": 1.0}),
 }
 
 #: (benchmark, figure, "lower" or "higher" is better)
 COMPARED = [
     ("wrapper_startup", "pass_vs_bare", "lower"),
     ("wrapper_startup", "tempfail_vs_bare", "lower"),
+    ("decisions", "memory_per_second", "higher"),
+    ("decisions", "file_per_second", "higher"),
+    ("simulated_day", "memory_connections_per_second", "higher"),
+    ("simulated_day", "file_connections_per_second", "higher"),
 ]
 
 

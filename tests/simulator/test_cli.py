@@ -1,0 +1,73 @@
+"""The simulate command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulator.cli import main
+
+SMALL = str(Path(__file__).parent / "data" / "small.toml")
+
+
+def test_tables_for_a_day(capsys):
+    assert main(["--scenario", SMALL, "--duration", "1d", "--seed", "2"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("overall", "sender class", "tempfailed", "store and speed", "decision time",
+                    "hour", "store entries"):
+        assert heading in out
+    assert "retrying-bot" in out
+
+
+def test_json_out_and_compare(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["--scenario", SMALL, "--duration", "6h", "--compare", "delay=60,300,900",
+                 "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "delay=60" in table and "delay=900" in table and "spam stopped" in table
+    reports = json.loads(out.read_text())
+    assert [r["run"]["compare"] for r in reports] == ["delay=60", "delay=300", "delay=900"]
+    assert len({r["overall"]["first_attempts"] for r in reports}) == 1  # the very same traffic
+
+
+def test_file_store_in_a_temporary_directory(capsys):
+    assert main(["--scenario", SMALL, "--duration", "3h", "--store", "file://", "--quiet",
+                 "--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["store"]["kind"] == "file" and report["store"]["ops"]["stat"] > 0
+
+
+def test_non_empty_directory_is_refused(tmp_path, capsys):
+    (tmp_path / "x").write_text("")
+    assert main(["--store", f"file://{tmp_path}"]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rate", "lots"], "not a rate"),
+    (["--duration", "forever"], "not a duration"),
+    (["--duration", "0"], "more than 0"),
+    (["--delay", "-3"], "not a duration"),
+    (["--compare", "colour=red,blue"], "SETTING=V1,V2"),
+    (["--compare", "delay=60"], "at least two"),
+    (["--scenario", "/nonexistent.toml"], "cannot read scenario"),
+    (["--store", "redis-ish://x"], "unknown store URL"),
+    (["--rate", "100k/s", "--duration", "1w"], "50 million"),
+])
+def test_bad_values_are_clear_errors(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("simulate: ") and message in err
+
+
+def test_installed_command_runs(tmp_path):
+    exe = Path(sys.executable).parent / "simulate"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "simulator.cli"]
+    result = subprocess.run(cmd + ["--scenario", SMALL, "--duration", "2h", "--quiet", "--json", "-"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["overall"]["connections"] > 0
