@@ -8,24 +8,32 @@ changes all of them at once.
 
 from __future__ import annotations
 
-from greylist.policy import WRITE_CREATE, WRITE_UPDATE, Policy, Verdict, decide
+from greylist.policy import (WRITE_CREATE, WRITE_UPDATE, Decision, Policy, Verdict, decide,
+                             expires_at)
 from greylist.stores.base import Store
 
 
 def check(store: Store, key: str, now: float, policy: Policy) -> Verdict:
     """Decide for ``key`` at ``now`` and record the outcome. Raises StoreError."""
-    decision = decide(store.get(key), now, policy)
-    write = decision.write
-    if write == WRITE_CREATE:
-        if not store.add(key, decision.record):
-            # Another connection from the same new client created the entry
-            # between our read and our create. Decide again on what it wrote
-            # (a "too soon" tempfail), so both answer coherently with one entry.
-            existing = store.get(key)
-            if existing is not None:
-                decision = decide(existing, now, policy)
-                if decision.write == WRITE_UPDATE:
-                    store.put(key, decision.record)
-    elif write == WRITE_UPDATE:
-        store.put(key, decision.record)
+    with store.transaction():
+        decision = decide(store.get(key), now, policy)
+        write = decision.write
+        if write == WRITE_CREATE:
+            return _create(store, key, decision, now, policy)
+        if write == WRITE_UPDATE:
+            store.put(key, decision.record, expires_at(decision.record, policy) - now)
+        return decision.verdict
+
+
+def _create(store: Store, key: str, decision: Decision, now: float, policy: Policy) -> Verdict:
+    """Create a new client's entry, or settle the race with a simultaneous connection."""
+    if not store.add(key, decision.record, expires_at(decision.record, policy) - now):
+        # Another connection from the same new client created the entry
+        # between our read and our create. Decide again on what it wrote
+        # (a "too soon" tempfail), so both answer coherently with one entry.
+        existing = store.get(key)
+        if existing is not None:
+            decision = decide(existing, now, policy)
+            if decision.write == WRITE_UPDATE:
+                store.put(key, decision.record, expires_at(decision.record, policy) - now)
     return decision.verdict

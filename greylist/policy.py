@@ -150,6 +150,13 @@ def whitelisted() -> Verdict:
     return Verdict(PASS, WHITELISTED)
 
 
+def expires_at(record: Record, policy: Policy) -> float:
+    """When the record goes stale (and :func:`decide` would start over): a store's TTL."""
+    if record.passes:
+        return record.last_seen + policy.max_age
+    return record.first_seen + policy.retry_window
+
+
 def is_expired(record: Record, now: float, policy: Policy) -> bool:
     """True when :func:`decide` would treat the record as new: safe to delete."""
     if record.passes:

@@ -11,6 +11,17 @@ from __future__ import annotations
 from greylist.policy import Record
 
 
+class _NoTransaction:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_TRANSACTION = _NoTransaction()
+
+
 class StoreError(Exception):
     """The store cannot be read or written (permissions, full disk, server down)."""
 
@@ -35,13 +46,21 @@ class Store:
         """The record for key, or None."""
         raise NotImplementedError
 
-    def add(self, key: str, record: Record) -> bool:
-        """Create the record only if the key is absent; False if it already existed."""
+    def add(self, key: str, record: Record, ttl: float | None = None) -> bool:
+        """Create the record only if the key is absent; False if it already existed.
+
+        ``ttl``: seconds until the record goes stale, for stores that expire
+        entries themselves (Redis); the others leave that to ``greylist expire``.
+        """
         raise NotImplementedError
 
-    def put(self, key: str, record: Record) -> None:
+    def put(self, key: str, record: Record, ttl: float | None = None) -> None:
         """Create or overwrite the record (atomically: readers see old or new)."""
         raise NotImplementedError
+
+    def transaction(self):
+        """Context for one decision's read and write; a database store makes it one transaction."""
+        return _NO_TRANSACTION
 
     def delete(self, key: str, expected: Record | None = None) -> bool:
         """Remove the key; with ``expected``, only if it still holds that record."""

@@ -93,7 +93,7 @@ class FileStore(Store):
         return parse_content(data, mtime)
 
     # -- writing -----------------------------------------------------------
-    def add(self, key: str, record: Record) -> bool:
+    def add(self, key: str, record: Record, ttl: float | None = None) -> bool:
         directory, path = self.path_of(key)
         content = format_content(record)
         for attempt in (1, 2):
@@ -116,7 +116,7 @@ class FileStore(Store):
             return True
         return False  # pragma: no cover - the loop always returns
 
-    def put(self, key: str, record: Record) -> None:
+    def put(self, key: str, record: Record, ttl: float | None = None) -> None:
         directory, path = self.path_of(key)
         name = path[len(directory) + 1 :]
         tmp = f"{directory}/.{name}.{os.getpid()}.tmp"

@@ -20,13 +20,13 @@ class MemoryStore(Store):
     def get(self, key: str) -> Record | None:
         return self.data.get(key)
 
-    def add(self, key: str, record: Record) -> bool:
+    def add(self, key: str, record: Record, ttl: float | None = None) -> bool:
         if key in self.data:
             return False
         self.data[key] = record
         return True
 
-    def put(self, key: str, record: Record) -> None:
+    def put(self, key: str, record: Record, ttl: float | None = None) -> None:
         self.data[key] = record
 
     def delete(self, key: str, expected: Record | None = None) -> bool:
