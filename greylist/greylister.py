@@ -32,8 +32,12 @@ def _create(store: Store, key: str, decision: Decision, now: float, policy: Poli
         # between our read and our create. Decide again on what it wrote
         # (a "too soon" tempfail), so both answer coherently with one entry.
         existing = store.get(key)
-        if existing is not None:
-            decision = decide(existing, now, policy)
-            if decision.write == WRITE_UPDATE:
-                store.put(key, decision.record, expires_at(decision.record, policy) - now)
+        if existing is None:
+            # The entry vanished (expired) or holds something that is not a
+            # record: ours replaces it, or the client would wait forever.
+            store.put(key, decision.record, expires_at(decision.record, policy) - now)
+            return decision.verdict
+        decision = decide(existing, now, policy)
+        if decision.write == WRITE_UPDATE:
+            store.put(key, decision.record, expires_at(decision.record, policy) - now)
     return decision.verdict

@@ -9,10 +9,21 @@ from greylist.policy import Policy, Record
 from greylist.stores import StoreError, open_store
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(params=["memory", "file", "sqlite", "redis", "redis+unix", "redis-py"])
 def store(request, tmp_path):
-    url = {"memory": "memory://", "file": f"file://{tmp_path}/store"}[request.param]
-    with open_store(url) as s:
+    lean = True
+    if request.param.startswith("redis"):
+        server = request.getfixturevalue("redis_server")
+        url = request.getfixturevalue("redis_url")
+        if request.param == "redis+unix":
+            url = server.unix_url
+        lean = request.param != "redis-py"
+    else:
+        url = {"memory": "memory://", "file": f"file://{tmp_path}/store",
+               "sqlite": f"sqlite://{tmp_path}/greylist.db"}[request.param]
+    with open_store(url, lean=lean) as s:
+        if request.param == "redis-py":
+            assert type(s.conn).__name__ == "RedisPyConnection"
         yield s
 
 

@@ -1,0 +1,322 @@
+"""``redis://HOST:PORT/DB`` and ``redis+unix:///PATH.sock``: one store for many MX hosts.
+
+Each client is one key, ``greylist:<address>``, holding ``FIRST LAST PASSES``
+with a TTL of the time until the record goes stale, so Redis expires entries
+itself and no cron job is needed. A new client's key is created with
+``SET ... NX`` (exactly one of several simultaneous connections creates it,
+whichever MX they reach), and a pass overwrites it with a fresh TTL. Every
+decision touches exactly one key, so the store works unchanged on Redis
+Cluster: point each MX at the cluster through a proxy, or at any node and let
+the one-key commands be routed by slot.
+
+Connect and command timeouts are bounded (100 ms by default, ``?timeout=`` in
+seconds); when Redis is down or slow the store raises StoreError and the
+wrapper follows GREYLIST_ON_ERROR.
+
+Two connections speak to Redis. The wrapper, which starts once per SMTP
+connection, uses :class:`RespConnection`: the RESP protocol over a plain
+``_socket`` socket, 0.3 ms to import where ``import redis`` costs about 120 ms.
+The admin commands and the simulator use redis-py (``pip install
+greylist[redis]``) through :class:`RedisPyConnection` when it is installed.
+Both return the same raw replies, so :class:`RedisStore` has one code path.
+"""
+
+from __future__ import annotations
+
+from greylist.policy import Record
+from greylist.stores.base import Store, StoreError
+
+DEFAULT_TIMEOUT = 0.1
+PREFIX = "greylist:"
+
+# Compare-and-delete for expiry beside running wrappers: delete only if unchanged.
+_DELETE_IF = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+class ReplyError(StoreError):
+    """Redis answered with an error reply."""
+
+
+class Address:
+    """Where a Redis URL points; parsed by hand (urllib.parse would import re)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.timeout = DEFAULT_TIMEOUT
+        self.db = 0
+        self.password: str | None = None
+        self.username: str | None = None
+        self.host = "127.0.0.1"
+        self.port = 6379
+        self.unix_path: str | None = None
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("redis", "redis+unix"):
+            raise StoreError(f"not a Redis URL: {url!r}")
+        rest, _, query = rest.partition("?")
+        for part in query.split("&") if query else ():
+            name, _, value = part.partition("=")
+            try:
+                if name == "timeout":
+                    self.timeout = float(value)
+                    if not 0 < self.timeout <= 60:
+                        raise ValueError
+                elif name == "db":
+                    self.db = int(value)
+                elif name == "password":
+                    self.password = value
+                else:
+                    raise StoreError(f"{url}: unknown option {name!r} (timeout, db, password)")
+            except ValueError:
+                raise StoreError(f"{url}: bad value for {name}: {value!r}") from None
+        if scheme == "redis+unix":
+            if not rest.startswith("/"):
+                raise StoreError(f"{url}: use redis+unix:///absolute/path.sock")
+            self.unix_path = rest
+            return
+        auth, at, hostpart = rest.rpartition("@")
+        if at:
+            user, colon, password = auth.partition(":")
+            self.username = user or None if colon else None
+            self.password = password if colon else auth
+        hostport, _, db = hostpart.partition("/")
+        if db:
+            try:
+                self.db = int(db)
+            except ValueError:
+                raise StoreError(f"{url}: the database must be a number, not {db!r}") from None
+        if hostport.startswith("["):
+            host, _, port = hostport[1:].partition("]")
+            port = port.lstrip(":")
+        else:
+            host, _, port = hostport.rpartition(":") if ":" in hostport else (hostport, "", "")
+        self.host = host or "127.0.0.1"
+        if port:
+            try:
+                self.port = int(port)
+            except ValueError:
+                raise StoreError(f"{url}: the port must be a number, not {port!r}") from None
+
+    def __str__(self) -> str:
+        return self.unix_path or f"{self.host}:{self.port}"
+
+
+def _encode(args: tuple) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class RespConnection:
+    """RESP2 over a plain socket: just enough protocol for one store, no dependencies."""
+
+    def __init__(self, address: Address) -> None:
+        import _socket
+
+        self.address = address
+        self.buffer = b""
+        try:
+            if address.unix_path:
+                sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+                target: object = address.unix_path
+            else:
+                family, kind, proto, _, target = _socket.getaddrinfo(
+                    address.host, address.port, 0, _socket.SOCK_STREAM)[0]
+                sock = _socket.socket(family, kind, proto)
+            sock.settimeout(address.timeout)
+            sock.connect(target)
+            if not address.unix_path:
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            raise StoreError(f"redis at {address}: cannot connect: {_reason(exc)}") from None
+        self.sock = sock
+        if address.password is not None:
+            args = ("AUTH", address.username, address.password) if address.username else ("AUTH", address.password)
+            self.execute(*args)
+        if address.db:
+            self.execute("SELECT", address.db)
+
+    def execute(self, *args: object):
+        try:
+            self.sock.sendall(_encode(args))
+            return self._reply()
+        except OSError as exc:
+            self.close()
+            raise StoreError(f"redis at {self.address}: {_reason(exc)}") from None
+
+    def _line(self) -> bytes:
+        while True:
+            end = self.buffer.find(b"\r\n")
+            if end >= 0:
+                line, self.buffer = self.buffer[:end], self.buffer[end + 2 :]
+                return line
+            self._fill()
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise OSError(104, "connection closed by the server")
+        self.buffer += data
+
+    def _reply(self):
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            raise ReplyError(f"redis at {self.address}: {rest.decode(errors='replace')}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            while len(self.buffer) < size + 2:
+                self._fill()
+            data, self.buffer = self.buffer[:size], self.buffer[size + 2 :]
+            return data
+        if kind == b"*":
+            count = int(rest)
+            return None if count < 0 else [self._reply() for _ in range(count)]
+        raise OSError(71, f"protocol error: unexpected reply {line[:40]!r}")
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class RedisPyConnection:
+    """The same raw replies through redis-py, for the admin commands and the simulator."""
+
+    def __init__(self, address: Address) -> None:
+        import redis
+
+        self.address = address
+        self.redis = redis
+        kwargs = dict(db=address.db, password=address.password, username=address.username,
+                      socket_timeout=address.timeout, socket_connect_timeout=address.timeout)
+        if address.unix_path:
+            pool = redis.ConnectionPool(connection_class=redis.UnixDomainSocketConnection,
+                                        path=address.unix_path, **kwargs)
+        else:
+            pool = redis.ConnectionPool(host=address.host, port=address.port, **kwargs)
+        self.pool = pool
+        try:
+            self.conn = pool.make_connection()
+            self.conn.connect()
+        except redis.RedisError as exc:
+            raise StoreError(f"redis at {address}: cannot connect: {exc}") from None
+
+    def execute(self, *args: object):
+        try:
+            self.conn.send_command(*args)
+            return self.conn.read_response()
+        except self.redis.ResponseError as exc:
+            raise ReplyError(f"redis at {self.address}: {exc}") from None
+        except (self.redis.RedisError, OSError) as exc:
+            raise StoreError(f"redis at {self.address}: {exc}") from None
+
+    def close(self) -> None:
+        try:
+            self.conn.disconnect()
+        except Exception:  # noqa: BLE001 - closing must not raise
+            pass
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, TimeoutError) or "timed out" in str(exc):
+        return "timed out"
+    return exc.strerror or str(exc)
+
+
+def _value(record: Record) -> bytes:
+    return b"%.3f %.3f %d" % (record.first_seen, record.last_seen, record.passes)
+
+
+def _record(data: bytes | None) -> Record | None:
+    if data is None:
+        return None
+    parts = data.split()
+    try:
+        return Record(float(parts[0]), float(parts[1]), int(parts[2]))
+    except (IndexError, ValueError):
+        return None  # not ours: treated as absent, and overwritten on the next write
+
+
+def _ttl_ms(ttl: float | None) -> tuple:
+    if ttl is None:
+        return ()
+    return ("PX", max(1, int(ttl * 1000)))
+
+
+class RedisStore(Store):
+    def __init__(self, url: str, lean: bool = True) -> None:
+        super().__init__()
+        address = Address(url)
+        self.url = url.partition("?")[0]
+        if lean:
+            self.conn = RespConnection(address)
+        else:
+            try:
+                self.conn = RedisPyConnection(address)
+            except ImportError:
+                self.conn = RespConnection(address)
+
+    @classmethod
+    def from_url(cls, url: str) -> "RedisStore":
+        return cls(url)
+
+    @classmethod
+    def from_url_full(cls, url: str) -> "RedisStore":
+        return cls(url, lean=False)
+
+    def _do(self, *args: object):
+        self.count("command")
+        return self.conn.execute(*args)
+
+    def get(self, key: str) -> Record | None:
+        return _record(self._do("GET", PREFIX + key))
+
+    def add(self, key: str, record: Record, ttl: float | None = None) -> bool:
+        return self._do("SET", PREFIX + key, _value(record), "NX", *_ttl_ms(ttl)) is not None
+
+    def put(self, key: str, record: Record, ttl: float | None = None) -> None:
+        self._do("SET", PREFIX + key, _value(record), *_ttl_ms(ttl))
+
+    def delete(self, key: str, expected: Record | None = None) -> bool:
+        if expected is None:
+            return self._do("DEL", PREFIX + key) == 1
+        return self._do("EVAL", _DELETE_IF, 1, PREFIX + key, _value(expected)) == 1
+
+    def _keys(self):
+        cursor = b"0"
+        while True:
+            cursor, keys = self._do("SCAN", cursor, "MATCH", PREFIX + "*", "COUNT", 1000)
+            yield from keys
+            if cursor in (b"0", 0, "0"):
+                return
+
+    def scan(self):
+        batch: list[bytes] = []
+        for key in self._keys():
+            batch.append(key)
+            if len(batch) >= 500:
+                yield from self._fetch(batch)
+                batch = []
+        if batch:
+            yield from self._fetch(batch)
+
+    def _fetch(self, keys: list[bytes]):
+        for key, value in zip(keys, self._do("MGET", *keys)):
+            record = _record(value)
+            if record is not None:
+                yield (key.decode() if isinstance(key, bytes) else key)[len(PREFIX):], record
+
+    def size(self) -> int:
+        return sum(1 for _ in self._keys())
+
+    def close(self) -> None:
+        self.conn.close()
