@@ -43,7 +43,7 @@ class Wrapper:
         self.command = wrapper_command()
 
     def env(self, ip: str | None = "192.0.2.10", **extra: str) -> dict[str, str]:
-        env = base_env(GREYLIST_STORE=self.store_url, **extra)
+        env = base_env(**{"GREYLIST_STORE": self.store_url, **extra})
         if ip is not None:
             env["TCPREMOTEIP"] = ip
         return env

@@ -121,8 +121,10 @@ class RespConnection:
                 sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
                 target: object = address.unix_path
             else:
+                # A bytes host name skips the IDNA codec, which would import re.
+                host = address.host.encode("ascii", "strict") if address.host.isascii() else address.host
                 family, kind, proto, _, target = _socket.getaddrinfo(
-                    address.host, address.port, 0, _socket.SOCK_STREAM)[0]
+                    host, address.port, 0, _socket.SOCK_STREAM)[0]
                 sock = _socket.socket(family, kind, proto)
             sock.settimeout(address.timeout)
             sock.connect(target)
