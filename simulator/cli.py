@@ -29,8 +29,9 @@ POLICY_SETTINGS = ("delay", "retry_window", "max_age")
 def add_common(parser: argparse.ArgumentParser) -> None:
     add_setting_options(parser, POLICY_SETTINGS)
     parser.add_argument("--store", default="memory://",
-                        help="store to drive: memory:// (default), file:///EMPTY_DIR, or file:// "
-                             "for a fresh temporary directory")
+                        help="store to drive: memory:// (default); file:// or sqlite:// for scratch "
+                             "space; file:///EMPTY_DIR, sqlite:///NEW.db, or redis://HOST:PORT/DB "
+                             "(an empty database)")
     parser.add_argument("--compare", metavar="SETTING=V1,V2,...",
                         help="run each value of one policy setting on the very same traffic, "
                              "e.g. delay=60,300,900")
@@ -73,30 +74,69 @@ def scratch_dir() -> str:
 
 
 class StoreFactory:
-    """Fresh stores for each run; file:// with no path makes (and removes) temp dirs."""
+    """A fresh, empty store for each run, so that simulated time never meets real entries.
+
+    ``file://`` and ``sqlite://`` with no path make (and remove) scratch space;
+    a named directory or database must be empty. A Redis database must hold no
+    greylist keys; the simulation's keys are removed after each run.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.temp_dirs: list[str] = []
-        if url.startswith("file://") and url != "file://":
-            path = Path(url[len("file://"):])
-            if path.exists() and any(path.iterdir()):
+        scheme, _, path = url.partition("://")
+        path = path.partition("?")[0]
+        if scheme == "file" and path:
+            p = Path(path)
+            if p.exists() and any(p.iterdir()):
                 raise SimulateError(f"--store {url}: the directory is not empty; the simulator runs "
                                     "on its own clock and must not mix with real entries (use file:// "
                                     "for a temporary directory)")
+        if scheme == "sqlite" and path and Path(path).exists() and Path(path).stat().st_size:
+            raise SimulateError(f"--store {url}: the database exists; name a new file, or use sqlite:// "
+                                "for a temporary one")
+        if scheme.startswith("redis"):
+            with open_store(url) as store:
+                if store.size():
+                    raise SimulateError(f"--store {url}: the database already holds greylist entries; "
+                                        "simulate on an empty Redis database (e.g. /15)")
 
     def open(self, run: int):
+        scheme, _, rest = self.url.partition("://")
+        path, _, query = rest.partition("?")
         url = self.url
-        if url == "file://":
+        if scheme in ("file", "sqlite") and not path:
             self.temp_dirs.append(scratch_dir())
-            url = f"file://{self.temp_dirs[-1]}"
-        elif url.startswith("file://") and run > 0:
-            url = f"{url.rstrip('/')}/run{run}"
-        return open_store(url)
+            url = f"file://{self.temp_dirs[-1]}" if scheme == "file" else \
+                f"sqlite://{self.temp_dirs[-1]}/greylist.db" + (f"?{query}" if query else "")
+        elif scheme == "file" and run > 0:
+            url = f"{self.url.rstrip('/')}/run{run}"
+        elif scheme == "sqlite" and run > 0:
+            url = f"sqlite://{path}.run{run}" + (f"?{query}" if query else "")
+        return _Scratch(open_store(url, lean=False), wipe=scheme.startswith("redis"))
 
     def cleanup(self) -> None:
         for d in self.temp_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+class _Scratch:
+    """A store for one run; a shared server's store is emptied of the run's keys afterwards."""
+
+    def __init__(self, store, wipe: bool) -> None:
+        self.store = store
+        self.wipe = wipe
+
+    def __enter__(self):
+        return self.store
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.wipe:
+                for key, _ in list(self.store.scan()):
+                    self.store.delete(key)
+        finally:
+            self.store.close()
 
 
 def parse_compare(text: str | None) -> tuple[str, list[str]] | None:

@@ -12,6 +12,7 @@ import json
 from simulator.metrics import percentile
 from simulator.simulation import HOUR, SimulatedServer
 
+#: The file tree's operations in a readable order; other stores' (query, command) follow.
 OPS = ("stat", "read", "mkdir", "create", "write", "rename", "utime", "unlink")
 
 
@@ -48,7 +49,8 @@ def build(sim: SimulatedServer, run: dict, label: dict | None = None) -> dict:
         "spam_stopped": sum(s.given_up for s in spam),
         "spam_stopped_share": round(sum(s.given_up for s in spam) / spam_messages, 4) if spam_messages else 0.0,
     }
-    ops = {op: sim.store.ops.get(op, 0) for op in OPS if op in sim.store.ops}
+    ops = {op: sim.store.ops[op] for op in OPS if op in sim.store.ops}
+    ops.update({op: n for op, n in sorted(sim.store.ops.items()) if op not in ops})
     store = {
         "kind": sim.store.url.split("://", 1)[0],
         "entries_end_of_window": sim.entries_at_end_of_window,

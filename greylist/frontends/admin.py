@@ -1,4 +1,4 @@
-"""``greylist``: the admin commands (expire, show, stats).
+"""``greylist``: the admin commands (expire, show, stats, migrate).
 
 These start once per admin action, not per SMTP connection, so they may use
 argparse, json and tabulate freely.
@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from greylist.config import ConfigError, add_setting_options, flags_of, load
 from greylist.expiry import expire
 from greylist.keys import BadAddress, parse_ip
-from greylist.policy import Policy, Record, decide, is_expired
+from greylist.policy import Policy, Record, decide, expires_at, is_expired
 from greylist.stores import StoreError, open_store
 
 #: Upper bounds (seconds) and labels of the age histogram in ``greylist stats``.
@@ -53,7 +53,7 @@ def cmd_expire(args: argparse.Namespace) -> int:
             what = "removed" if removed else "would remove"
             print(f"{what} {key} (last seen {iso(record.last_seen)})")
 
-    with open_store(config.store) as store:
+    with open_store(config.store, lean=False) as store:
         counts = expire(store, now, policy, dry_run=args.dry_run, on_removed=say)
         counts["temp_files_removed"] = 0
         stale = getattr(store, "stale_temp_files", None)
@@ -100,7 +100,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     except BadAddress as exc:
         print(f"greylist show: {exc}", file=sys.stderr)
         return 2
-    with open_store(config.store) as store:
+    with open_store(config.store, lean=False) as store:
         record = store.get(key)
         info = describe(key, record, time.time(), config.policy)
         path_of = getattr(store, "path_of", None)
@@ -141,7 +141,7 @@ def gather_stats(store, now: float, policy: Policy) -> dict:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     config = config_from(args)
-    with open_store(config.store) as store:
+    with open_store(config.store, lean=False) as store:
         stats = gather_stats(store, time.time(), config.policy)
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -164,6 +164,54 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Copy entries between two stores; run it twice and the second run copies nothing."""
+    config = config_from(args)
+    policy: Policy = config.policy
+    now = time.time()
+    counts = {"read": 0, "copied": 0, "updated": 0, "skipped_same_or_newer": 0, "skipped_expired": 0}
+    show_progress = sys.stderr.isatty() and not args.quiet
+    with open_store(args.src, lean=False) as src, open_store(args.dst, lean=False) as dst:
+        for key, record in src.scan():
+            counts["read"] += 1
+            if is_expired(record, now, policy):
+                counts["skipped_expired"] += 1
+            else:
+                counts[migrate_one(dst, key, record, now, policy, args.dry_run)] += 1
+            if show_progress and counts["read"] % 1000 == 0:
+                print(f"\rmigrated {counts['read']:,} entries ...", end="", file=sys.stderr, flush=True)
+        if show_progress:
+            print("\r" + " " * 40 + "\r", end="", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"src": args.src, "dst": args.dst, "dry_run": args.dry_run, **counts}, indent=2))
+    else:
+        from tabulate import tabulate
+
+        verb = "would copy" if args.dry_run else "copied"
+        print(f"{args.src} -> {args.dst}" + (" (dry run)" if args.dry_run else ""))
+        print(tabulate([["entries read", counts["read"]], [f"{verb} (new in destination)", counts["copied"]],
+                        ["updated (source more recent)", counts["updated"]],
+                        ["skipped (destination same or more recent)", counts["skipped_same_or_newer"]],
+                        ["skipped (expired)", counts["skipped_expired"]]], tablefmt="simple"))
+    return 0
+
+
+def migrate_one(dst, key: str, record: Record, now: float, policy: Policy, dry_run: bool) -> str:
+    """Copy one entry unless the destination already knows the client as well or better."""
+    ttl = expires_at(record, policy) - now
+    existing = dst.get(key)
+    if existing is None:
+        if not dry_run:
+            dst.add(key, record, ttl)
+        return "copied"
+    # Stores keep times to the millisecond at least: compare at that precision.
+    if existing.last_seen >= record.last_seen - 0.001 and existing.passes >= record.passes:
+        return "skipped_same_or_newer"
+    if not dry_run:
+        dst.put(key, record, ttl)
+    return "updated"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greylist", description="Greylist store administration.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_setting_options(p, ("store", "delay", "retry_window", "max_age"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("migrate", help="copy entries between stores (a cqgreylist tree into Redis, say)")
+    p.add_argument("src", help="source store URL, e.g. file:///var/qmail/cqgreylist")
+    p.add_argument("dst", help="destination store URL, e.g. redis://10.0.0.5:6379/0")
+    add_setting_options(p, ("retry_window", "max_age"))
+    p.add_argument("--dry-run", action="store_true", help="count, write nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("stats", help="entries, pending vs known, age histogram")
     add_setting_options(p, ("store", "delay", "retry_window", "max_age"))

@@ -54,6 +54,24 @@ class Store:
         """
         raise NotImplementedError
 
+    def get_or_add(self, key: str, record: Record, ttl: float | None = None) -> Record | None:
+        """The existing record, or None after creating ``record`` (race-safe).
+
+        Exactly one of several simultaneous callers for one absent key gets
+        None; the others get the record it created. An entry that exists but
+        cannot be read as a record is replaced (else its client would wait
+        forever). Stores that can do this in one operation override it.
+        """
+        existing = self.get(key)
+        if existing is not None:
+            return existing
+        if self.add(key, record, ttl):
+            return None
+        existing = self.get(key)  # created by a simultaneous connection, or unreadable
+        if existing is None:
+            self.put(key, record, ttl)
+        return existing
+
     def put(self, key: str, record: Record, ttl: float | None = None) -> None:
         """Create or overwrite the record (atomically: readers see old or new)."""
         raise NotImplementedError

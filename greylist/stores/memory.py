@@ -26,6 +26,12 @@ class MemoryStore(Store):
         self.data[key] = record
         return True
 
+    def get_or_add(self, key: str, record: Record, ttl: float | None = None) -> Record | None:
+        existing = self.data.get(key)
+        if existing is None:
+            self.data[key] = record
+        return existing
+
     def put(self, key: str, record: Record, ttl: float | None = None) -> None:
         self.data[key] = record
 

@@ -73,3 +73,41 @@ def test_stats(tmp_path, capsys):
 def test_bad_store_url_is_a_clear_error(capsys):
     assert main(["stats", "--store", "nosuch://x"]) == 2
     assert "unknown store URL" in capsys.readouterr().err
+
+
+def test_migrate_a_cqgreylist_tree_into_sqlite_and_redis(tmp_path, capsys, redis_url):
+    from greylist.stores import open_store
+
+    fill(tmp_path / "tree")
+    src = f"file://{tmp_path}/tree"
+    for dst in (f"sqlite://{tmp_path}/g.db", redis_url):
+        assert main(["migrate", src, dst, "--json"]) == 0
+        first = json.loads(capsys.readouterr().out)
+        # the two expired entries stay behind; the two live ones are copied
+        assert (first["read"], first["copied"], first["skipped_expired"]) == (4, 2, 2)
+        assert main(["migrate", src, dst, "--json"]) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert (again["copied"], again["updated"], again["skipped_same_or_newer"]) == (0, 0, 2)
+        with open_store(dst) as store:
+            assert sorted(k for k, _ in store.scan()) == ["192.0.2.1", "2001:db8::5"]
+            assert store.get("2001:db8::5").passes == 12
+    assert main(["migrate", src, "nosuch://x"]) == 2
+    assert "unknown store URL" in capsys.readouterr().err
+
+
+def test_migrate_updates_older_entries_and_dry_run_writes_nothing(tmp_path, capsys):
+    from greylist.stores import open_store
+
+    now = time.time()
+    a, b = f"sqlite://{tmp_path}/a.db", f"sqlite://{tmp_path}/b.db"
+    with open_store(a) as src, open_store(b) as dst:
+        src.put("192.0.2.1", Record(now - 100, now - 10, 3))
+        dst.put("192.0.2.1", Record(now - 100, now - 50, 2))
+    assert main(["migrate", a, b, "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["updated"] == 1
+    with open_store(b) as dst:
+        assert dst.get("192.0.2.1").passes == 2
+    assert main(["migrate", a, b]) == 0
+    assert "updated (source more recent)" in capsys.readouterr().out
+    with open_store(b) as dst:
+        assert dst.get("192.0.2.1").passes == 3
