@@ -1,6 +1,8 @@
 """In-process decisions per second per store: greylister.check on a realistic mix.
 
-The file store runs in a scratch directory on tmpfs (see simulated_day.py).
+The file and SQLite stores run in scratch space on tmpfs (see simulated_day.py);
+Redis is a real redis-server on loopback, through the wrapper's lean client
+and through redis-py.
 Half the calls are for known clients (a pool of 2,000 addresses that pass), half
 for new addresses (mostly spam), as in a busy MX's traffic.
 """
@@ -17,16 +19,16 @@ from greylist.stores import open_store
 from simulator.cli import scratch_dir
 
 
-def rate(store_url: str, calls: int) -> float:
+def rate(store_url: str, calls: int, lean: bool = True) -> float:
     rng = random.Random(1)
     known = [f"198.51.{i // 250}.{i % 250}" for i in range(2000)]
     policy = Policy(delay=0)
     temp = None
-    if store_url == "file://":
+    if store_url in ("file://", "sqlite://"):
         temp = scratch_dir()
-        store_url = f"file://{temp}"
+        store_url = f"file://{temp}" if store_url == "file://" else f"sqlite://{temp}/greylist.db"
     try:
-        store = open_store(store_url)
+        store = open_store(store_url, lean=lean)
         now = 1_800_000_000.0
         for ip in known:
             check(store, ip, now, policy)
@@ -45,10 +47,25 @@ def rate(store_url: str, calls: int) -> float:
 
 
 def measure(calls: int = 50_000) -> dict:
-    return {
+    """Decisions per second per store; targets: 20k/s with SQLite, 10k/s with Redis."""
+    from benchmarks.redis_server import RedisServer
+
+    out = {
         "memory_per_second": round(rate("memory://", calls)),
         "file_per_second": round(rate("file://", max(calls // 5, 1000))),
+        "sqlite_per_second": round(rate("sqlite://", max(calls // 5, 1000))),
     }
+    try:
+        server = RedisServer()
+    except FileNotFoundError:
+        return out
+    try:
+        out["redis_per_second"] = round(rate(server.url, max(calls // 5, 1000)))
+        server.flush()
+        out["redis_py_per_second"] = round(rate(server.url, max(calls // 5, 1000), lean=False))
+    finally:
+        server.close()
+    return out
 
 
 if __name__ == "__main__":

@@ -34,8 +34,12 @@ SUITE = {
 COMPARED = [
     ("wrapper_startup", "pass_vs_bare", "lower"),
     ("wrapper_startup", "tempfail_vs_bare", "lower"),
+    ("wrapper_startup", "pass_sqlite_vs_file", "lower"),
+    ("wrapper_startup", "pass_redis_vs_file", "lower"),
     ("decisions", "memory_per_second", "higher"),
     ("decisions", "file_per_second", "higher"),
+    ("decisions", "sqlite_per_second", "higher"),
+    ("decisions", "redis_per_second", "higher"),
     ("simulated_day", "memory_connections_per_second", "higher"),
     ("simulated_day", "file_connections_per_second", "higher"),
 ]

@@ -15,18 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.redis_server import free_port
 from conftest import STANDIN, base_env, parse_log, wrapper_command
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("tcpserver") and shutil.which("swaks") and shutil.which("tcprules")),
     reason="needs ucspi-tcp and swaks (apt-get install ucspi-tcp swaks)",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
