@@ -75,7 +75,8 @@ SETTINGS = (
     ("max_age", "--max-age", "GREYLIST_MAX_AGE", parse_duration, 35 * 86400.0,
      "how long a client that passed stays known after its last pass"),
     ("store", "--store", "GREYLIST_STORE", parse_store, "file:///var/qmail/cqgreylist",
-     "where entries live: file:///DIR (cqgreylist tree) or memory://"),
+     "where entries live: file:///DIR (cqgreylist tree), sqlite:///PATH, redis://HOST:PORT/DB, "
+     "redis+unix:///PATH.sock or memory://"),
     ("on_error", "--on-error", "GREYLIST_ON_ERROR", parse_on_error, "pass",
      "when the store fails: pass (fail open, default) or tempfail (fail closed)"),
     ("hostname", "--hostname", "GREYLIST_HOSTNAME", parse_text, "",

@@ -5,9 +5,9 @@ with a TTL of the time until the record goes stale, so Redis expires entries
 itself and no cron job is needed. A new client's key is created with
 ``SET ... NX`` (exactly one of several simultaneous connections creates it,
 whichever MX they reach), and a pass overwrites it with a fresh TTL. Every
-decision touches exactly one key, so the store works unchanged on Redis
-Cluster: point each MX at the cluster through a proxy, or at any node and let
-the one-key commands be routed by slot.
+decision touches exactly one key, so the store works on Redis Cluster: point
+an MX at any master node, and the wrapper follows a ``MOVED`` reply to the
+node that holds the client's slot (once per command).
 
 Connect and command timeouts are bounded (100 ms by default, ``?timeout=`` in
 seconds); when Redis is down or slow the store raises StoreError and the
@@ -39,6 +39,14 @@ _DELETE_IF = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('D
 
 class ReplyError(StoreError):
     """Redis answered with an error reply."""
+
+
+class MovedError(Exception):
+    """Redis Cluster: ``MOVED slot host:port``, the key lives on another node."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.target = target
 
 
 class Address:
@@ -100,6 +108,14 @@ class Address:
             except ValueError:
                 raise StoreError(f"{url}: the port must be a number, not {port!r}") from None
 
+    def moved_to(self, target: str) -> "Address":
+        """The same settings, pointed at the cluster node a MOVED reply named."""
+        host, _, port = target.rpartition(":")
+        moved = Address.__new__(Address)
+        moved.__dict__.update(self.__dict__)
+        moved.host, moved.port, moved.unix_path = host.strip("[]") or self.host, int(port), None
+        return moved
+
     def __str__(self) -> str:
         return self.unix_path or f"{self.host}:{self.port}"
 
@@ -116,12 +132,15 @@ class RespConnection:
     """RESP2 over a plain socket: just enough protocol for one store, no dependencies."""
 
     def __init__(self, address: Address) -> None:
+        self.pending = 0  # replies of send-only commands not read yet
+        self.deferred_errors = 0
+        self._open(address)
+
+    def _open(self, address: Address) -> None:
         import _socket
 
         self.address = address
         self.buffer = b""
-        self.pending = 0  # replies of send-only commands not read yet
-        self.deferred_errors = 0
         try:
             if address.unix_path:
                 sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -145,11 +164,18 @@ class RespConnection:
         if address.db:
             self.execute("SELECT", address.db)
 
-    def execute(self, *args: object):
+    def execute(self, *args: object, follow: bool = True):
         try:
             self.sock.sendall(_encode(args))
             self._drain()
             return self._reply()
+        except MovedError as moved:
+            if not follow:
+                raise ReplyError(f"redis at {self.address}: MOVED again to {moved.target}") from None
+            # Redis Cluster: the key's slot lives on another node. Go there and ask again.
+            self._broken()
+            self._open(self.address.moved_to(moved.target))
+            return self.execute(*args, follow=False)
         except OSError as exc:
             self._broken()
             raise StoreError(f"redis at {self.address}: {_reason(exc)}") from None
@@ -168,8 +194,8 @@ class RespConnection:
             self.pending -= 1
             try:
                 self._reply()
-            except ReplyError:
-                self.deferred_errors += 1
+            except (ReplyError, MovedError):
+                self.deferred_errors += 1  # a lost update costs one more tempfail at most
 
     def _broken(self) -> None:
         self.pending = 0
@@ -198,7 +224,10 @@ class RespConnection:
         if kind == b"+":
             return rest
         if kind == b"-":
-            raise ReplyError(f"redis at {self.address}: {rest.decode(errors='replace')}")
+            text = rest.decode(errors="replace")
+            if text.startswith("MOVED "):
+                raise MovedError(text.split()[-1])
+            raise ReplyError(f"redis at {self.address}: {text}")
         if kind == b":":
             return int(rest)
         if kind == b"$":
