@@ -71,3 +71,28 @@ def test_installed_command_runs(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["overall"]["connections"] > 0
+
+
+def test_sqlite_and_redis_stores_give_the_same_answers(capsys, redis_url):
+    reports = {}
+    for url in ("memory://", "sqlite://", redis_url):
+        assert main(["--scenario", SMALL, "--duration", "2h", "--store", url, "--quiet", "--json", "-"]) == 0
+        reports[url] = json.loads(capsys.readouterr().out)
+    overall = {url: r["overall"] for url, r in reports.items()}
+    assert overall["memory://"] == overall["sqlite://"] == overall[redis_url]
+    assert reports["sqlite://"]["store"]["ops"]["query"] > 0
+    assert reports[redis_url]["store"]["ops"]["command"] > 0
+    from greylist.stores import open_store
+
+    with open_store(redis_url) as store:
+        assert store.size() == 0  # the simulation's keys are gone
+
+
+def test_a_redis_database_in_use_is_refused(capsys, redis_url):
+    from greylist.policy import Record
+    from greylist.stores import open_store
+
+    with open_store(redis_url) as store:
+        store.put("192.0.2.1", Record(1.0, 1.0, 0), 60)
+    assert main(["--store", redis_url, "--duration", "1h"]) == 2
+    assert "already holds greylist entries" in capsys.readouterr().err
