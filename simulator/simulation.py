@@ -206,6 +206,36 @@ class SimulatedServer:
         return self
 
 
+class Population:
+    """The addresses of a scenario's senders: regular correspondents, provider
+    farms' pools, and a fresh address for everybody else. Shared by the
+    synthetic simulation and ``simulate live``, so both draw the same mix."""
+
+    def __init__(self, scenario: Scenario, rng: random.Random) -> None:
+        self.rng = rng
+        self.regulars = {c.name: [random_ipv4(rng) for _ in range(c.regulars)] for c in scenario.senders}
+        self.pools: dict[str, list[str]] = {}
+        for c in scenario.senders:
+            if c.pool > 1:
+                nets = [random_ipv4(rng).rsplit(".", 1)[0] for _ in range(c.pool_networks)]
+                self.pools[c.name] = [f"{nets[i % len(nets)]}.{10 + (i // len(nets)) % 240}"
+                                      for i in range(c.pool)]
+
+    def address(self, cls: SenderClass) -> str | None:
+        """The first try's address; None for a farm, which picks one per try."""
+        rng = self.rng
+        if cls.name in self.pools:
+            return None
+        if cls.regulars and rng.random() < cls.repeat_share:
+            return rng.choice(self.regulars[cls.name])
+        return random_ipv4(rng)
+
+    def known(self) -> list[str]:
+        """Addresses a server that has run for a while knows: regulars and farm pools."""
+        out = [ip for ips in self.regulars.values() for ip in ips]
+        return out + [ip for ips in self.pools.values() for ip in ips]
+
+
 class SyntheticTraffic:
     """Arrivals from a scenario: two Poisson streams (legit, spam) with daily curves."""
 
@@ -214,17 +244,10 @@ class SyntheticTraffic:
         self.server = server
         self.scenario = scenario
         self.rate = scenario.rate if rate is None else rate
-        self.rng = rng = random.Random(seed)
+        self.rng = random.Random(seed)
         for c in scenario.senders:
             server.class_stats(c.name, c.kind)
-        # Fixed populations: regular correspondents and provider farms' pools.
-        self.regulars = {c.name: [random_ipv4(rng) for _ in range(c.regulars)] for c in scenario.senders}
-        self.pools: dict[str, list[str]] = {}
-        for c in scenario.senders:
-            if c.pool > 1:
-                nets = [random_ipv4(rng).rsplit(".", 1)[0] for _ in range(c.pool_networks)]
-                self.pools[c.name] = [f"{nets[i % len(nets)]}.{10 + (i // len(nets)) % 240}"
-                                      for i in range(c.pool)]
+        self.population = Population(scenario, self.rng)
 
     def start(self) -> None:
         s = self.scenario
@@ -264,13 +287,8 @@ class SyntheticTraffic:
         cum = state["cum"]
         index = min(bisect.bisect_right(cum, rng.random() * cum[-1]), len(cum) - 1)
         cls: SenderClass = state["classes"][index]
-        pool = self.pools.get(cls.name)
-        if pool is not None:
-            ip = None
-        elif cls.regulars and rng.random() < cls.repeat_share:
-            ip = rng.choice(self.regulars[cls.name])
-        else:
-            ip = random_ipv4(rng)
+        pool = self.population.pools.get(cls.name)
+        ip = self.population.address(cls)
         phase = rng.random() * cls.queue_run if cls.queue_run else 0.0
         server = self.server
         stats = server.stats[cls.name]
