@@ -43,7 +43,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="simulate", description="Simulate greylisting on a day (or more) of synthetic traffic.",
-        epilog="Replay logged traffic instead: simulate replay LOGFILE --help")
+        epilog="Also: simulate replay LOGFILE (logged traffic), simulate live (real wrapper "
+               "processes at a rate), simulate capacity (the highest rate this machine sustains); "
+               "each with --help.")
     parser.add_argument("--rate", help="first-attempt connections: 300k/day, 3.5/s, 12000/h "
                                        "(default: the scenario's)")
     parser.add_argument("--duration", default="1d", help="simulated time: 1d, 12h, 1w (default 1d)")
@@ -246,6 +248,14 @@ def main(argv: list[str] | None = None) -> int:
             from simulator.replay.cli import run_replay
 
             return run_replay(argv[1:])
+        if argv and argv[0] == "live":
+            from simulator.live_cli import run_live_command
+
+            return run_live_command(argv[1:])
+        if argv and argv[0] == "capacity":
+            from simulator.live_cli import run_capacity_command
+
+            return run_capacity_command(argv[1:])
         args = build_parser().parse_args(argv)
         return run_synthetic(args)
     except (SimulateError, ScenarioError, StoreError, ConfigError) as exc:
