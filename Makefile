@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q ".[test,redis]"
+	$(BIN)/python -m pip install -q ".[test,redis,plot]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -38,6 +38,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="OUT", help="also write the report as JSON (- for stdout)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--quiet", action="store_true", help="no tables, no progress bar")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="tempfail ratio and store size per hour, delay CDF per class (needs matplotlib)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +192,10 @@ class Progress:
 
 
 def emit(args: argparse.Namespace, results: list[dict], compare) -> None:
+    if args.plot:
+        from simulator.plot import report_plot
+
+        report_plot(results, args.plot)
     if not args.quiet:
         if compare:
             print(reports.compare_table(compare[0], compare[1], results), end="")

@@ -17,6 +17,14 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[rank - 1]
 
 
+def quantiles(sorted_values: list[float], step: int = 5) -> list[float]:
+    """The distribution in 21 points (0, 5, ... 100th percentile): enough for a CDF plot."""
+    if not sorted_values:
+        return []
+    return [round(sorted_values[0] if q == 0 else percentile(sorted_values, q), 1)
+            for q in range(0, 101, step)]
+
+
 class ClassStats:
     """Counters of one sender class."""
 
@@ -56,6 +64,7 @@ class ClassStats:
             value = percentile(delays, q)
             out[f"delay_p{q}"] = None if value is None else round(value, 1)
         out["delay_max"] = round(delays[-1], 1) if delays else None
+        out["delay_quantiles"] = quantiles(delays)
         return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from simulator.metrics import percentile
+from simulator.metrics import percentile, quantiles
 from simulator.simulation import HOUR, SimulatedServer
 
 #: The file tree's operations in a readable order; other stores' (query, command) follow.
@@ -45,6 +45,7 @@ def build(sim: SimulatedServer, run: dict, label: dict | None = None) -> dict:
         "legit_in_flight": sum(s.in_flight for s in legit),
         "legit_delay_p50": pct(50), "legit_delay_p90": pct(90), "legit_delay_p99": pct(99),
         "legit_delay_max": round(legit_delays[-1], 1) if legit_delays else None,
+        "legit_delay_quantiles": quantiles(legit_delays),
         "spam_messages": spam_messages,
         "spam_stopped": sum(s.given_up for s in spam),
         "spam_stopped_share": round(sum(s.given_up for s in spam) / spam_messages, 4) if spam_messages else 0.0,
