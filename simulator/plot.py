@@ -69,9 +69,10 @@ def capacity_plot(results: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for r in results:
         rates = [s["offered_rate"] for s in r["steps"]]
-        ax.plot(rates, [s["first_reply_ms_p99"] for s in r["steps"]], marker="o", label=f"p99 {r['store']}")
+        (line,) = ax.plot(rates, [s["first_reply_ms_p99"] for s in r["steps"]], marker="o",
+                          label=f"p99 {r['store']}")
         ax.plot(rates, [s["first_reply_ms_p50"] for s in r["steps"]], marker=".", linestyle="--",
-                label=f"p50 {r['store']}")
+                color=line.get_color(), label=f"p50 {r['store']}")
     if results:
         ax.axhline(results[0]["p99_bound_ms"], color="grey", linestyle=":", label="p99 bound")
     ax.set_xlabel("offered rate (connections per second)")
