@@ -40,3 +40,101 @@ def packed_ip(text: str) -> bytes:
         return inet_pton(AF_INET, text)
     except (OSError, ValueError, UnicodeError):
         raise BadAddress(f"not an IP address: {text!r}") from None
+
+
+# --- what a greylisting entry is keyed on ---------------------------------
+
+KEY_MODES = ("ip", "subnet", "triplet", "triplet-subnet")
+
+
+def network_of(ip: str, v4_bits: int = 24, v6_bits: int = 64) -> str:
+    """The client's network in canonical CIDR form: ``192.0.2.0/24``, ``2001:db8::/64``."""
+    packed = packed_ip(ip)
+    bits = v4_bits if len(packed) == 4 else v6_bits
+    number = int.from_bytes(packed, "big")
+    total = len(packed) * 8
+    number &= ((1 << total) - 1) ^ ((1 << (total - bits)) - 1)
+    family = AF_INET if len(packed) == 4 else AF_INET6
+    return f"{inet_ntop(family, number.to_bytes(len(packed), 'big'))}/{bits}"
+
+
+def normalize_sender(address: str) -> str:
+    """The envelope sender as a retry will present it again (postgrey's rules).
+
+    Lower case; the bounce-address tags that change with every message removed:
+    BATV (``prvs=1234abcdef=user@dom``), SRS (``SRS0=hash=tt=orig.dom=user@fwd``
+    -> ``user@orig.dom``), a ``+extension``; and the digits of VERP-style bounce
+    addresses (``list-bounces-123-user=dom@list``) replaced by ``#``.
+    """
+    a = address.strip().strip("<>").lower()
+    if not a:
+        return "<>"
+    local, at, domain = a.rpartition("@")
+    if not at:
+        local, domain = a, ""
+    if local.startswith(("prvs=", "btv1==", "msprvs1=")):  # BATV and its variants
+        tag_end = local.find("=", local.index("=") + 1 if not local.startswith("btv1==") else 6)
+        if tag_end > 0:
+            local = local[tag_end + 1:]
+    if local.startswith(("srs0=", "srs1=")):
+        parts = local.split("=")
+        # SRS0=HHH=TT=orig.domain=user ; SRS1 nests one more hop before them
+        if len(parts) >= 5:
+            domain, local = parts[-2], parts[-1]
+    plus = local.find("+")
+    if plus > 0:
+        local = local[:plus]
+    out, digits = [], False
+    for ch in local:
+        if ch.isdigit():
+            if not digits:
+                out.append("#")
+            digits = True
+        else:
+            out.append(ch)
+            digits = False
+    local = "".join(out)
+    return f"{local}@{domain}" if domain else local
+
+
+def normalize_recipient(address: str) -> str:
+    return address.strip().strip("<>").lower()
+
+
+class Keying:
+    """How a connection (or a recipient of it) maps to a store key.
+
+    ip: the client address, as cqgreylist. subnet: its /24 (IPv4) or /64
+    (IPv6), so a provider retrying from another host of its network is the
+    same client. triplet: client address + normalised sender + recipient, the
+    whitepaper's triplet; triplet-subnet: the same with the client's network.
+    """
+
+    __slots__ = ("mode", "v4_bits", "v6_bits")
+
+    def __init__(self, mode: str = "ip", v4_bits: int = 24, v6_bits: int = 64) -> None:
+        if mode not in KEY_MODES:
+            raise ValueError(f"key mode must be one of {', '.join(KEY_MODES)}, not {mode!r}")
+        if not 8 <= v4_bits <= 32 or not 16 <= v6_bits <= 128:
+            raise ValueError("subnet sizes: IPv4 /8 to /32, IPv6 /16 to /128")
+        self.mode = mode
+        self.v4_bits = v4_bits
+        self.v6_bits = v6_bits
+
+    def client(self, ip: str) -> str:
+        """The client part of the key (and the auto-whitelist's unit): address or network."""
+        if self.mode in ("subnet", "triplet-subnet"):
+            return network_of(ip, self.v4_bits, self.v6_bits)
+        return parse_ip(ip)
+
+    def key(self, ip: str, sender: str | None = None, recipient: str | None = None) -> str:
+        client = self.client(ip)
+        if not self.needs_envelope:
+            return client
+        if sender is None or recipient is None:
+            raise BadAddress("triplet keys need the envelope sender and recipient")
+        return f"{client}|{normalize_sender(sender)}|{normalize_recipient(recipient)}"
+
+    @property
+    def needs_envelope(self) -> bool:
+        return self.mode.startswith("triplet")

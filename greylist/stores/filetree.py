@@ -50,23 +50,47 @@ class FileStore(Store):
 
     # -- paths -------------------------------------------------------------
     def path_of(self, key: str) -> tuple[str, str]:
-        """(directory, file) for a key; the key is re-parsed, never used raw."""
+        """(directory, file) for a key; the key is re-parsed, never used raw.
+
+        An address is ``DIR/66/66.94.237.12`` (cqgreylist's place); a network
+        ``DIR/66/66.94.237.0_24``; a triplet or auto-whitelist key, which holds
+        arbitrary envelope addresses, a hash of it: ``DIR/t/ab/ab12...``, with
+        the key itself kept in the file.
+        """
+        if "|" in key:
+            from _blake2 import blake2b
+
+            digest = blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+            directory = f"{self.base}/t/{digest[:2]}"
+            return directory, f"{directory}/{digest}"
+        address, slash, bits = key.partition("/")
         try:
-            packed = packed_ip(key)
+            packed = packed_ip(address)
+            suffix = ""
+            if slash:
+                if not bits.isdigit() or not 0 < int(bits) <= len(packed) * 8:
+                    raise BadAddress(key)
+                suffix = f"_{int(bits)}"
         except BadAddress:
-            raise StoreError(f"file store keys are IP addresses, not {key!r}") from None
+            raise StoreError(f"file store keys are addresses, networks or triplets, not {key!r}") from None
         if len(packed) == 4:
             directory = f"{self.base}/{packed[0]}"
-            return directory, f"{directory}/{packed[0]}.{packed[1]}.{packed[2]}.{packed[3]}"
+            return directory, f"{directory}/{packed[0]}.{packed[1]}.{packed[2]}.{packed[3]}{suffix}"
         digits = packed.hex()
         groups = [digits[i : i + 4] for i in range(0, 32, 4)]
         directory = f"{self.base}/v6/{groups[0]}-{groups[1]}"
-        return directory, f"{directory}/{'-'.join(groups)}"
+        return directory, f"{directory}/{'-'.join(groups)}{suffix}"
 
     # -- reading -----------------------------------------------------------
     def get(self, key: str) -> Record | None:
         _, path = self.path_of(key)
         return self._read(path)
+
+    def _content(self, key: str, record: Record) -> bytes:
+        if "|" in key:  # hashed file name: the key goes into the file
+            return b"%.3f %d %s\n" % (record.first_seen, record.passes,
+                                       key.encode("utf-8", "surrogateescape"))
+        return format_content(record)
 
     def _read(self, path: str) -> Record | None:
         self.count("stat")
@@ -95,7 +119,7 @@ class FileStore(Store):
     # -- writing -----------------------------------------------------------
     def add(self, key: str, record: Record, ttl: float | None = None) -> bool:
         directory, path = self.path_of(key)
-        content = format_content(record)
+        content = self._content(key, record)
         for attempt in (1, 2):
             self.count("create")
             try:
@@ -120,7 +144,7 @@ class FileStore(Store):
         directory, path = self.path_of(key)
         name = path[len(directory) + 1 :]
         tmp = f"{directory}/.{name}.{os.getpid()}.tmp"
-        content = format_content(record)
+        content = self._content(key, record)
         for attempt in (1, 2):
             self.count("create")
             try:
@@ -197,7 +221,14 @@ class FileStore(Store):
         except OSError as exc:
             raise StoreError(f"cannot list {self.base}: {exc.strerror}") from None
         for name in top:
-            if name == "v6":
+            if name == "t":
+                try:
+                    subdirs = sorted(os.listdir(f"{self.base}/t"))
+                except OSError:
+                    continue
+                for sub in subdirs:
+                    yield from self._scan_hashed(f"{self.base}/t/{sub}")
+            elif name == "v6":
                 try:
                     subdirs = sorted(os.listdir(f"{self.base}/v6"))
                 except OSError:
@@ -223,6 +254,24 @@ class FileStore(Store):
             if record is not None:
                 yield key, record
 
+    def _scan_hashed(self, directory: str):
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            return
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = f"{directory}/{name}"
+            try:
+                record = self._read(path)
+                with open(path, "rb") as f:
+                    parts = f.read(4096).split(b" ", 2)
+            except (StoreError, OSError):
+                continue
+            if record is not None and len(parts) == 3:
+                yield parts[2].rstrip(b"\n").decode("utf-8", "surrogateescape"), record
+
     def size(self) -> int:
         """Entries counted from directory listings alone (no stat per file)."""
         total = 0
@@ -233,11 +282,12 @@ class FileStore(Store):
         except OSError as exc:
             raise StoreError(f"cannot list {self.base}: {exc.strerror}") from None
         dirs = [f"{self.base}/{n}" for n in top if n.isdigit()]
-        if "v6" in top:
-            try:
-                dirs += [f"{self.base}/v6/{n}" for n in os.listdir(f"{self.base}/v6")]
-            except OSError:
-                pass
+        for sub in ("v6", "t"):
+            if sub in top:
+                try:
+                    dirs += [f"{self.base}/{sub}/{n}" for n in os.listdir(f"{self.base}/{sub}")]
+                except OSError:
+                    pass
         for directory in dirs:
             try:
                 total += sum(1 for name in os.listdir(directory) if not name.startswith("."))
@@ -284,7 +334,9 @@ def format_content(record: Record) -> bytes:
 
 def parse_content(data: bytes, mtime: float) -> Record:
     """Read ``FIRST_SEEN PASSES``; anything else is treated as a cqgreylist entry."""
-    parts = data.split()
+    parts = data.split(b" ", 2)
+    if len(parts) == 3:  # a hashed entry: FIRST PASSES KEY
+        parts = parts[:2]
     if len(parts) == 2:
         try:
             first, passes = float(parts[0]), int(parts[1])
@@ -297,14 +349,25 @@ def parse_content(data: bytes, mtime: float) -> Record:
 
 
 def _v4_key(name: str) -> str | None:
+    name, _, bits = name.partition("_")
     try:
         packed = packed_ip(name)
     except BadAddress:
         return None
-    return name if len(packed) == 4 and ":" not in name else None
+    if len(packed) != 4 or ":" in name or (bits and not (bits.isdigit() and 0 < int(bits) <= 32)):
+        return None
+    return f"{name}/{int(bits)}" if bits else name
 
 
 def _v6_key(name: str) -> str | None:
+    name, _, bits = name.partition("_")
+    if bits and not (bits.isdigit() and 0 < int(bits) <= 128):
+        return None
+    key = _v6_address(name)
+    return None if key is None else (f"{key}/{int(bits)}" if bits else key)
+
+
+def _v6_address(name: str) -> str | None:
     groups = name.split("-")
     if len(groups) != 8 or any(len(g) != 4 for g in groups):
         return None

@@ -53,7 +53,9 @@ def test_delete_with_expected_record(store):
 
 
 def test_scan_lists_every_entry(store):
-    keys = {"192.0.2.1", "198.51.100.7", "2001:db8::1", "::1"}
+    keys = {"192.0.2.1", "198.51.100.7", "2001:db8::1", "::1", "192.0.2.0/24", "2001:db8::/64",
+            "192.0.2.1|alice@example.org|bob@example.net", "awl|192.0.2.0/24",
+            "2001:db8::1|<>|Postmaster@example.net"}
     for i, key in enumerate(sorted(keys)):
         store.put(key, Record(100.0 + i, 200.0 + i, i))
     assert {k for k, _ in store.scan()} == keys
