@@ -60,6 +60,33 @@ def parse_text(text: str) -> str:
     return text
 
 
+def parse_key(text: str) -> str:
+    from greylist.keys import KEY_MODES
+
+    value = text.strip().lower()
+    if value not in KEY_MODES:
+        raise ConfigError(f"key must be one of {', '.join(KEY_MODES)}, not {text!r}")
+    return value
+
+
+def _integer(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip().lstrip("/"))
+        except ValueError:
+            raise ConfigError(f"not a whole number: {text!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{value} is outside {low}..{high}")
+        return value
+    return parse
+
+
+def parse_path(text: str) -> str:
+    if text and not text.startswith("/"):
+        raise ConfigError(f"give an absolute path, not {text!r}")
+    return parse_text(text)
+
+
 def parse_store(text: str) -> str:
     if "://" not in text:
         raise ConfigError(f"store must be a URL such as file:///var/qmail/cqgreylist, not {text!r}")
@@ -87,6 +114,19 @@ SETTINGS = (
      "add enhanced status code 4.7.1 and a retry hint to the tempfail replies"),
     ("timeout", "--timeout", "GREYLIST_TIMEOUT", parse_duration, 300.0,
      "idle seconds before the tempfail dialogue answers 421 and closes"),
+    ("key", "--key", "GREYLIST_KEY", parse_key, "ip",
+     "what an entry is keyed on: ip, subnet, triplet or triplet-subnet (triplets need "
+     "greylist-spp or greylist policyd)"),
+    ("subnet_v4", "--subnet-v4", "GREYLIST_SUBNET_V4", _integer(8, 32), 24,
+     "prefix length of an IPv4 client's network in subnet modes"),
+    ("subnet_v6", "--subnet-v6", "GREYLIST_SUBNET_V6", _integer(16, 128), 64,
+     "prefix length of an IPv6 client's network in subnet modes"),
+    ("auto_whitelist", "--auto-whitelist", "GREYLIST_AUTO_WHITELIST", _integer(0, 1_000_000), 5,
+     "with triplet keys: passed deliveries after which a client skips greylisting (0: off)"),
+    ("whitelist", "--whitelist", "GREYLIST_WHITELIST", parse_path, "",
+     "file of client networks (CIDR) and host name patterns that skip greylisting"),
+    ("whitelist_recipients", "--whitelist-recipients", "GREYLIST_WHITELIST_RECIPIENTS", parse_path, "",
+     "file of recipients (address, @domain or local@) who opt out of greylisting"),
 )
 
 BOOLEAN_FLAGS = frozenset(flag for _, flag, _, parser, _, _ in SETTINGS if parser is parse_bool)
@@ -105,7 +145,13 @@ class Config(Value):
 
     @property
     def policy(self) -> Policy:
-        return Policy(self.delay, self.retry_window, self.max_age)
+        return Policy(self.delay, self.retry_window, self.max_age, self.auto_whitelist)
+
+    @property
+    def keying(self):
+        from greylist.keys import Keying
+
+        return Keying(self.key, self.subnet_v4, self.subnet_v6)
 
 
 def load(flags: dict[str, str] | None = None, environ: dict[str, str] | None = None) -> Config:

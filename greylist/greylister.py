@@ -13,21 +13,46 @@ Redis that is one round trip (``SET NX GET``) for every new client.
 
 from __future__ import annotations
 
-from greylist.policy import WRITE_CREATE, WRITE_UPDATE, Policy, Verdict, decide, expires_at
+from greylist.policy import (PASS, WRITE_CREATE, WRITE_UPDATE, Policy, Verdict, count_pass, decide,
+                             decide_auto_whitelist, expires_at)
 from greylist.stores.base import Store
 
+#: Store key prefix of a client's tally of passed deliveries (triplet keys only).
+AWL_PREFIX = "awl|"
 
-def check(store: Store, key: str, now: float, policy: Policy) -> Verdict:
-    """Decide for ``key`` at ``now`` and record the outcome. Raises StoreError."""
+
+def check(store: Store, key: str, now: float, policy: Policy, client: str | None = None) -> Verdict:
+    """Decide for ``key`` at ``now`` and record the outcome. Raises StoreError.
+
+    ``client``: with triplet keys, the client (address or network) whose passed
+    deliveries count towards the auto-whitelist.
+    """
+    if client is None or not policy.auto_whitelist:
+        with store.transaction():
+            return _check(store, key, now, policy)
+    awl_key = AWL_PREFIX + client
     with store.transaction():
-        fresh = decide(None, now, policy)  # what a client we have never seen gets
-        if fresh.write == WRITE_CREATE:
-            existing = store.get_or_add(key, fresh.record, expires_at(fresh.record, policy) - now)
-            if existing is None:
-                return fresh.verdict  # we created it (one of several simultaneous connections did)
-        else:
-            existing = store.get(key)
-        decision = decide(existing, now, policy)
-        if decision.write == WRITE_UPDATE:
-            store.put(key, decision.record, expires_at(decision.record, policy) - now)
-        return decision.verdict
+        tally = store.get(awl_key)
+        auto = decide_auto_whitelist(tally, now, policy)
+        if auto is not None:
+            store.put(awl_key, auto.record, expires_at(auto.record, policy) - now)
+            return auto.verdict
+        verdict = _check(store, key, now, policy)
+        if verdict.action == PASS:
+            tally = count_pass(tally, now, policy)
+            store.put(awl_key, tally, expires_at(tally, policy) - now)
+        return verdict
+
+
+def _check(store: Store, key: str, now: float, policy: Policy) -> Verdict:
+    fresh = decide(None, now, policy)  # what a client we have never seen gets
+    if fresh.write == WRITE_CREATE:
+        existing = store.get_or_add(key, fresh.record, expires_at(fresh.record, policy) - now)
+        if existing is None:
+            return fresh.verdict  # we created it (one of several simultaneous connections did)
+    else:
+        existing = store.get(key)
+    decision = decide(existing, now, policy)
+    if decision.write == WRITE_UPDATE:
+        store.put(key, decision.record, expires_at(decision.record, policy) - now)
+    return decision.verdict

@@ -26,6 +26,7 @@ TOO_SOON = "too-soon"
 PASSED = "passed"
 KNOWN = "known"
 WHITELISTED = "whitelisted"
+AUTO_WHITELISTED = "auto-whitelisted"
 
 #: What the caller must write back to the store after a decision.
 WRITE_NONE = 0
@@ -40,20 +41,28 @@ class Policy(Value):
     retry_window: how long a first-seen entry waits for its retry before it
         counts as new again (postgrey: 2 days).
     max_age: how long a client that passed stays known after its last pass.
+    auto_whitelist: with triplet keys, after this many passed deliveries a
+        client skips greylisting for every triplet until it has been unseen for
+        max_age (postgrey: 5; 0 turns it off). With ip or subnet keys a known
+        client already skips greylisting, so it changes nothing there.
     """
 
-    __slots__ = ("delay", "retry_window", "max_age")
+    __slots__ = ("delay", "retry_window", "max_age", "auto_whitelist")
 
     def __init__(
-        self, delay: float = 60.0, retry_window: float = 2 * 86400.0, max_age: float = 35 * 86400.0
+        self, delay: float = 60.0, retry_window: float = 2 * 86400.0, max_age: float = 35 * 86400.0,
+        auto_whitelist: int = 5,
     ) -> None:
         self.delay = delay
         self.retry_window = retry_window
         self.max_age = max_age
+        self.auto_whitelist = auto_whitelist
         for name in self.__slots__:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value != value or value < 0:
                 raise ValueError(f"policy {name} must be a number of seconds >= 0, not {value!r}")
+        if isinstance(self.auto_whitelist, bool) or not isinstance(self.auto_whitelist, int):
+            raise ValueError(f"auto_whitelist must be a whole number of passes, not {self.auto_whitelist!r}")
         if self.retry_window < self.delay:
             raise ValueError(
                 f"retry window ({self.retry_window:g} s) is shorter than the delay "
@@ -143,6 +152,22 @@ def decide(record: Record | None, now: float, policy: Policy) -> Decision:
             Verdict(TEMPFAIL, NEW, 0.0, policy.delay), Record(now, now, 0), WRITE_UPDATE
         )
     return Decision(Verdict(TEMPFAIL, NEW, 0.0, policy.delay), Record(now, now, 0), WRITE_CREATE)
+
+
+def decide_auto_whitelist(client: Record | None, now: float, policy: Policy) -> Decision | None:
+    """A pass for a client with ``auto_whitelist`` passed deliveries seen within max_age, else None."""
+    if (client is None or not policy.auto_whitelist or client.passes < policy.auto_whitelist
+            or now - client.last_seen > policy.max_age):
+        return None
+    return Decision(Verdict(PASS, AUTO_WHITELISTED, now - client.first_seen),
+                    Record(client.first_seen, now, client.passes + 1), WRITE_UPDATE)
+
+
+def count_pass(client: Record | None, now: float, policy: Policy) -> Record:
+    """The client's tally of passed deliveries after one more (restarting if it went quiet)."""
+    if client is None or now - client.last_seen > policy.max_age:
+        return Record(now, now, 1)
+    return Record(client.first_seen, now, client.passes + 1)
 
 
 def whitelisted() -> Verdict:

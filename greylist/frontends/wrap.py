@@ -140,10 +140,22 @@ def decide_connection(config, environ) -> tuple[Verdict, dict[str, object]]:
     ip = parse_ip(environ.get("TCPREMOTEIP", ""))
     fields: dict[str, object] = {"ip": ip}
     started = time.perf_counter()
+    if config.whitelist:
+        from greylist.whitelist import WhitelistError, load_clients
+
+        try:
+            if load_clients(config.whitelist).matches(ip, environ.get("TCPREMOTEHOST", "")):
+                fields["decision_ms"] = (time.perf_counter() - started) * 1000.0
+                return whitelisted(), fields
+        except WhitelistError as exc:  # greylisting still applies: nothing is lost
+            fields["whitelist_error"] = str(exc)
+    key = config.keying.key(ip)
+    if key != ip:
+        fields["key"] = key
     try:
         store = open_store(config.store)
         try:
-            verdict = check(store, ip, time.time(), config.policy)
+            verdict = check(store, key, time.time(), config.policy)
         finally:
             store.close()
     except Exception as exc:  # a failing store (or a bug of ours) must not lose mail
@@ -170,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     host_setting = config.hostname
     if not program:
         return refuse(host_setting, {"pid": pid, "verdict": "error", "error": USAGE})
+    if config.keying.needs_envelope:
+        return refuse(host_setting, {"pid": pid, "verdict": "error", "error": (
+            f"GREYLIST_KEY={config.key} needs the envelope sender and recipient, which the "
+            "wrapper never sees: use greylist-spp (qmail-spp) or greylist policyd (Postfix), "
+            "or key on ip or subnet")})
 
     if "RELAYCLIENT" in environ or "WHITELISTED" in environ:
         verdict = whitelisted()

@@ -54,18 +54,35 @@ class SqliteStore(Store):
         try:
             self.db = sqlite.connect(path, timeout=timeout, isolation_level=None,
                                      check_same_thread=False)
-            # WAL mode is stored in the file: only a new database needs setting up.
-            mode = self.db.execute("PRAGMA journal_mode").fetchone()
-            if mode is None or str(mode[0]).lower() != "wal":
-                mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()
-                if mode is None or str(mode[0]).lower() != "wal":
-                    raise StoreError(f"{path}: cannot switch to WAL mode")
-                self.db.execute(SCHEMA)
+            self._setup()
             # No fsync at each commit (a lost entry costs one more tempfail, not mail).
             self.db.execute("PRAGMA synchronous=NORMAL")
         except sqlite.Error as exc:
             raise StoreError(f"cannot open {path}: {exc}") from None
         self._transaction = _Transaction(self)
+
+    def _setup(self) -> None:
+        """WAL mode is kept in the file, so only a new database needs it set.
+
+        Several wrappers may meet a new database at once; switching the journal
+        mode then fails with "locked" for all but one, so wait and look again.
+        """
+        import time
+
+        for attempt in range(100):
+            mode = self.db.execute("PRAGMA journal_mode").fetchone()
+            if mode is not None and str(mode[0]).lower() == "wal":
+                return
+            try:
+                mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()
+            except sqlite.OperationalError:
+                time.sleep(0.002 * (attempt + 1))
+                continue
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise StoreError(f"{self.path}: cannot switch to WAL mode")
+            self.db.execute(SCHEMA)
+            return
+        raise StoreError(f"{self.path}: the database stayed locked while being set up")
 
     @classmethod
     def from_url_full(cls, url: str) -> "SqliteStore":
@@ -91,6 +108,13 @@ class SqliteStore(Store):
     def _execute(self, sql: str, args: tuple = ()):
         self.count("query")
         try:
+            return self.db.execute(sql, args)
+        except sqlite.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise StoreError(f"{self.path}: {exc}") from None
+        # A database another process switched to WAL but has not given its table yet.
+        try:
+            self.db.execute(SCHEMA)
             return self.db.execute(sql, args)
         except sqlite.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from None

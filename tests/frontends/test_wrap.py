@@ -240,3 +240,54 @@ def test_pass_path_imports_nothing_heavy(kind, wrapper, store_dir, tmp_path, req
     assert store_module in modules
     assert not HEAVY & modules, HEAVY & modules
     assert parse_log(result.stderr)[0]["reason"] == "known"
+
+
+def test_subnet_key_lets_a_farm_retry_from_another_host(wrapper, store_dir):
+    first = wrapper.run(ip="192.0.2.10", GREYLIST_KEY="subnet", GREYLIST_DELAY="0")
+    log = parse_log(first.stderr)[0]
+    assert (log["reason"], log["key"]) == ("new", "192.0.2.0/24")
+    retry = wrapper.run(ip="192.0.2.99", GREYLIST_KEY="subnet", GREYLIST_DELAY="0")
+    assert parse_log(retry.stderr)[0]["reason"] == "passed"
+    assert (store_dir / "192" / "192.0.2.0_24").exists()
+
+
+def test_whitelist_file_networks_and_names(wrapper, store_dir, tmp_path):
+    wl = tmp_path / "whitelist"
+    wl.write_text("198.51.100.0/24\ngoogle.com\n")
+    by_net = wrapper.run(ip="198.51.100.20", GREYLIST_WHITELIST=str(wl))
+    by_name = wrapper.run(ip="203.0.113.5", GREYLIST_WHITELIST=str(wl), TCPREMOTEHOST="mail-a.google.com")
+    other = wrapper.run(ip="203.0.113.6", GREYLIST_WHITELIST=str(wl), TCPREMOTEHOST="mail.example")
+    assert [parse_log(r.stderr)[0]["reason"] for r in (by_net, by_name, other)] == \
+        ["whitelisted", "whitelisted", "new"]
+    assert not (store_dir / "198").exists() and not (store_dir / "203" / "203.0.113.5").exists()
+
+
+def test_missing_whitelist_is_logged_and_greylisting_goes_on(wrapper):
+    result = wrapper.run(GREYLIST_WHITELIST="/nonexistent/whitelist")
+    log = parse_log(result.stderr)[0]
+    assert log["reason"] == "new" and "cannot read whitelist" in log["whitelist_error"]
+
+
+def test_triplet_key_in_the_wrapper_is_a_clear_error(wrapper):
+    result = wrapper.run(GREYLIST_KEY="triplet")
+    assert result.stdout.startswith(b"421 ")
+    assert "greylist-spp" in parse_log(result.stderr)[0]["error"]
+
+
+def test_whitelist_lookup_imports_nothing_heavy(wrapper, tmp_path):
+    wl = tmp_path / "whitelist"
+    wl.write_text("198.51.100.0/24\n2001:db8::/32\nexample.org\n")
+    code = (
+        "import os, sys\n"
+        "def fake_exec(*a):\n"
+        "    mods = sorted(sys.modules)\n"
+        "    import json; print(json.dumps(mods)); sys.stdout.flush(); os._exit(0)\n"
+        "os.execvp = fake_exec\n"
+        "from greylist.frontends.wrap import main\n"
+        "main(['/bin/true'])\n"
+    )
+    for _ in range(2):  # the second run reads the compiled cache
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=20,
+                                env=wrapper.env(ip="198.51.100.3", GREYLIST_WHITELIST=str(wl)))
+        modules = set(json.loads(result.stdout))
+        assert "greylist.whitelist" in modules and not HEAVY & modules, HEAVY & modules
