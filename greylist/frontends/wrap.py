@@ -21,7 +21,7 @@ import time
 
 from greylist.config import ConfigError, load, split_flags
 from greylist.keys import BadAddress, parse_ip
-from greylist.policy import PASS, TEMPFAIL, Verdict, whitelisted
+from greylist.policy import PASS, Verdict, whitelisted
 
 EX_TEMPFAIL = 111  # qmail's "temporary failure" exit status
 
@@ -29,20 +29,11 @@ USAGE = "usage: greylist-wrap [--delay 60] [--store URL] [--on-error pass|tempfa
 
 
 def log(fields: dict[str, object]) -> None:
-    """One key=value line on stderr (tcpserver's log); values are quoted if needed."""
-    parts = ["greylist-wrap:"]
-    for key, value in fields.items():
-        if isinstance(value, float):
-            text = f"{value:.3f}".rstrip("0").rstrip(".") if value else "0"
-        else:
-            text = str(value)
-        if not text or any(c in text for c in ' "=\\') or not text.isprintable():
-            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').encode(
-                "ascii", "backslashreplace").decode("ascii") + '"'
-        parts.append(f"{key}={text}")
-    line = (" ".join(parts) + "\n").encode("ascii", "backslashreplace")
+    """One key=value line on stderr (tcpserver's log)."""
+    from greylist.frontends.decision import log_line
+
     try:
-        os.write(2, line)
+        os.write(2, log_line("greylist-wrap", fields))
     except OSError:
         pass
 
@@ -134,39 +125,11 @@ def serve_tempfail(config, verdict: Verdict, rfd: int = 0, wfd: int = 1) -> None
 
 def decide_connection(config, environ) -> tuple[Verdict, dict[str, object]]:
     """The verdict for this connection and the fields of its log line."""
-    from greylist.greylister import check
-    from greylist.stores import StoreError, open_store
+    from greylist.frontends.decision import decide_client
 
     ip = parse_ip(environ.get("TCPREMOTEIP", ""))
-    fields: dict[str, object] = {"ip": ip}
-    started = time.perf_counter()
-    if config.whitelist:
-        from greylist.whitelist import WhitelistError, load_clients
-
-        try:
-            if load_clients(config.whitelist).matches(ip, environ.get("TCPREMOTEHOST", "")):
-                fields["decision_ms"] = (time.perf_counter() - started) * 1000.0
-                return whitelisted(), fields
-        except WhitelistError as exc:  # greylisting still applies: nothing is lost
-            fields["whitelist_error"] = str(exc)
-    key = config.keying.key(ip)
-    if key != ip:
-        fields["key"] = key
-    try:
-        store = open_store(config.store)
-        try:
-            verdict = check(store, key, time.time(), config.policy)
-        finally:
-            store.close()
-    except Exception as exc:  # a failing store (or a bug of ours) must not lose mail
-        if not isinstance(exc, (StoreError, OSError)):
-            exc = f"internal error {type(exc).__name__}: {exc}"
-        action = TEMPFAIL if config.on_error == "tempfail" else PASS
-        verdict = Verdict(action, "store-error", 0.0, config.delay)
-        fields["error"] = str(exc)
-        fields["on_error"] = config.on_error
-    fields["decision_ms"] = (time.perf_counter() - started) * 1000.0
-    return verdict, fields
+    verdict, fields = decide_client(config, ip, environ.get("TCPREMOTEHOST", ""))
+    return verdict, {"ip": ip, **fields}
 
 
 def main(argv: list[str] | None = None) -> int:
