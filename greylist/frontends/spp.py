@@ -1,0 +1,90 @@
+"""``greylist-spp``: a qmail-spp plugin that greylists the triplet at RCPT time.
+
+qmail-spp runs it for each RCPT command (``[rcpt]`` in control/smtpplugins)
+with TCPREMOTEIP, SMTPMAILFROM and SMTPRCPTTO set. It answers in qmail-spp's
+plugin syntax on stdout: ``E451 ...`` refuses this recipient for now (the
+client keeps the message and retries), and printing nothing lets the RCPT go
+on to qmail's own checks. A log line goes to stderr, which qmail-spp logs.
+
+Settings are the wrapper's (flags before nothing, or GREYLIST_* variables,
+also per netblock through tcprules); set GREYLIST_KEY=triplet to greylist
+the whitepaper's triplet. Like the wrapper, it runs once per recipient, so it
+imports only what it needs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from greylist.config import ConfigError, load, split_flags
+from greylist.keys import BadAddress, parse_ip
+from greylist.policy import TEMPFAIL, Verdict
+
+
+def reply(config, verdict: Verdict) -> str:
+    """The qmail-spp command for a tempfail: E + the whole SMTP reply line."""
+    message = config.message
+    if config.enhanced:
+        hint = f" in {max(1, int(verdict.retry_in + 0.999))} s" if verdict.retry_in > 0 else ""
+        return f"E451 4.7.1 {message}{hint}\n"
+    return f"E451 {message}\n"
+
+
+def _log(fields: dict[str, object]) -> None:
+    from greylist.frontends.decision import log_line
+
+    try:
+        os.write(2, log_line("greylist-spp", fields))
+    except OSError:
+        pass
+
+
+def _out(text: str) -> None:
+    try:
+        os.write(1, text.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    environ = os.environ
+    argv = sys.argv[1:] if argv is None else argv
+    fields: dict[str, object] = {"pid": os.getpid()}
+    try:
+        flags, rest = split_flags(argv)
+        if rest:
+            raise ConfigError(f"unexpected argument {rest[0]!r} (greylist-spp takes only --settings)")
+        config = load(flags, environ)
+    except ConfigError as exc:
+        _log({**fields, "verdict": "error", "error": str(exc)})
+        _out("E451 greylisting is misconfigured, please try again later\n")
+        return 0
+    if "RELAYCLIENT" in environ:
+        _log({**fields, "ip": environ.get("TCPREMOTEIP", ""), "verdict": "pass", "reason": "relayclient"})
+        return 0
+    recipient = environ.get("SMTPRCPTTO")
+    if recipient is None:
+        _log({**fields, "verdict": "pass", "error": "SMTPRCPTTO is not set: run greylist-spp in the "
+                                                      "[rcpt] section of control/smtpplugins"})
+        return 0
+    try:
+        ip = parse_ip(environ.get("TCPREMOTEIP", ""))
+    except BadAddress:
+        _log({**fields, "verdict": "error", "error": f"TCPREMOTEIP {environ.get('TCPREMOTEIP')!r} "
+                                                     "is not an IP address"})
+        _out("E451 cannot tell who you are, please try again later\n")
+        return 0
+    from greylist.frontends.decision import decide_client
+
+    sender = environ.get("SMTPMAILFROM", "")
+    verdict, extra = decide_client(config, ip, environ.get("TCPREMOTEHOST", ""), sender, recipient)
+    _log({**fields, "ip": ip, "from": sender or "<>", "to": recipient, "verdict": verdict.action,
+          "reason": verdict.reason, "age": verdict.age, **extra})
+    if verdict.action == TEMPFAIL:
+        _out(reply(config, verdict))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
