@@ -1,4 +1,4 @@
-"""``greylist``: the admin commands (expire, show, stats, migrate).
+"""``greylist``: the admin commands (expire, show, stats, migrate) and the Postfix policy server.
 
 These start once per admin action, not per SMTP connection, so they may use
 argparse, json and tabulate freely.
@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from greylist.config import ConfigError, add_setting_options, flags_of, load
+from greylist.config import SETTINGS, ConfigError, add_setting_options, flags_of, load
 from greylist.expiry import expire
 from greylist.keys import BadAddress, parse_ip
 from greylist.policy import Policy, Record, decide, expires_at, is_expired
@@ -212,6 +212,17 @@ def migrate_one(dst, key: str, record: Record, now: float, policy: Policy, dry_r
     return "updated"
 
 
+def cmd_policyd(args: argparse.Namespace) -> int:
+    from greylist.frontends.policyd import serve
+
+    config = config_from(args)
+    try:
+        return serve(args.listen, config)
+    except (OSError, ValueError) as exc:
+        print(f"greylist policyd: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="greylist", description="Greylist store administration.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("policyd", help="a Postfix policy server (check_policy_service)")
+    p.add_argument("--listen", default="127.0.0.1:10023",
+                   help="HOST:PORT or unix:/path (default 127.0.0.1:10023)")
+    add_setting_options(p, tuple(name for name, *_ in SETTINGS))
+    p.set_defaults(func=cmd_policyd)
 
     p = sub.add_parser("stats", help="entries, pending vs known, age histogram")
     add_setting_options(p, ("store", "delay", "retry_window", "max_age"))

@@ -1,0 +1,142 @@
+"""greylist policyd as Postfix uses it: a real server process, real sockets."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.redis_server import free_port
+from conftest import base_env
+
+
+def request(**attrs: str) -> bytes:
+    attrs = {"request": "smtpd_access_policy", "protocol_state": "RCPT", **attrs}
+    return "".join(f"{k}={v}\n" for k, v in attrs.items()).encode() + b"\n"
+
+
+class Client:
+    def __init__(self, address) -> None:
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(address)
+        self.buffer = b""
+
+    def ask(self, raw: bytes) -> str:
+        self.sock.sendall(raw)
+        while b"\n\n" not in self.buffer:
+            data = self.sock.recv(4096)
+            if not data:
+                raise ConnectionError(f"closed; got {self.buffer!r}")
+            self.buffer += data
+        reply, self.buffer = self.buffer.split(b"\n\n", 1)
+        return reply.decode()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def policyd(tmp_path):
+    servers = []
+
+    def start(*args: str, listen: str | None = None, **env: str):
+        listen = listen or f"127.0.0.1:{free_port()}"
+        cmd = [str(Path(sys.executable).parent / "greylist"), "policyd", "--listen", listen,
+               "--store", f"file://{tmp_path}/store", *args]
+        proc = subprocess.Popen(cmd, env=base_env(**env), stderr=subprocess.PIPE, text=True)
+        servers.append(proc)
+        proc.stderr.readline()  # the "started" log line
+        proc.stderr.readline()  # "listening on"
+        if listen.startswith("unix:"):
+            return proc, listen[5:]
+        host, port = listen.rsplit(":", 1)
+        return proc, (host, int(port))
+
+    yield start
+    for proc in servers:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_greylists_the_triplet_then_passes_with_a_header(policyd):
+    _, address = policyd("--key", "triplet", "--delay", "1")
+    c = Client(address)
+    ask = request(client_address="192.0.2.1", client_name="mail.example.org", sender="a@example.org",
+                  recipient="b@example.net")
+    assert c.ask(ask) == "action=DEFER_IF_PERMIT you are greylisted try again"
+    assert c.ask(ask) == "action=DEFER_IF_PERMIT you are greylisted try again"  # too soon
+    time.sleep(1.1)
+    reply = c.ask(ask)
+    assert reply.startswith("action=PREPEND X-Greylist: delayed 1 seconds by greylist")
+    assert c.ask(ask) == "action=DUNNO"  # known now
+    assert c.ask(request(client_address="192.0.2.1", protocol_state="DATA")) == "action=DUNNO"
+    c.close()
+
+
+def test_unix_socket_and_enhanced_message(policyd, tmp_path):
+    _, path = policyd("--enhanced-codes", "--message", "Greylisted, see https://example.org/grey",
+                      listen=f"unix:{tmp_path}/policy.sock")
+    c = Client(path)
+    assert c.ask(request(client_address="2001:db8::5", sender="", recipient="x@example.net")) == \
+        "action=DEFER_IF_PERMIT Greylisted, see https://example.org/grey in 60 s"
+
+
+def test_garbage_requests_are_answered_and_the_server_lives_on(policyd):
+    proc, address = policyd()
+    c = Client(address)
+    assert c.ask(b"hello\nworld\n\n") == "action=DUNNO"
+    assert c.ask(b"request=something_else\n\n") == "action=DUNNO"
+    assert c.ask(request(client_address="999.1.1.1")) == "action=DUNNO"
+    assert c.ask(b"\xff\xfe=\x00\n\n") == "action=DUNNO"
+    c.close()
+    big = Client(address)
+    assert big.ask(b"request=smtpd_access_policy\nx=" + b"y" * 5000 + b"\n\n") == "action=DUNNO"
+    many = Client(address)
+    assert many.ask(b"".join(b"a%d=b\n" % i for i in range(500)) + b"\n") == "action=DUNNO"
+    half = Client(address)
+    half.sock.sendall(b"request=smtpd_access_policy\nclient_add")
+    half.close()
+    ok = Client(address)
+    assert ok.ask(request(client_address="192.0.2.77", sender="a@b", recipient="c@d")).startswith("action=")
+    assert proc.poll() is None
+
+
+def test_many_concurrent_clients(policyd):
+    _, address = policyd("--delay", "0")
+    replies: list[str] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        c = Client(address)
+        for i in range(10):
+            r = c.ask(request(client_address=f"198.51.{n}.{i}", sender="s@example.org",
+                              recipient="r@example.net"))
+            with lock:
+                replies.append(r)
+        c.close()
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(replies) == 300
+    assert all(r.startswith("action=DEFER_IF_PERMIT") for r in replies)
+
+
+def test_store_down_fails_open_and_says_so(policyd, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    proc, address = policyd("--store", f"file://{blocker}")
+    c = Client(address)
+    assert c.ask(request(client_address="192.0.2.1", sender="a@b", recipient="c@d")) == "action=DUNNO"
+    c.close()
+    proc.terminate()
+    assert "store-error" in proc.stderr.read()
