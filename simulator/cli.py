@@ -23,7 +23,8 @@ from simulator.errors import SimulateError
 from simulator.scenario import ScenarioError, load as load_scenario, parse_rate
 from simulator.simulation import RunOptions, simulate
 
-POLICY_SETTINGS = ("delay", "retry_window", "max_age")
+POLICY_SETTINGS = ("delay", "retry_window", "max_age", "key", "subnet_v4", "subnet_v6",
+                   "auto_whitelist", "whitelist")
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -158,7 +159,7 @@ def parse_compare(text: str | None) -> tuple[str, list[str]] | None:
 
 
 def policies_for(args: argparse.Namespace) -> list[tuple[dict, object]]:
-    """(label, policy) for each run: one, or one per --compare value."""
+    """(label, config) for each run: one, or one per --compare value."""
     flags = flags_of(args)
     compare = parse_compare(args.compare)
     runs = []
@@ -169,10 +170,22 @@ def policies_for(args: argparse.Namespace) -> list[tuple[dict, object]]:
             run_flags[compare[0]] = value
             label = {"compare": f"{compare[0]}={value}"}
         try:
-            runs.append((label, load(run_flags, {}).policy))
+            runs.append((label, load(run_flags, {})))
         except ConfigError as exc:
             raise SimulateError(str(exc)) from None
     return runs
+
+
+def whitelist_of(config):
+    """The compiled client whitelist a run uses, or None."""
+    if not config.whitelist:
+        return None
+    from greylist.whitelist import WhitelistError, load_clients
+
+    try:
+        return load_clients(config.whitelist)
+    except WhitelistError as exc:
+        raise SimulateError(str(exc)) from None
 
 
 class Progress:
@@ -231,11 +244,12 @@ def run_synthetic(args: argparse.Namespace) -> int:
     factory = StoreFactory(args.store)
     results = []
     try:
-        for i, (label, policy) in enumerate(runs):
+        for i, (label, config) in enumerate(runs):
             progress = Progress(sys.stderr.isatty() and not args.quiet and expected > 100_000,
                                 f"{label.get('compare', '')} ")
             with factory.open(i) as store:
-                server = simulate(scenario, policy, store, options, progress=progress)
+                server = simulate(scenario, config.policy, store, options, progress=progress,
+                                  keying=config.keying, whitelist=whitelist_of(config))
                 progress.close()
                 run = {"scenario": scenario.source.rsplit("/", 1)[-1],
                        "rate_per_day": round((rate or scenario.rate) * 86400, 3), "seed": args.seed}

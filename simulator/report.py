@@ -49,6 +49,7 @@ def build(sim: SimulatedServer, run: dict, label: dict | None = None) -> dict:
         "spam_messages": spam_messages,
         "spam_stopped": sum(s.given_up for s in spam),
         "spam_stopped_share": round(sum(s.given_up for s in spam) / spam_messages, 4) if spam_messages else 0.0,
+        "whitelisted_connections": sim.whitelisted,
     }
     ops = {op: sim.store.ops[op] for op in OPS if op in sim.store.ops}
     ops.update({op: n for op, n in sorted(sim.store.ops.items()) if op not in ops})
@@ -83,7 +84,8 @@ def build(sim: SimulatedServer, run: dict, label: dict | None = None) -> dict:
             "duration_hours": round(sim.duration / HOUR, 3),
             "drain": sim.drain,
             "policy": {"delay": policy.delay, "retry_window": policy.retry_window,
-                       "max_age": policy.max_age},
+                       "max_age": policy.max_age, "key": sim.keying.mode if sim.keying else "ip",
+                       "auto_whitelist": policy.auto_whitelist},
             **(label or {}),
         },
         "overall": overall,

@@ -65,7 +65,7 @@ class Message:
     """
 
     __slots__ = ("first", "stats", "kind", "ip", "attempt", "phase", "tag", "pool",
-                 "offsets", "lifetime")
+                 "offsets", "lifetime", "sender", "recipient")
 
     def __init__(self, first: float, stats: ClassStats, ip: str | None, offsets: list[float],
                  lifetime: float, phase: float = 0.0, tag: int = 0, pool: list[str] | None = None):
@@ -79,14 +79,22 @@ class Message:
         self.pool = pool
         self.offsets = offsets
         self.lifetime = lifetime
+        self.sender = ""
+        self.recipient = ""
 
 
 class SimulatedServer:
     """The clock, the store and the policy under test, and everything measured."""
 
     def __init__(self, policy: Policy, store: Store, start: float, duration: float,
-                 drain: bool = True, expire_every: float = DAY, progress=None) -> None:
+                 drain: bool = True, expire_every: float = DAY, progress=None,
+                 keying=None, whitelist=None) -> None:
         self.policy = policy
+        # ip keys are the addresses themselves (already canonical): no keying work per connection
+        self.keying = keying if keying is not None and keying.mode != "ip" else None
+        self.envelope = keying is not None and keying.needs_envelope
+        self.whitelist = whitelist
+        self.whitelisted = 0
         self.store = store
         self.env = Environment(start)
         self.start = start
@@ -108,10 +116,20 @@ class SimulatedServer:
         return self.stats[name]
 
     # -- one connection ------------------------------------------------------
-    def connect(self, ip: str) -> bool:
-        """One SMTP connection from ``ip`` now; True when it passes."""
+    def connect(self, ip: str, sender: str = "", recipient: str = "") -> bool:
+        """One SMTP connection from ``ip`` now (with its envelope for triplet keys); True when it passes."""
+        if self.whitelist is not None and self.whitelist.matches(ip):
+            self.whitelisted += 1
+            self.hours[-1].connections += 1
+            return True
+        keying = self.keying
+        if keying is None:
+            key, client = ip, None
+        else:
+            key = keying.key(ip, sender, recipient)
+            client = keying.client(ip) if self.envelope else None
         started = time.perf_counter_ns()
-        verdict = check(self.store, ip, self.env.now, self.policy)
+        verdict = check(self.store, key, self.env.now, self.policy, client)
         self.decision_ns.append(time.perf_counter_ns() - started)
         hour = self.hours[-1]
         hour.connections += 1
@@ -130,7 +148,7 @@ class SimulatedServer:
             ip = msg.ip
         stats = msg.stats
         stats.connections += 1
-        if self.connect(ip):
+        if self.connect(ip, msg.sender, msg.recipient):
             self.delivered(msg, now)
             return
         stats.tempfails += 1
@@ -294,15 +312,36 @@ class SyntheticTraffic:
         stats = server.stats[cls.name]
         msg = Message(server.env.now, stats, ip, cls.offsets, cls.lifetime, phase,
                       rng.getrandbits(32), pool)
+        if server.envelope:
+            msg.sender, msg.recipient = envelope(cls, ip, msg.tag)
         stats.messages += 1
         server.attempt(msg)
         self._next_arrival(state)
 
 
+LOCAL_USERS = 500  # mailboxes of the simulated domain
+
+
+def envelope(cls: SenderClass, ip: str | None, tag: int) -> tuple[str, str]:
+    """Sender and recipient of a message, a fixed function of its sender and tag (no
+    random draws, so triplet runs see the very same traffic as ip runs).
+
+    A host (a regular correspondent or a new one) sends as one of three users of
+    its own domain; a farm's messages come from its many users; spam uses a new
+    sender every time. Recipients are the local domain's mailboxes.
+    """
+    recipient = f"user{(tag >> 12) % LOCAL_USERS}@local.example"
+    if cls.kind == "spam":
+        return f"{tag:08x}@s{tag % 997}.example", recipient
+    if ip is None:
+        return f"u{tag % 20000}@{cls.name}.example", recipient
+    return f"user{tag % 3}@h{ip.replace('.', '-')}.example", recipient
+
+
 def simulate(scenario: Scenario, policy: Policy, store: Store, options: RunOptions,
-             progress=None) -> SimulatedServer:
+             progress=None, keying=None, whitelist=None) -> SimulatedServer:
     """One synthetic run, start to end."""
     server = SimulatedServer(policy, store, scenario.start, options.duration, options.drain,
-                             options.expire_every, progress)
+                             options.expire_every, progress, keying, whitelist)
     SyntheticTraffic(server, scenario, options.seed, options.rate).start()
     return server.run()

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_replay(argv: list[str]) -> int:
-    from simulator.cli import StoreFactory, emit, parse_compare, policies_for
+    from simulator.cli import StoreFactory, emit, parse_compare, policies_for, whitelist_of
 
     args = build_parser().parse_args(argv)
     try:
@@ -66,9 +66,12 @@ def run_replay(argv: list[str]) -> int:
     factory = StoreFactory(args.store)
     results = []
     try:
-        for i, (label, policy) in enumerate(policies_for(args)):
+        for i, (label, config) in enumerate(policies_for(args)):
+            if config.keying.needs_envelope:
+                raise SimulateError("logs of connections carry no envelope: replay with --key ip or subnet")
             with factory.open(i) as store:
-                server = replay(events, policy, store, model, drain=not args.no_drain)
+                server = replay(events, config.policy, store, model, drain=not args.no_drain,
+                                keying=config.keying, whitelist=whitelist_of(config))
                 run = {"log": Path(args.logfile).name, "format": log.format, "lines": log.lines,
                        "bad_lines": len(log.bad), "ignored_lines": log.ignored,
                        "logged_connections": len(events), "time_scale": round(factor, 6),

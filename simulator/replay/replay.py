@@ -93,9 +93,11 @@ class Replay:
 
 
 def replay(events: list[tuple[float, str]], policy: Policy, store: Store, model: SenderClass | None,
-           drain: bool = True, expire_every: float = 86400.0, progress=None) -> SimulatedServer:
+           drain: bool = True, expire_every: float = 86400.0, progress=None, keying=None,
+           whitelist=None) -> SimulatedServer:
     start = math.floor(events[0][0] / HOUR) * HOUR if events else 0.0
     end = events[-1][0] + 1.0 if events else start + 1.0
-    server = SimulatedServer(policy, store, start, end - start, drain, expire_every, progress)
+    server = SimulatedServer(policy, store, start, end - start, drain, expire_every, progress,
+                             keying, whitelist)
     Replay(server, events, model).start()
     return server.run()

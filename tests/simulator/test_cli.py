@@ -96,3 +96,18 @@ def test_a_redis_database_in_use_is_refused(capsys, redis_url):
         store.put("192.0.2.1", Record(1.0, 1.0, 0), 60)
     assert main(["--store", redis_url, "--duration", "1h"]) == 2
     assert "already holds greylist entries" in capsys.readouterr().err
+
+
+def test_compare_key_modes_in_one_table(capsys):
+    assert main(["--scenario", SMALL, "--duration", "6h", "--compare", "key=ip,subnet,triplet"]) == 0
+    out = capsys.readouterr().out
+    assert "key=ip" in out and "key=subnet" in out and "key=triplet" in out
+    assert main(["--compare", "key=ip,octet"]) == 2
+    assert "key must be one of" in capsys.readouterr().err
+
+
+def test_replay_refuses_triplet_keys(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"time": 1767600000, "ip": "192.0.2.1"}\n')
+    assert main(["replay", str(log), "--key", "triplet"]) == 2
+    assert "no envelope" in capsys.readouterr().err

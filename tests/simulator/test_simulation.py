@@ -180,3 +180,46 @@ def test_default_scenario_loads_and_cites_sources():
     text = (Path(simulator.simulation.__file__).parent / "scenarios" / "default.toml").read_text()
     for source in ("MAAWG", "qmgr_active.c", "configure.default", "qmail-send.c", "Levine", "Pagani"):
         assert source in text
+
+
+def run_keyed(sc, key: str, auto_whitelist: int = 5, whitelist=None, duration=12 * H):
+    from greylist.keys import Keying
+
+    server = simulate(sc, Policy(delay=300, auto_whitelist=auto_whitelist), MemoryStore(),
+                      RunOptions(duration=duration, seed=5), keying=Keying(key), whitelist=whitelist)
+    return report.build(server, {"scenario": "t", "seed": 5, "rate_per_day": 0})
+
+
+def test_key_modes_trade_farm_delays_against_precision():
+    sc = load(DATA / "small.toml")
+    by_key = {k: run_keyed(sc, k) for k in ("ip", "subnet", "triplet", "triplet-subnet")}
+    first = {k: r["overall"]["first_attempts"] for k, r in by_key.items()}
+    assert len(set(first.values())) == 1  # the very same traffic
+    farm = {k: next(c for c in r["classes"] if c["class"] == "farm") for k, r in by_key.items()}
+    # a farm retrying from other hosts of its /24s: subnet keys pass it at its first retry
+    assert farm["subnet"]["delay_max"] < farm["ip"]["delay_max"]
+    assert farm["subnet"]["delay_max"] <= 300 + 300  # delay, then its next try
+    # triplets greylist every new sender/recipient pair: more mail waits, the store grows
+    assert by_key["triplet"]["overall"]["legit_delayed"] > by_key["ip"]["overall"]["legit_delayed"]
+    assert by_key["triplet"]["store"]["entries_peak"] > by_key["ip"]["store"]["entries_peak"]
+    assert all(r["overall"]["legit_lost"] == 0 for r in by_key.values())
+
+
+def test_auto_whitelist_cuts_triplet_delays():
+    sc = load(DATA / "small.toml")
+    on, off = run_keyed(sc, "triplet", 2, duration=24 * H), run_keyed(sc, "triplet", 0, duration=24 * H)
+    assert on["overall"]["legit_delayed"] < off["overall"]["legit_delayed"]
+
+
+def test_whitelisted_networks_skip_the_store(tmp_path):
+    from greylist.whitelist import ClientWhitelist
+    from simulator.simulation import Population
+    import random
+
+    sc = load(DATA / "small.toml")
+    pools = Population(sc, random.Random(5)).pools["farm"]  # the farm's networks, as a run draws them
+    nets = sorted({ip.rsplit(".", 1)[0] + ".0/24" for ip in pools})
+    result = run_keyed(sc, "ip", whitelist=ClientWhitelist.parse("\n".join(nets)))
+    farm = next(c for c in result["classes"] if c["class"] == "farm")
+    assert result["overall"]["whitelisted_connections"] >= farm["connections"] > 0
+    assert farm["delayed"] == 0
