@@ -119,11 +119,26 @@ class FileStore(Store):
     # -- writing -----------------------------------------------------------
     def add(self, key: str, record: Record, ttl: float | None = None) -> bool:
         directory, path = self.path_of(key)
-        content = self._content(key, record)
+        return self._write_file(directory, path, _O_CREATE_NEW, self._content(key, record),
+                                record.last_seen)
+
+    def put(self, key: str, record: Record, ttl: float | None = None) -> None:
+        directory, path = self.path_of(key)
+        tmp = f"{directory}/.{path[len(directory) + 1:]}.{os.getpid()}.tmp"
+        self._write_file(directory, tmp, _O_CREATE_TMP, self._content(key, record), record.last_seen)
+        self.count("rename")
+        try:
+            os.rename(tmp, path)
+        except OSError as exc:
+            self._unlink_quietly(tmp)
+            raise StoreError(f"cannot rename {tmp} to {path}: {exc.strerror}") from None
+
+    def _write_file(self, directory: str, path: str, flags: int, content: bytes, mtime: float) -> bool:
+        """Create and fill a file, making its directory on demand; False if O_EXCL found it there."""
         for attempt in (1, 2):
             self.count("create")
             try:
-                fd = os.open(path, _O_CREATE_NEW, 0o600)
+                fd = os.open(path, flags, 0o600)
             except FileExistsError:
                 return False
             except FileNotFoundError:
@@ -134,39 +149,11 @@ class FileStore(Store):
             except OSError as exc:
                 raise StoreError(f"cannot create {path}: {exc.strerror}") from None
             try:
-                self._fill(fd, content, record.last_seen, path)
+                self._fill(fd, content, mtime, path)
             finally:
                 os.close(fd)
             return True
         return False  # pragma: no cover - the loop always returns
-
-    def put(self, key: str, record: Record, ttl: float | None = None) -> None:
-        directory, path = self.path_of(key)
-        name = path[len(directory) + 1 :]
-        tmp = f"{directory}/.{name}.{os.getpid()}.tmp"
-        content = self._content(key, record)
-        for attempt in (1, 2):
-            self.count("create")
-            try:
-                fd = os.open(tmp, _O_CREATE_TMP, 0o600)
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise StoreError(f"cannot create {tmp}: directory vanished") from None
-                self._mkdir(directory)
-                continue
-            except OSError as exc:
-                raise StoreError(f"cannot create {tmp}: {exc.strerror}") from None
-            try:
-                self._fill(fd, content, record.last_seen, tmp)
-            finally:
-                os.close(fd)
-            self.count("rename")
-            try:
-                os.rename(tmp, path)
-            except OSError as exc:
-                self._unlink_quietly(tmp)
-                raise StoreError(f"cannot rename {tmp} to {path}: {exc.strerror}") from None
-            return
 
     def _fill(self, fd: int, content: bytes, mtime: float, path: str) -> None:
         """Write the content and set mtime (the injected clock's time, not the kernel's)."""

@@ -164,23 +164,34 @@ def _count(out: ParsedLog, lines: list[str]):
         yield number, line
 
 
-def _tcpserver(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
-    by_pid: dict[str, int] = {}
-    denied: set[int] = set()
+def _stamped(lines: list[str], out: ParsedLog, stamps: _Stamps, missing: str = "no timestamp"):
+    """(line number, time, text after the stamp) of each line; unstamped lines are bad."""
     for number, line in _count(out, lines):
         split = stamps.split(line)
         if split is None:
-            out.bad.append((number, "no timestamp"))
+            out.bad.append((number, missing))
             continue
-        t, rest = split
+        yield number, split[0], split[1]
+
+
+def _event(out: ParsedLog, number: int, t: float, address: str) -> bool:
+    """Record a connection from ``address``, or a bad line if it is not an address."""
+    ip = _ip(address)
+    if ip is None:
+        out.bad.append((number, f"not an IP address: {address[:40]!r}"))
+        return False
+    out.events.append((t, ip))
+    return True
+
+
+def _tcpserver(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+    by_pid: dict[str, int] = {}
+    denied: set[int] = set()
+    for number, t, rest in _stamped(lines, out, stamps):
         m = _TCP_FROM.search(rest)
         if m:
-            ip = _ip(m.group(2))
-            if ip is None:
-                out.bad.append((number, f"not an IP address: {m.group(2)[:40]!r}"))
-                continue
-            by_pid[m.group(1)] = len(out.events)
-            out.events.append((t, ip))
+            if _event(out, number, t, m.group(2)):
+                by_pid[m.group(1)] = len(out.events) - 1
             continue
         m = _TCP_DENY.search(rest)
         if m and m.group(1) in by_pid:
@@ -192,43 +203,22 @@ def _tcpserver(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
 
 
 def _postfix(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
-    for number, line in _count(out, lines):
-        split = stamps.split(line)
-        if split is None:
-            out.bad.append((number, "no syslog timestamp"))
-            continue
-        t, rest = split
+    for number, t, rest in _stamped(lines, out, stamps, "no syslog timestamp"):
         m = _POSTFIX.search(rest)
-        if not m:
+        if m:
+            _event(out, number, t, m.group(1))
+        else:
             out.ignored += 1
-            continue
-        ip = _ip(m.group(1))
-        if ip is None:
-            out.bad.append((number, f"not an IP address: {m.group(1)[:40]!r}"))
-            continue
-        out.events.append((t, ip))
 
 
 def _wrapper(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
-    for number, line in _count(out, lines):
-        split = stamps.split(line)
-        if split is None:
-            out.bad.append((number, "no timestamp"))
-            continue
-        t, rest = split
+    for number, t, rest in _stamped(lines, out, stamps):
         m = _WRAPPER.search(rest)
-        if not m:
+        fields = dict(part.split("=", 1) for part in m.group(1).split() if "=" in part) if m else {}
+        if not m or fields.get("verdict") == "error":
             out.ignored += 1
-            continue
-        fields = dict(part.split("=", 1) for part in m.group(1).split() if "=" in part)
-        if fields.get("verdict") == "error":
-            out.ignored += 1
-            continue
-        ip = _ip(fields.get("ip", ""))
-        if ip is None:
-            out.bad.append((number, "no valid ip= field"))
-            continue
-        out.events.append((t, ip))
+        elif not _event(out, number, t, fields.get("ip", "")):
+            out.bad[-1] = (number, "no valid ip= field")
 
 
 def _jsonl(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:

@@ -76,7 +76,7 @@ def cluster():
 
 
 def test_decisions_on_a_cluster_follow_moved(cluster):
-    store = open_store(f"redis://127.0.0.1:{cluster[0]}/0")
+    store = open_store(f"redis://127.0.0.1:{cluster[0]}/0?timeout=2")
     policy = Policy(delay=60)
     ips = [f"198.51.100.{i}" for i in range(60)]  # their keys hash to slots on all three nodes
     assert {check(store, ip, 1000.0, policy).reason for ip in ips} == {"new"}
