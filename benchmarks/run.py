@@ -42,6 +42,7 @@ COMPARED = [
     ("wrapper_startup", "tempfail_vs_bare", "lower"),
     ("wrapper_startup", "pass_sqlite_vs_file", "lower"),
     ("wrapper_startup", "pass_redis_vs_file", "lower"),
+    ("wrapper_startup", "whitelisted_vs_pass", "lower"),
     ("decisions", "memory_per_second", "higher"),
     ("decisions", "file_per_second", "higher"),
     ("decisions", "sqlite_per_second", "higher"),

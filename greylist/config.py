@@ -197,6 +197,14 @@ def flags_of(args: object) -> dict[str, str]:
     return {n: getattr(args, n) for n, *_ in SETTINGS if getattr(args, n, None) is not None}
 
 
+def usage() -> str:
+    """Every setting with its flag, variable and default, for --help."""
+    lines = ["settings (a variable overrides the flag: tcprules sets them per netblock):"]
+    for name, flag, env, _parser, default, help_text in SETTINGS:
+        lines.append(f"  {flag} / {env} (default {default!r})\n      {help_text}")
+    return "\n".join(lines) + "\n"
+
+
 def split_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     """Read ``--flag value`` / ``--flag=value`` options up to the program to run.
 

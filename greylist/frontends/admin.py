@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 from greylist.config import SETTINGS, ConfigError, add_setting_options, flags_of, load
 from greylist.expiry import expire
-from greylist.keys import BadAddress, parse_ip
+from greylist.keys import BadAddress
 from greylist.policy import Policy, Record, decide, expires_at, is_expired
 from greylist.stores import StoreError, open_store
 
@@ -96,7 +96,7 @@ def describe(key: str, record: Record | None, now: float, policy: Policy) -> dic
 def cmd_show(args: argparse.Namespace) -> int:
     config = config_from(args)
     try:
-        key = parse_ip(args.ip)
+        key = config.keying.client(args.ip)  # the address, or its network in the subnet modes
     except BadAddress as exc:
         print(f"greylist show: {exc}", file=sys.stderr)
         return 2
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="one client's entry and what its next connection gets")
     p.add_argument("ip")
-    add_setting_options(p, ("store", "delay", "retry_window", "max_age"))
+    add_setting_options(p, ("store", "delay", "retry_window", "max_age", "key", "subnet_v4", "subnet_v6"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
 

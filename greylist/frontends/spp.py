@@ -50,6 +50,12 @@ def _out(text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     environ = os.environ
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        from greylist.config import usage
+
+        _out("usage: greylist-spp [--key triplet] [--store URL] ... (run by qmail-spp at RCPT)\n\n"
+             + usage())
+        return 0
     fields: dict[str, object] = {"pid": os.getpid()}
     try:
         flags, rest = split_flags(argv)

@@ -134,6 +134,11 @@ def decide_connection(config, environ) -> tuple[Verdict, dict[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        from greylist.config import usage
+
+        os.write(1, (USAGE + "\n\n" + usage()).encode())
+        return 0
     environ = os.environ
     pid = os.getpid()
     host_setting = environ.get("GREYLIST_HOSTNAME", "")

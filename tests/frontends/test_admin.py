@@ -111,3 +111,11 @@ def test_migrate_updates_older_entries_and_dry_run_writes_nothing(tmp_path, caps
     assert "updated (source more recent)" in capsys.readouterr().out
     with open_store(b) as dst:
         assert dst.get("192.0.2.1").passes == 3
+
+
+def test_show_in_subnet_mode_finds_the_network_entry(tmp_path, capsys):
+    store = FileStore(str(tmp_path))
+    store.add("192.0.2.0/24", Record(time.time() - 30, time.time() - 30, 0))
+    assert main(["show", "192.0.2.200", "--store", f"file://{tmp_path}", "--key", "subnet", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["client"] == "192.0.2.0/24" and info["reason"] == "too-soon"

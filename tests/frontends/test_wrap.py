@@ -291,3 +291,12 @@ def test_whitelist_lookup_imports_nothing_heavy(wrapper, tmp_path):
                                 env=wrapper.env(ip="198.51.100.3", GREYLIST_WHITELIST=str(wl)))
         modules = set(json.loads(result.stdout))
         assert "greylist.whitelist" in modules and not HEAVY & modules, HEAVY & modules
+
+
+def test_help_lists_every_setting(wrapper):
+    from greylist.config import SETTINGS
+
+    result = subprocess.run(wrapper.command + ["--help"], capture_output=True, timeout=20)
+    assert result.returncode == 0
+    for _name, flag, env, *_ in SETTINGS:
+        assert flag.encode() in result.stdout and env.encode() in result.stdout
