@@ -10,7 +10,8 @@ or speaks the tempfail dialogue itself and exits.
 
 It starts once per connection, so it imports only ``os``, ``time``, ``select``,
 ``_socket`` and the store it uses: no argparse, logging, re, dataclasses,
-redis or asyncio (tests/frontends/test_wrap_imports.py enforces this).
+redis or asyncio (test_pass_path_imports_nothing_heavy in tests/frontends/test_wrap.py
+enforces this for each store).
 """
 
 from __future__ import annotations
