@@ -54,7 +54,8 @@ class SqliteStore(Store):
         try:
             self.db = sqlite.connect(path, timeout=timeout, isolation_level=None,
                                      check_same_thread=False)
-            self._setup()
+            # A new database is set up when a statement first finds no table
+            # (see _execute): the usual case, an existing one, pays nothing.
             # No fsync at each commit (a lost entry costs one more tempfail, not mail).
             self.db.execute("PRAGMA synchronous=NORMAL")
         except sqlite.Error as exc:
@@ -112,9 +113,16 @@ class SqliteStore(Store):
         except sqlite.OperationalError as exc:
             if "no such table" not in str(exc):
                 raise StoreError(f"{self.path}: {exc}") from None
-        # A database another process switched to WAL but has not given its table yet.
+        # A new database: WAL mode and the table. The journal mode cannot change
+        # inside a transaction, so leave the one we are in and enter it again.
         try:
+            in_transaction = self.db.in_transaction
+            if in_transaction:
+                self.db.execute("ROLLBACK")
+            self._setup()
             self.db.execute(SCHEMA)
+            if in_transaction:
+                self.db.execute("BEGIN IMMEDIATE")
             return self.db.execute(sql, args)
         except sqlite.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from None
