@@ -14,18 +14,29 @@ MAX_LINE = 512
 MAX_COMMANDS = 100
 
 
+def tempfail_text(message: str, enhanced: bool, retry_in: float) -> str:
+    """The text after a 4xx code: ``MESSAGE``, or ``4.7.1 MESSAGE in N s`` with enhanced codes.
+
+    Shared by the wrapper's dialogue, the qmail-spp plugin and the policy server.
+    """
+    if not enhanced:
+        return message
+    hint = f" in {max(1, int(retry_in + 0.999))} s" if retry_in > 0 else ""
+    return f"4.7.1 {message}{hint}"
+
+
 class Dialogue:
     """Replies of the greylisting dialogue for one host name and message."""
 
     def __init__(self, host: str, message: str, enhanced: bool = False, retry_in: float = 0.0):
         self.host = host
-        if enhanced:
-            hint = f" in {max(1, int(retry_in + 0.999))} s" if retry_in > 0 else ""
-            rcpt = f"450 4.7.1 Rcpt to <> - {message}{hint}"
-            data = f"451 4.7.1 {message}{hint}"
+        text = tempfail_text(message, enhanced, retry_in)
+        if enhanced:  # the enhanced code leads: 450 4.7.1 Rcpt to <> - MESSAGE in N s
+            code, _, rest = text.partition(" ")
+            rcpt = f"450 {code} Rcpt to <> - {rest}"
         else:
-            rcpt = f"450 Rcpt to <> - {message}"
-            data = f"451 {message}"
+            rcpt = f"450 Rcpt to <> - {text}"
+        data = f"451 {text}"
         self.replies = {
             b"HELO": f"250 {host}",
             b"EHLO": "250 hello",

@@ -12,10 +12,6 @@ import time
 
 from greylist.policy import PASS, TEMPFAIL, Verdict, whitelisted
 
-#: A compiled whitelist per file, for long-running front ends (policyd).
-_whitelists: dict = {}
-
-
 def _client_whitelist(path: str):
     from greylist.whitelist import load_clients
 

@@ -26,6 +26,7 @@ import time
 from greylist.frontends.decision import decide_client, log_line
 from greylist.keys import BadAddress, parse_ip
 from greylist.policy import PASSED, TEMPFAIL, Verdict
+from greylist.smtp import tempfail_text
 
 MAX_LINE = 2048
 MAX_REQUEST = 32 * 1024
@@ -66,10 +67,9 @@ def read_request(rfile) -> dict[str, str] | None:
 
 def action_for(config, verdict: Verdict) -> str:
     if verdict.action == TEMPFAIL:
-        message = config.message
-        if config.enhanced and verdict.retry_in > 0:
-            message = f"{message} in {max(1, int(verdict.retry_in + 0.999))} s"
-        return f"action=DEFER_IF_PERMIT {message}"
+        # Postfix puts 450 4.7.1 in front itself: the text only, with the hint if asked for.
+        text = tempfail_text(config.message, config.enhanced, verdict.retry_in)
+        return f"action=DEFER_IF_PERMIT {text.removeprefix('4.7.1 ')}"
     if verdict.reason == PASSED:
         host = config.hostname or os.uname().nodename
         return (f"action=PREPEND X-Greylist: delayed {int(verdict.age)} seconds by greylist at {host}; "

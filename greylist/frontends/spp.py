@@ -24,11 +24,9 @@ from greylist.policy import TEMPFAIL, Verdict
 
 def reply(config, verdict: Verdict) -> str:
     """The qmail-spp command for a tempfail: E + the whole SMTP reply line."""
-    message = config.message
-    if config.enhanced:
-        hint = f" in {max(1, int(verdict.retry_in + 0.999))} s" if verdict.retry_in > 0 else ""
-        return f"E451 4.7.1 {message}{hint}\n"
-    return f"E451 {message}\n"
+    from greylist.smtp import tempfail_text
+
+    return f"E451 {tempfail_text(config.message, config.enhanced, verdict.retry_in)}\n"
 
 
 def _log(fields: dict[str, object]) -> None:

@@ -211,6 +211,25 @@ HEAVY = {"argparse", "logging", "tabulate", "redis", "asyncio", "re", "dataclass
          "greylist.stores.memory"}
 
 
+EXEC_PROBE = (
+    "import os, sys\n"
+    "def fake_exec(*a):\n"
+    "    mods = sorted(sys.modules)\n"
+    "    import json; print(json.dumps(mods)); sys.stdout.flush(); os._exit(0)\n"
+    "os.execvp = fake_exec\n"
+    "from greylist.frontends.wrap import main\n"
+    "main(['/bin/true'])\n"
+)
+
+
+def modules_at_exec(env: dict[str, str]) -> tuple[set[str], dict[str, str]]:
+    """The modules a fresh interpreter has loaded when the wrapper's pass path reaches exec,
+    and the wrapper's log line."""
+    result = subprocess.run([sys.executable, "-c", EXEC_PROBE], env=env, capture_output=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout)), parse_log(result.stderr)[0]
+
+
 @pytest.mark.parametrize("kind", ["file", "sqlite", "redis"])
 def test_pass_path_imports_nothing_heavy(kind, wrapper, store_dir, tmp_path, request):
     """A fresh interpreter running the pass path: none of the slow modules load."""
@@ -222,24 +241,13 @@ def test_pass_path_imports_nothing_heavy(kind, wrapper, store_dir, tmp_path, req
         url = request.getfixturevalue("redis_url")
     with open_store(url) as store:  # a known client, so the wrapper takes the pass path
         store.put("192.0.2.10", Record(1000.0, 1000.0, 1), 3600)
-    code = (
-        "import os, sys\n"
-        "def fake_exec(*a):\n"
-        "    mods = sorted(sys.modules)\n"
-        "    import json; print(json.dumps(mods)); sys.stdout.flush(); os._exit(0)\n"
-        "os.execvp = fake_exec\n"
-        "from greylist.frontends.wrap import main\n"
-        "main(['/bin/true'])\n"
-    )
     env = wrapper.env(GREYLIST_STORE=url, GREYLIST_MAX_AGE="100000d")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=20)
-    assert result.returncode == 0, result.stderr
-    modules = set(json.loads(result.stdout))
+    modules, log = modules_at_exec(env)
     store_module = {"file": "greylist.stores.filetree", "sqlite": "greylist.stores.sqlite",
                     "redis": "greylist.stores.redisstore"}[kind]
     assert store_module in modules
     assert not HEAVY & modules, HEAVY & modules
-    assert parse_log(result.stderr)[0]["reason"] == "known"
+    assert log["reason"] == "known"
 
 
 def test_subnet_key_lets_a_farm_retry_from_another_host(wrapper, store_dir):
@@ -277,19 +285,9 @@ def test_triplet_key_in_the_wrapper_is_a_clear_error(wrapper):
 def test_whitelist_lookup_imports_nothing_heavy(wrapper, tmp_path):
     wl = tmp_path / "whitelist"
     wl.write_text("198.51.100.0/24\n2001:db8::/32\nexample.org\n")
-    code = (
-        "import os, sys\n"
-        "def fake_exec(*a):\n"
-        "    mods = sorted(sys.modules)\n"
-        "    import json; print(json.dumps(mods)); sys.stdout.flush(); os._exit(0)\n"
-        "os.execvp = fake_exec\n"
-        "from greylist.frontends.wrap import main\n"
-        "main(['/bin/true'])\n"
-    )
     for _ in range(2):  # the second run reads the compiled cache
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=20,
-                                env=wrapper.env(ip="198.51.100.3", GREYLIST_WHITELIST=str(wl)))
-        modules = set(json.loads(result.stdout))
+        modules, log = modules_at_exec(wrapper.env(ip="198.51.100.3", GREYLIST_WHITELIST=str(wl)))
+        assert log["reason"] == "whitelisted"
         assert "greylist.whitelist" in modules and not HEAVY & modules, HEAVY & modules
 
 
