@@ -38,6 +38,7 @@ STANDIN = Path(__file__).resolve().parent / "standin-smtpd.sh"
 CLIENT_SCRIPT = b"HELO live.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nQUIT\r\n"
 MAX_RATE = 2000.0
 MAX_DURATION = 600.0
+MAX_CONNECTIONS = 100_000  # processes one run may start
 
 
 def wrapper_command() -> list[str]:
@@ -137,6 +138,9 @@ def run_live(options: LiveOptions, scenario: Scenario) -> LiveResult:
         raise ValueError(f"rate must be in (0, {MAX_RATE:g}] connections per second")
     if not 0 < options.duration <= MAX_DURATION:
         raise ValueError(f"duration must be in (0, {MAX_DURATION:g}] seconds")
+    if options.rate * options.duration > MAX_CONNECTIONS:
+        raise ValueError(f"rate x duration asks for {options.rate * options.duration:,.0f} connections; "
+                         f"a live run starts at most {MAX_CONNECTIONS:,} processes")
     rng = random.Random(options.seed)
     population = Population(scenario, rng)
     if options.warm:

@@ -38,6 +38,8 @@ def test_live_bounds():
         run_live(LiveOptions(rate=1e6, duration=1, store="memory://"), load())
     with pytest.raises(ValueError, match="duration"):
         run_live(LiveOptions(rate=1, duration=3600, store="memory://"), load())
+    with pytest.raises(ValueError, match="at most 100,000 processes"):
+        run_live(LiveOptions(rate=1000, duration=600, store="memory://"), load())
 
 
 def test_capacity_ramp_stops_at_the_first_failing_step(tmp_path):
