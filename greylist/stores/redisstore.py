@@ -141,6 +141,7 @@ class RespConnection:
 
         self.address = address
         self.buffer = b""
+        self.broken = True  # until connected
         try:
             if address.unix_path:
                 sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -153,6 +154,7 @@ class RespConnection:
                 sock = _socket.socket(family, kind, proto)
             sock.settimeout(address.timeout)
             sock.connect(target)
+            self.broken = False
             if not address.unix_path:
                 sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         except OSError as exc:
@@ -165,6 +167,7 @@ class RespConnection:
             self.execute("SELECT", address.db)
 
     def execute(self, *args: object, follow: bool = True):
+        self._reconnect()
         try:
             self.sock.sendall(_encode(args))
             self._drain()
@@ -182,6 +185,7 @@ class RespConnection:
 
     def send(self, *args: object) -> None:
         """Send a command whose reply is read later (before the next reply, or at close)."""
+        self._reconnect()
         try:
             self.sock.sendall(_encode(args))
         except OSError as exc:
@@ -198,11 +202,17 @@ class RespConnection:
                 self.deferred_errors += 1  # a lost update costs one more tempfail at most
 
     def _broken(self) -> None:
+        """Forget a connection that failed; the next command connects again."""
         self.pending = 0
+        self.broken = True
         try:
             self.sock.close()
         except OSError:
             pass
+
+    def _reconnect(self) -> None:
+        if self.broken:
+            self._open(self.address)  # raises StoreError while the server is still away
 
     def _line(self) -> bytes:
         while True:

@@ -89,3 +89,17 @@ def test_foreign_values_are_treated_as_absent(redis_server, redis_url):
     assert store.get("192.0.2.7") is None
     assert check(store, "192.0.2.7", 1000.0, Policy()).reason == "new"
     assert store.get("192.0.2.7") == Record(1000.0, 1000.0, 0)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_long_lived_store_reconnects_after_redis_comes_back(redis_server, redis_url, lean):
+    """greylist policyd keeps one store per thread: a Redis restart must not break it for good."""
+    store = open_store(redis_url, lean=lean)
+    assert check(store, "192.0.2.1", 1000.0, Policy()).reason == "new"
+    redis_server.stop()
+    with pytest.raises(StoreError):
+        check(store, "192.0.2.2", 1000.0, Policy())
+    with pytest.raises(StoreError):
+        check(store, "192.0.2.2", 1000.0, Policy())  # still away: a clear error again
+    redis_server.start()
+    assert check(store, "192.0.2.3", 1000.0, Policy()).reason == "new"
