@@ -36,7 +36,10 @@ SUITE = {
                       {"step_seconds": 2.0, "start_rate": 30.0, "max_rate": 70.0}),
 }
 
-#: (benchmark, figure, "lower" or "higher" is better)
+#: (benchmark, figure, "lower" or "higher" is better). Live capacity is printed but not
+#: gated in --quick runs: its 2-second steps hold ~100 connections, so one slow
+#: process start on a busy CI machine decides a step, which is noise, not a regression.
+NOT_GATED_WHEN_QUICK = {"live_capacity"}
 COMPARED = [
     ("wrapper_startup", "pass_vs_bare", "lower"),
     ("wrapper_startup", "tempfail_vs_bare", "lower"),
@@ -60,7 +63,7 @@ def machine() -> dict:
             "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
 
 
-def compare(results: dict, baseline: dict, tolerance: float) -> tuple[list[list], bool]:
+def compare(results: dict, baseline: dict, tolerance: float, quick: bool = False) -> tuple[list[list], bool]:
     rows, ok = [], True
     for bench, figure, better in COMPARED:
         now = results.get(bench, {}).get(figure)
@@ -70,9 +73,12 @@ def compare(results: dict, baseline: dict, tolerance: float) -> tuple[list[list]
         if base in (None, 0):
             rows.append([f"{bench}.{figure}", "-", now, "-", "new figure"])
             continue
-        worse_by = now / base if better == "lower" else base / now
+        worse_by = (now / base if better == "lower" else base / now) if now else float("inf")
         status = "ok" if worse_by <= tolerance else f"REGRESSION (> {tolerance:g}x)"
-        ok = ok and worse_by <= tolerance
+        if quick and bench in NOT_GATED_WHEN_QUICK:
+            status += " (not gated in --quick)"
+        else:
+            ok = ok and worse_by <= tolerance
         rows.append([f"{bench}.{figure}", base, now, f"{now / base:.2f}x", f"{better} is better: {status}"])
     return rows, ok
 
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in results:
             print(f"\n{name}")
             print(tabulate(list(results[name].items()), tablefmt="simple"))
-    rows, ok = compare(results, baseline, args.tolerance)
+    rows, ok = compare(results, baseline, args.tolerance, args.quick)
     print("\ncomparison with the baseline")
     print(tabulate(rows, headers=["figure", "baseline", "now", "now/baseline", "verdict"]))
     print(f"\nresults written to {out}")
