@@ -298,3 +298,53 @@ def test_help_lists_every_setting(wrapper):
     assert result.returncode == 0
     for _name, flag, env, *_ in SETTINGS:
         assert flag.encode() in result.stdout and env.encode() in result.stdout
+
+
+@pytest.fixture
+def read_only_tree(tmp_path):
+    """A cqgreylist tree on a file system mounted read-only (needs root and mount rights)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and the right to mount a tmpfs")
+    try:
+        (mnt / "192").mkdir()
+        known = mnt / "192" / "192.0.2.10"
+        known.touch()
+        os.utime(known, (time.time() - 3600,) * 2)
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_read_only_store_fails_open_and_known_clients_still_pass(read_only_tree, tmp_path):
+    """cqgreylist tempfailed every new client forever when it could not write its tree."""
+    from conftest import Wrapper
+
+    w = Wrapper(f"file://{read_only_tree}", tmp_path)
+    for ip in ("192.0.2.10", "198.51.100.1"):
+        result = w.run(ip=ip)
+        assert result.stdout.startswith(b"220 standin"), (ip, result.stdout, result.stderr)
+        log = parse_log(result.stderr)[0]
+        assert log["reason"] == "store-error" and "Read-only file system" in log["error"], log
+    closed = w.run(ip="198.51.100.1", GREYLIST_ON_ERROR="tempfail", stdin=SESSION)
+    assert closed.stdout == EXPECTED
+
+
+def test_directory_the_wrapper_may_not_write(tmp_path, store_dir):
+    """Permissions: an immutable directory refuses even root (EPERM), as a wrong owner would."""
+    from conftest import Wrapper
+
+    (store_dir / "192").mkdir()
+    if os.geteuid() != 0 or subprocess.run(["chattr", "+i", str(store_dir / "192")],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and chattr")
+    try:
+        result = Wrapper(f"file://{store_dir}", tmp_path).run(ip="192.0.2.44")
+        assert result.stdout.startswith(b"220 standin")
+        log = parse_log(result.stderr)[0]
+        assert log["reason"] == "store-error" and "Operation not permitted" in log["error"]
+    finally:
+        subprocess.run(["chattr", "-i", str(store_dir / "192")], capture_output=True)
