@@ -25,10 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
     parser.add_argument("--year", type=int, help="year of yearless syslog stamps (Postfix; default: this year)")
     parser.add_argument("--rate", help="rescale the log's timing to this mean rate (300k/day, 3.5/s)")
-    parser.add_argument("--retry-model", default="postfix",
+    parser.add_argument("--retry-model", default=None,
                         help="how a tempfailed client retries when the log does not show it coming "
                              "back: a sender class of the scenario (postfix, exim, qmail, sendmail, "
-                             "exchange, office365, gmail, bulk) or none (default postfix)")
+                             "exchange, office365, gmail, bulk) or none. Default: postfix; none for "
+                             "our own wrapper's log, which already holds the retries")
     parser.add_argument("--scenario", help="scenario file whose sender classes are the retry models")
     parser.add_argument("--no-drain", action="store_true")
     parser.add_argument("--show-bad", type=int, default=10, metavar="N",
@@ -60,6 +61,8 @@ def run_replay(argv: list[str]) -> int:
         raise SimulateError(f"{args.logfile}: no connections found in {log.lines} lines "
                             f"({log.format} format)")
     scenario = load_scenario(args.scenario)
+    if args.retry_model is None:
+        args.retry_model = "none" if log.format == "wrapper" else "postfix"
     model = retry_model(scenario, args.retry_model)
     events, factor = rescale(log.events, parse_rate(args.rate) if args.rate else None)
     span = max(events[-1][0] - events[0][0], 1.0)

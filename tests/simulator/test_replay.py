@@ -151,3 +151,18 @@ def test_replay_command_end_to_end(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "simulator.cli", "replay", str(tmp_path / "nope")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_our_own_log_replays_without_synthetic_retries(tmp_path):
+    lines = [f"{tai(T0)} greylist-wrap: pid=1 ip=192.0.2.1 verdict=tempfail reason=new age=0",
+             f"{tai(T0 + 400)} greylist-wrap: pid=2 ip=192.0.2.1 verdict=pass reason=passed age=400",
+             f"{tai(T0 + 10)} greylist-wrap: pid=3 ip=192.0.2.2 verdict=tempfail reason=new age=0"]
+    log = tmp_path / "current"
+    log.write_text("\n".join(lines) + "\n")
+    out = subprocess.run([sys.executable, "-m", "simulator.cli", "replay", str(log), "--json", "-",
+                          "--quiet"], capture_output=True, text=True)
+    report = json.loads(out.stdout)
+    assert report["run"]["retry_model"] == "none"
+    cls = report["classes"][0]
+    # 192.0.2.2 never came back: with no synthetic retries it is given up, as it was in reality
+    assert (cls["delivered"], cls["lost"]) == (2, 1)
