@@ -8,6 +8,7 @@ wrapper and the plugin import it once per SMTP connection or recipient.
 
 from __future__ import annotations
 
+import os
 import time
 
 from greylist.policy import PASS, TEMPFAIL, Verdict, whitelisted
@@ -79,6 +80,19 @@ def _check(config, key: str, client: str | None, store) -> Verdict:
         return check(opened, key, time.time(), config.policy, client)
     finally:
         opened.close()
+
+
+def log(program: str, fields: dict[str, object]) -> None:
+    """One key=value line on stderr (tcpserver's or qmail-spp's log); a closed stderr loses nothing else."""
+    write(2, log_line(program, fields))
+
+
+def write(fd: int, data: bytes) -> None:
+    """Write to a pipe or socket that the other side may have closed already."""
+    try:
+        os.write(fd, data)
+    except OSError:
+        pass
 
 
 def log_line(program: str, fields: dict[str, object]) -> bytes:

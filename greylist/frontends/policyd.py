@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from greylist.frontends.decision import decide_client, log_line
+from greylist.frontends.decision import decide_client, log
 from greylist.keys import BadAddress, parse_ip
 from greylist.policy import PASSED, TEMPFAIL, Verdict
 from greylist.smtp import tempfail_text
@@ -156,10 +156,7 @@ class PolicyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def log(self, fields: dict[str, object]) -> None:
         with self.log_lock:
-            try:
-                os.write(2, log_line("greylist-policyd", fields))
-            except OSError:
-                pass
+            log("greylist-policyd", fields)
 
 
 class UnixPolicyServer(PolicyServer, socketserver.UnixStreamServer):

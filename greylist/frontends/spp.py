@@ -30,19 +30,15 @@ def reply(config, verdict: Verdict) -> str:
 
 
 def _log(fields: dict[str, object]) -> None:
-    from greylist.frontends.decision import log_line
+    from greylist.frontends.decision import log
 
-    try:
-        os.write(2, log_line("greylist-spp", fields))
-    except OSError:
-        pass
+    log("greylist-spp", fields)
 
 
 def _out(text: str) -> None:
-    try:
-        os.write(1, text.encode("utf-8", "replace"))
-    except OSError:
-        pass
+    from greylist.frontends.decision import write
+
+    write(1, text.encode("utf-8", "replace"))
 
 
 def main(argv: list[str] | None = None) -> int:

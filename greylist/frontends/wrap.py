@@ -30,22 +30,16 @@ USAGE = "usage: greylist-wrap [--delay 60] [--store URL] [--on-error pass|tempfa
 
 
 def log(fields: dict[str, object]) -> None:
-    """One key=value line on stderr (tcpserver's log)."""
-    from greylist.frontends.decision import log_line
+    from greylist.frontends import decision
 
-    try:
-        os.write(2, log_line("greylist-wrap", fields))
-    except OSError:
-        pass
+    decision.log("greylist-wrap", fields)
 
 
 def say(reply: str) -> None:
+    from greylist.frontends.decision import write
     from greylist.smtp import encode
 
-    try:
-        os.write(1, encode(reply))
-    except OSError:
-        pass
+    write(1, encode(reply))
 
 
 def refuse(host_setting: str, fields: dict[str, object]) -> int:
