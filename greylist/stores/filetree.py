@@ -93,6 +93,11 @@ class FileStore(Store):
         return format_content(record)
 
     def _read(self, path: str) -> Record | None:
+        raw = self._read_raw(path, 128)
+        return None if raw is None else parse_content(raw[1], raw[0])
+
+    def _read_raw(self, path: str, limit: int) -> tuple[float, bytes] | None:
+        """(mtime, up to ``limit`` bytes of content) of an entry, or None if it is gone."""
         self.count("stat")
         try:
             st = os.stat(path)
@@ -100,21 +105,20 @@ class FileStore(Store):
             return None
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {exc.strerror}") from None
-        mtime = st.st_mtime
         if st.st_size == 0:
-            return Record(mtime, mtime, 0)
+            return st.st_mtime, b""
         self.count("read")
         try:
             fd = os.open(path, _O_READ)
             try:
-                data = os.read(fd, 128)
+                data = os.read(fd, limit)
             finally:
                 os.close(fd)
         except FileNotFoundError:
             return None  # expired between stat and open
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {exc.strerror}") from None
-        return parse_content(data, mtime)
+        return st.st_mtime, data
 
     # -- writing -----------------------------------------------------------
     def add(self, key: str, record: Record, ttl: float | None = None) -> bool:
@@ -199,31 +203,32 @@ class FileStore(Store):
         return True
 
     # -- iterating ---------------------------------------------------------
-    def scan(self):
-        """Every readable entry; names that are not ours (or temp files) are skipped."""
+    def _entry_dirs(self) -> list[tuple[str, object]]:
+        """(directory, how its file names become keys) for every directory of entries;
+        ``None`` for the hashed triplet directories, whose keys are inside the files."""
         try:
             top = sorted(os.listdir(self.base))
         except FileNotFoundError:
-            return
+            return []
         except OSError as exc:
             raise StoreError(f"cannot list {self.base}: {exc.strerror}") from None
+        dirs: list[tuple[str, object]] = []
         for name in top:
-            if name == "t":
+            if name in ("t", "v6"):
                 try:
-                    subdirs = sorted(os.listdir(f"{self.base}/t"))
+                    subdirs = sorted(os.listdir(f"{self.base}/{name}"))
                 except OSError:
                     continue
-                for sub in subdirs:
-                    yield from self._scan_hashed(f"{self.base}/t/{sub}")
-            elif name == "v6":
-                try:
-                    subdirs = sorted(os.listdir(f"{self.base}/v6"))
-                except OSError:
-                    continue
-                for sub in subdirs:
-                    yield from self._scan_dir(f"{self.base}/v6/{sub}", _v6_key)
+                key_of = _v6_key if name == "v6" else None
+                dirs += [(f"{self.base}/{name}/{sub}", key_of) for sub in subdirs]
             elif name.isdigit():
-                yield from self._scan_dir(f"{self.base}/{name}", _v4_key)
+                dirs.append((f"{self.base}/{name}", _v4_key))
+        return dirs
+
+    def scan(self):
+        """Every readable entry; names that are not ours (or temp files) are skipped."""
+        for directory, key_of in self._entry_dirs():
+            yield from self._scan_dir(directory, key_of)
 
     def _scan_dir(self, directory: str, key_of):
         try:
@@ -231,6 +236,18 @@ class FileStore(Store):
         except OSError:
             return
         for name in names:
+            if key_of is None:  # hashed: FIRST PASSES KEY, one read for record and key
+                if name.startswith("."):
+                    continue
+                try:
+                    raw = self._read_raw(f"{directory}/{name}", 4096)
+                except StoreError:
+                    continue
+                parts = raw[1].split(b" ", 2) if raw is not None else []
+                if len(parts) == 3:
+                    key = parts[2].rstrip(b"\n").decode("utf-8", "surrogateescape")
+                    yield key, parse_content(raw[1], raw[0])
+                continue
             key = key_of(name)
             if key is None:
                 continue
@@ -241,41 +258,10 @@ class FileStore(Store):
             if record is not None:
                 yield key, record
 
-    def _scan_hashed(self, directory: str):
-        try:
-            names = sorted(os.listdir(directory))
-        except OSError:
-            return
-        for name in names:
-            if name.startswith("."):
-                continue
-            path = f"{directory}/{name}"
-            try:
-                record = self._read(path)
-                with open(path, "rb") as f:
-                    parts = f.read(4096).split(b" ", 2)
-            except (StoreError, OSError):
-                continue
-            if record is not None and len(parts) == 3:
-                yield parts[2].rstrip(b"\n").decode("utf-8", "surrogateescape"), record
-
     def size(self) -> int:
         """Entries counted from directory listings alone (no stat per file)."""
         total = 0
-        try:
-            top = os.listdir(self.base)
-        except FileNotFoundError:
-            return 0
-        except OSError as exc:
-            raise StoreError(f"cannot list {self.base}: {exc.strerror}") from None
-        dirs = [f"{self.base}/{n}" for n in top if n.isdigit()]
-        for sub in ("v6", "t"):
-            if sub in top:
-                try:
-                    dirs += [f"{self.base}/{sub}/{n}" for n in os.listdir(f"{self.base}/{sub}")]
-                except OSError:
-                    pass
-        for directory in dirs:
+        for directory, _key_of in self._entry_dirs():
             try:
                 total += sum(1 for name in os.listdir(directory) if not name.startswith("."))
             except OSError:
