@@ -128,7 +128,10 @@ class Keying:
         return parse_ip(ip)
 
     def key(self, ip: str, sender: str | None = None, recipient: str | None = None) -> str:
-        client = self.client(ip)
+        return self.key_for(self.client(ip), sender, recipient)
+
+    def key_for(self, client: str, sender: str | None = None, recipient: str | None = None) -> str:
+        """The key of a client already reduced by :meth:`client`."""
         if not self.needs_envelope:
             return client
         if sender is None or recipient is None:

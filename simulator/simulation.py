@@ -126,8 +126,10 @@ class SimulatedServer:
         if keying is None:
             key, client = ip, None
         else:
-            key = keying.key(ip, sender, recipient)
-            client = keying.client(ip) if self.envelope else None
+            client = keying.client(ip)
+            key = keying.key_for(client, sender, recipient)
+            if not self.envelope:
+                client = None
         started = time.perf_counter_ns()
         verdict = check(self.store, key, self.env.now, self.policy, client)
         self.decision_ns.append(time.perf_counter_ns() - started)

@@ -13,12 +13,6 @@ import time
 
 from greylist.policy import PASS, TEMPFAIL, Verdict, whitelisted
 
-def _client_whitelist(path: str):
-    from greylist.whitelist import load_clients
-
-    return load_clients(path)
-
-
 def decide_client(config, ip: str, host: str = "", sender: str | None = None,
                   recipient: str | None = None, store=None) -> tuple[Verdict, dict[str, object]]:
     """The verdict and the log fields for a client (already a canonical address).
@@ -31,30 +25,14 @@ def decide_client(config, ip: str, host: str = "", sender: str | None = None,
     fields: dict[str, object] = {}
     started = time.perf_counter()
     try:
-        if config.whitelist:
-            from greylist.whitelist import WhitelistError
-
-            try:
-                if _client_whitelist(config.whitelist).matches(ip, host):
-                    fields["decision_ms"] = (time.perf_counter() - started) * 1000.0
-                    return whitelisted(), fields
-            except WhitelistError as exc:
-                fields["whitelist_error"] = str(exc)
-        if recipient is not None and config.whitelist_recipients:
-            from greylist.whitelist import WhitelistError, load_recipients
-
-            try:
-                if load_recipients(config.whitelist_recipients).matches(recipient):
-                    fields["decision_ms"] = (time.perf_counter() - started) * 1000.0
-                    return Verdict(PASS, "whitelisted-recipient"), fields
-            except WhitelistError as exc:
-                fields["whitelist_error"] = str(exc)
-        keying = config.keying
-        key = keying.key(ip, sender, recipient)
-        if key != ip:
-            fields["key"] = key
-        client = keying.client(ip) if keying.needs_envelope else None
-        verdict = _check(config, key, client, store)
+        verdict = _whitelisted(config, ip, host, recipient, fields)
+        if verdict is None:
+            keying = config.keying
+            client = keying.client(ip)
+            key = keying.key_for(client, sender, recipient)
+            if key != ip:
+                fields["key"] = key
+            verdict = _check(config, key, client if keying.needs_envelope else None, store)
     except Exception as exc:  # a failing store (or a bug of ours) must not lose mail
         from greylist.stores.base import StoreError
 
@@ -66,6 +44,28 @@ def decide_client(config, ip: str, host: str = "", sender: str | None = None,
         fields["on_error"] = config.on_error
     fields["decision_ms"] = (time.perf_counter() - started) * 1000.0
     return verdict, fields
+
+
+def _whitelisted(config, ip: str, host: str, recipient: str | None,
+                 fields: dict[str, object]) -> Verdict | None:
+    """The verdict for a whitelisted client or recipient, else None (errors go into fields)."""
+    if not config.whitelist and not (recipient is not None and config.whitelist_recipients):
+        return None
+    from greylist.whitelist import WhitelistError, load_clients, load_recipients
+
+    if config.whitelist:
+        try:
+            if load_clients(config.whitelist).matches(ip, host):
+                return whitelisted()
+        except WhitelistError as exc:  # skipped; the recipient list still counts
+            fields["whitelist_error"] = str(exc)
+    if recipient is not None and config.whitelist_recipients:
+        try:
+            if load_recipients(config.whitelist_recipients).matches(recipient):
+                return Verdict(PASS, "whitelisted-recipient")
+        except WhitelistError as exc:
+            fields["whitelist_error"] = str(exc)
+    return None
 
 
 def _check(config, key: str, client: str | None, store) -> Verdict:
