@@ -106,19 +106,22 @@ class StoreFactory:
                     raise SimulateError(f"--store {url}: the database already holds greylist entries; "
                                         "simulate on an empty Redis database (e.g. /15)")
 
-    def open(self, run: int):
+    def url_for(self, run: int) -> str:
+        """The store URL of one run: scratch space made here, or a fresh place beside a named one."""
         scheme, _, rest = self.url.partition("://")
         path, _, query = rest.partition("?")
-        url = self.url
         if scheme in ("file", "sqlite") and not path:
             self.temp_dirs.append(scratch_dir())
-            url = f"file://{self.temp_dirs[-1]}" if scheme == "file" else \
+            return f"file://{self.temp_dirs[-1]}" if scheme == "file" else \
                 f"sqlite://{self.temp_dirs[-1]}/greylist.db" + (f"?{query}" if query else "")
-        elif scheme == "file" and run > 0:
-            url = f"{self.url.rstrip('/')}/run{run}"
-        elif scheme == "sqlite" and run > 0:
-            url = f"sqlite://{path}.run{run}" + (f"?{query}" if query else "")
-        return _Scratch(open_store(url, lean=False), wipe=scheme.startswith("redis"))
+        if scheme == "file" and run > 0:
+            return f"{self.url.rstrip('/')}/run{run}"
+        if scheme == "sqlite" and run > 0:
+            return f"sqlite://{path}.run{run}" + (f"?{query}" if query else "")
+        return self.url
+
+    def open(self, run: int):
+        return _Scratch(open_store(self.url_for(run), lean=False), wipe=self.url.startswith("redis"))
 
     def cleanup(self) -> None:
         for d in self.temp_dirs:

@@ -13,14 +13,13 @@ from simulator.live import MAX_DURATION, MAX_RATE, LiveOptions, capacity, run_li
 from simulator.scenario import load as load_scenario, parse_rate
 
 
-def _scratch_store(url: str, factory_holder: list) -> str:
-    """file:// and sqlite:// without a path: scratch space, removed afterwards."""
+def _scratch_store(url: str):
+    """The store factory and the URL the wrappers get (file:// and sqlite:// without a
+    path: scratch space, removed by the factory's cleanup)."""
     from simulator.cli import StoreFactory
 
     factory = StoreFactory(url)
-    factory_holder.append(factory)
-    with factory.open(len(factory_holder) - 1) as store:
-        return store.url
+    return factory, factory.url_for(0)
 
 
 def _duration(text: str, name: str) -> float:
@@ -107,18 +106,20 @@ def live_table(s: dict) -> str:
 
 def run_live_command(argv: list[str]) -> int:
     args = live_parser().parse_args(argv)
-    holders: list = []
     try:
-        options = LiveOptions(rate=_rate(args.rate), duration=_duration(args.duration, "--duration"),
-                              store=_scratch_store(args.store, holders),
-                              concurrency=max(1, args.concurrency), seed=args.seed,
-                              delay=parse_duration(args.delay))
+        rate, delay = _rate(args.rate), parse_duration(args.delay)
+    except ConfigError as exc:
+        raise SimulateError(str(exc)) from None
+    duration = _duration(args.duration, "--duration")
+    factory, store = _scratch_store(args.store)
+    try:
+        options = LiveOptions(rate=rate, duration=duration, store=store, seed=args.seed,
+                              concurrency=max(1, args.concurrency), delay=delay)
         result = run_live(options, load_scenario(args.scenario))
-    except (ConfigError, ValueError) as exc:
+    except ValueError as exc:
         raise SimulateError(str(exc)) from None
     finally:
-        for h in holders:
-            h.cleanup()
+        factory.cleanup()
     summary = result.summary(options)
     summary["store"] = args.store
     print(live_table(summary))
@@ -137,9 +138,8 @@ def run_capacity_command(argv: list[str]) -> int:
     scenario = load_scenario(args.scenario)
     results = []
     for url in args.store or ["file://"]:
-        holders: list = []
+        factory, store = _scratch_store(url)
         try:
-            store = _scratch_store(url, holders)
 
             def progress(s: dict) -> None:
                 print(f"  {url}: {s['offered_rate']:g}/s -> p99 first reply {s['first_reply_ms_p99']} ms, "
@@ -149,8 +149,7 @@ def run_capacity_command(argv: list[str]) -> int:
                          factor=max(1.05, args.factor), max_rate=_rate(args.max),
                          concurrency=max(1, args.concurrency), seed=args.seed, progress=progress)
         finally:
-            for h in holders:
-                h.cleanup()
+            factory.cleanup()
         r["store"] = url
         for s in r["steps"]:
             s["store"] = url
