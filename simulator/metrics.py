@@ -25,6 +25,17 @@ def quantiles(sorted_values: list[float], step: int = 5) -> list[float]:
             for q in range(0, 101, step)]
 
 
+def delay_figures(sorted_delays: list[float], prefix: str) -> dict:
+    """p50, p90, p99, max and the 21-point distribution of delays, rounded for reports."""
+    out: dict = {}
+    for q in (50, 90, 99):
+        value = percentile(sorted_delays, q)
+        out[f"{prefix}_p{q}"] = None if value is None else round(value, 1)
+    out[f"{prefix}_max"] = round(sorted_delays[-1], 1) if sorted_delays else None
+    out[f"{prefix}_quantiles"] = quantiles(sorted_delays)
+    return out
+
+
 class ClassStats:
     """Counters of one sender class."""
 
@@ -60,11 +71,7 @@ class ClassStats:
             out["stopped"] = self.given_up
             out["stopped_share"] = round(self.given_up / self.messages, 4) if self.messages else 0.0
         out["in_flight"] = self.in_flight
-        for q in (50, 90, 99):
-            value = percentile(delays, q)
-            out[f"delay_p{q}"] = None if value is None else round(value, 1)
-        out["delay_max"] = round(delays[-1], 1) if delays else None
-        out["delay_quantiles"] = quantiles(delays)
+        out.update(delay_figures(delays, "delay"))
         return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from simulator.metrics import percentile, quantiles
+from simulator.metrics import delay_figures, percentile
 from simulator.simulation import HOUR, SimulatedServer
 
 #: The file tree's operations in a readable order; other stores' (query, command) follow.
@@ -26,11 +26,9 @@ def build(sim: SimulatedServer, run: dict, label: dict | None = None) -> dict:
     tempfails = sum(s.tempfails for s in sim.stats.values())
     legit_delays = sorted(d for s in legit for d in s.delays)
     legit_messages = sum(s.messages for s in legit)
+    legit_delayed = sum(s.delayed for s in legit)
     spam_messages = sum(s.messages for s in spam)
-
-    def pct(q: float):
-        v = percentile(legit_delays, q)
-        return None if v is None else round(v, 1)
+    spam_stopped = sum(s.given_up for s in spam)
 
     overall = {
         "first_attempts": messages,
@@ -39,16 +37,14 @@ def build(sim: SimulatedServer, run: dict, label: dict | None = None) -> dict:
         "tempfails": tempfails,
         "tempfail_ratio": round(tempfails / connections, 4) if connections else 0.0,
         "legit_messages": legit_messages,
-        "legit_delayed": sum(s.delayed for s in legit),
-        "legit_delayed_share": round(sum(s.delayed for s in legit) / legit_messages, 4) if legit_messages else 0.0,
+        "legit_delayed": legit_delayed,
+        "legit_delayed_share": round(legit_delayed / legit_messages, 4) if legit_messages else 0.0,
         "legit_lost": sum(s.given_up for s in legit),
         "legit_in_flight": sum(s.in_flight for s in legit),
-        "legit_delay_p50": pct(50), "legit_delay_p90": pct(90), "legit_delay_p99": pct(99),
-        "legit_delay_max": round(legit_delays[-1], 1) if legit_delays else None,
-        "legit_delay_quantiles": quantiles(legit_delays),
+        **delay_figures(legit_delays, "legit_delay"),
         "spam_messages": spam_messages,
-        "spam_stopped": sum(s.given_up for s in spam),
-        "spam_stopped_share": round(sum(s.given_up for s in spam) / spam_messages, 4) if spam_messages else 0.0,
+        "spam_stopped": spam_stopped,
+        "spam_stopped_share": round(spam_stopped / spam_messages, 4) if spam_messages else 0.0,
         "whitelisted_connections": sim.whitelisted,
     }
     ops = {op: sim.store.ops[op] for op in OPS if op in sim.store.ops}
