@@ -1,11 +1,11 @@
 """``sqlite:///ABS/PATH``: one database file for one MX, safe under many wrappers.
 
-WAL mode (set once, when the database is created) lets readers run beside a writer; each decision is one short
-``BEGIN IMMEDIATE`` transaction (read, decide, write), so simultaneous
-connections from one new client are serialised and leave one entry; a busy
-timeout (default 2 s, ``?timeout=`` in the URL) bounds the wait. Expiry is
-``greylist expire``, which deletes with one statement per entry in a
-transaction.
+WAL mode (set once, when the database is created) lets readers run beside a
+writer; each decision is one short ``BEGIN IMMEDIATE`` transaction (read,
+decide, write), so simultaneous connections from one new client are
+serialised and leave one entry; a busy timeout (default 2 s, ``?timeout=`` in
+the URL) bounds the wait. Expiry is ``greylist expire``, which deletes an
+entry only if it still holds the record the scan read.
 
 The wrapper imports the C module ``_sqlite3`` directly: ``import sqlite3``
 also loads ``datetime`` and the DB-API adapters, about 1.5 ms more at every
