@@ -13,8 +13,8 @@ import random
 import shutil
 import time
 
-from greylist.greylister import check
-from greylist.policy import Policy
+from greylist.core.check import check
+from greylist.core.policy import Policy
 from greylist.stores import open_store
 from simulator.cli import scratch_dir
 

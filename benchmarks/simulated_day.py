@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 
-from greylist.policy import Policy
+from greylist.core.policy import Policy
 from greylist.stores import open_store
 from simulator.cli import scratch_dir
 from simulator.scenario import load

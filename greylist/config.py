@@ -11,8 +11,8 @@ commands' argparse options and the README's table all come from it.
 
 from __future__ import annotations
 
-from greylist.policy import Policy
-from greylist.values import Value
+from greylist.core.policy import Policy
+from greylist.core.values import Value
 
 
 class ConfigError(ValueError):
@@ -61,7 +61,7 @@ def parse_text(text: str) -> str:
 
 
 def parse_key(text: str) -> str:
-    from greylist.keys import KEY_MODES
+    from greylist.core.keys import KEY_MODES
 
     value = text.strip().lower()
     if value not in KEY_MODES:
@@ -149,7 +149,7 @@ class Config(Value):
 
     @property
     def keying(self):
-        from greylist.keys import Keying
+        from greylist.core.keys import Keying
 
         return Keying(self.key, self.subnet_v4, self.subnet_v6)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import marshal
 import os
 
-from greylist.keys import BadAddress, packed_ip
+from greylist.core.keys import BadAddress, packed_ip
 
 CACHE_VERSION = 1
 

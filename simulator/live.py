@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from greylist.policy import Record
+from greylist.core.policy import Record
 from greylist.stores import open_store
 from simulator.metrics import percentile
 from simulator.scenario import Scenario

@@ -1,6 +1,6 @@
 """A simulated server: traffic in, decisions from the real core, measurements out.
 
-Every connection goes through :func:`greylist.greylister.check` with the store
+Every connection goes through :func:`greylist.core.check.check` with the store
 the user chose and the policy under test, at the virtual time of the event
 loop; nothing here decides anything itself. A change to the policy or to a
 store changes the simulation by itself.
@@ -26,9 +26,9 @@ import random
 import time
 from dataclasses import dataclass
 
-from greylist.expiry import expire
-from greylist.greylister import check
-from greylist.policy import PASS, Policy
+from greylist.core.expiry import expire
+from greylist.core.check import check
+from greylist.core.policy import PASS, Policy
 from greylist.stores.base import Store
 from simulator.engine import Environment
 from simulator.metrics import ClassStats, Hour

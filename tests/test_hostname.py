@@ -1,6 +1,6 @@
 import os
 
-from greylist.hostname import smtp_hostname
+from greylist.adapters.hostname import smtp_hostname
 
 
 def test_configured_name_then_control_me_then_the_machine(tmp_path):

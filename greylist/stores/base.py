@@ -1,14 +1,14 @@
 """The one storage interface every store implements.
 
 A store maps a key (the canonical client address, for now) to a
-:class:`~greylist.policy.Record`. Stores make no decisions; they keep records
+:class:`~greylist.core.policy.Record`. Stores make no decisions; they keep records
 and count their own operations so that the simulator and benchmarks can report
 filesystem or database load without a second implementation.
 """
 
 from __future__ import annotations
 
-from greylist.policy import Record
+from greylist.core.policy import Record
 
 
 class _NoTransaction:

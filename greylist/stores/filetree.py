@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import os
 
-from greylist.keys import BadAddress, packed_ip, parse_ip
-from greylist.policy import Record
+from greylist.core.keys import BadAddress, packed_ip, parse_ip
+from greylist.core.policy import Record
 from greylist.stores.base import Store, StoreError
 
 _O_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from greylist.policy import Record
+from greylist.core.policy import Record
 from greylist.stores.base import Store
 
 

@@ -27,7 +27,7 @@ Both return the same raw replies, so :class:`RedisStore` has one code path.
 
 from __future__ import annotations
 
-from greylist.policy import Record
+from greylist.core.policy import Record
 from greylist.stores.base import Store, StoreError
 
 DEFAULT_TIMEOUT = 0.1

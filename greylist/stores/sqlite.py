@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover - a Python without the C module's private name
     import sqlite3 as sqlite
 
-from greylist.policy import Record
+from greylist.core.policy import Record
 from greylist.stores.base import Store, StoreError
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS greylist (

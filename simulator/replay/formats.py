@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from greylist.keys import BadAddress, parse_ip
+from greylist.core.keys import BadAddress, parse_ip
 
 FORMATS = ("tcpserver", "postfix", "wrapper", "jsonl", "csv")
 MAX_BAD_SHARE = 0.5

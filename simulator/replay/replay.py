@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict, deque
 
-from greylist.policy import Policy
+from greylist.core.policy import Policy
 from greylist.stores.base import Store
 from simulator.scenario import Scenario, ScenarioError, SenderClass
 from simulator.simulation import HOUR, Message, SimulatedServer

@@ -89,7 +89,7 @@ def test_sqlite_and_redis_stores_give_the_same_answers(capsys, redis_url):
 
 
 def test_a_redis_database_in_use_is_refused(capsys, redis_url):
-    from greylist.policy import Record
+    from greylist.core.policy import Record
     from greylist.stores import open_store
 
     with open_store(redis_url) as store:

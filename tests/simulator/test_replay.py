@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from greylist.policy import Policy
+from greylist.core.policy import Policy
 from greylist.stores.memory import MemoryStore
 from simulator.replay.formats import LogError, detect, parse, tai64n
 from simulator.replay.replay import replay, rescale, retry_model

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import greylist.greylister
+import greylist.core.check
 import simulator.simulation
-from greylist.policy import Policy
+from greylist.core.policy import Policy
 from greylist.stores.filetree import FileStore
 from greylist.stores.memory import MemoryStore
 from simulator import report
@@ -36,7 +36,7 @@ def run(sc, policy=None, duration=6 * H, seed=1, store=None):
 
 
 def test_simulator_uses_the_production_check():
-    assert simulator.simulation.check is greylist.greylister.check
+    assert simulator.simulation.check is greylist.core.check.check
 
 
 WELL_BEHAVED = [
@@ -183,7 +183,7 @@ def test_default_scenario_loads_and_cites_sources():
 
 
 def run_keyed(sc, key: str, auto_whitelist: int = 5, whitelist=None, duration=12 * H):
-    from greylist.keys import Keying
+    from greylist.core.keys import Keying
 
     server = simulate(sc, Policy(delay=300, auto_whitelist=auto_whitelist), MemoryStore(),
                       RunOptions(duration=duration, seed=5), keying=Keying(key), whitelist=whitelist)

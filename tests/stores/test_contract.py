@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from greylist.greylister import check
-from greylist.policy import Policy, Record
+from greylist.core.check import check
+from greylist.core.policy import Policy, Record
 from greylist.stores import StoreError, open_store
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from greylist.greylister import check
-from greylist.policy import Policy, Record
+from greylist.core.check import check
+from greylist.core.policy import Policy, Record
 from greylist.stores import StoreError
 from greylist.stores.filetree import FileStore
 
@@ -102,7 +102,7 @@ def _write_with_no_disk_space(base: str) -> str:
         "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\n"
         "from greylist.stores.filetree import FileStore\n"
         "from greylist.stores import StoreError\n"
-        "from greylist.policy import Record\n"
+        "from greylist.core.policy import Record\n"
         f"s = FileStore({base!r})\n"
         "try:\n    s.put('192.0.2.1', Record(1.0, 2.0, 1))\nexcept StoreError as e:\n    print(e)\n"
     )

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from greylist.greylister import check
-from greylist.policy import Policy, Record
+from greylist.core.check import check
+from greylist.core.policy import Policy, Record
 from greylist.stores import StoreError, open_store
 from greylist.stores.redisstore import Address
 

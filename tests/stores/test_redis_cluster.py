@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from greylist.greylister import check
-from greylist.policy import Policy
+from greylist.core.check import check
+from greylist.core.policy import Policy
 from greylist.stores import open_store
 
 pytestmark = pytest.mark.skipif(not (shutil.which("redis-server") and shutil.which("redis-cli")),

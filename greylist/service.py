@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 
-from greylist.policy import PASS, TEMPFAIL, Verdict, whitelisted
+from greylist.core.policy import PASS, TEMPFAIL, Verdict, whitelisted
 
 def decide_client(config, ip: str, host: str = "", sender: str | None = None,
                   recipient: str | None = None, store=None) -> tuple[Verdict, dict[str, object]]:
@@ -69,7 +69,7 @@ def _whitelisted(config, ip: str, host: str, recipient: str | None,
 
 
 def _check(config, key: str, client: str | None, store) -> Verdict:
-    from greylist.greylister import check
+    from greylist.core.check import check
 
     if store is not None:
         return check(store, key, time.time(), config.policy, client)

@@ -18,25 +18,25 @@ import os
 import sys
 
 from greylist.config import ConfigError, load, split_flags
-from greylist.keys import BadAddress, parse_ip
-from greylist.policy import TEMPFAIL, Verdict
+from greylist.core.keys import BadAddress, parse_ip
+from greylist.core.policy import TEMPFAIL, Verdict
 
 
 def reply(config, verdict: Verdict) -> str:
     """The qmail-spp command for a tempfail: E + the whole SMTP reply line."""
-    from greylist.smtp import tempfail_text
+    from greylist.adapters.smtp import tempfail_text
 
     return f"E451 {tempfail_text(config.message, config.enhanced, verdict.retry_in)}\n"
 
 
 def _log(fields: dict[str, object]) -> None:
-    from greylist.frontends.decision import log
+    from greylist.service import log
 
     log("greylist-spp", fields)
 
 
 def _out(text: str) -> None:
-    from greylist.frontends.decision import write
+    from greylist.service import write
 
     write(1, text.encode("utf-8", "replace"))
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      "is not an IP address"})
         _out("E451 cannot tell who you are, please try again later\n")
         return 0
-    from greylist.frontends.decision import decide_client
+    from greylist.service import decide_client
 
     sender = environ.get("SMTPMAILFROM", "")
     verdict, extra = decide_client(config, ip, environ.get("TCPREMOTEHOST", ""), sender, recipient)

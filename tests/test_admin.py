@@ -6,8 +6,8 @@ import json
 import os
 import time
 
-from greylist.frontends.admin import main
-from greylist.policy import Record
+from greylist.admin import main
+from greylist.core.policy import Record
 from greylist.stores.filetree import FileStore
 
 

@@ -16,7 +16,7 @@ front end and the simulator call exactly this function.
 
 from __future__ import annotations
 
-from greylist.values import Value
+from greylist.core.values import Value
 
 PASS = "pass"
 TEMPFAIL = "tempfail"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from greylist.policy import Policy, is_expired
+from greylist.core.policy import Policy, is_expired
 from greylist.stores.base import Store
 
 
 def expire(store: Store, now: float, policy: Policy, dry_run: bool = False,
            on_removed=None) -> dict[str, int]:
-    """Delete what :func:`~greylist.policy.decide` would treat as new anyway.
+    """Delete what :func:`~greylist.core.policy.decide` would treat as new anyway.
 
     Safe beside running wrappers: an entry is deleted only if it still holds
     the record the scan read, so one that a connection renewed meanwhile stays.

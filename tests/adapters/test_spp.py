@@ -102,10 +102,10 @@ def test_bad_input_and_store_failure(tmp_path):
 
 
 def test_plugin_imports_nothing_heavy(tmp_path):
-    code = ("import sys\nfrom greylist.frontends.spp import main\nmain([])\n"
+    code = ("import sys\nfrom greylist.adapters.spp import main\nmain([])\n"
             "mods = sorted(sys.modules)\nimport json\nsys.stderr.write(json.dumps(mods))\n")
     env = dict(Spp(f"file://{tmp_path}/s").env, TCPREMOTEIP="192.0.2.1", SMTPMAILFROM="a@b", SMTPRCPTTO="c@d")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=20)
     modules = set(json.loads(result.stderr.decode().splitlines()[-1]))
     heavy = {"argparse", "logging", "re", "dataclasses", "typing", "socket", "enum", "sqlite3", "redis"}
-    assert "greylist.frontends.spp" in modules and not heavy & modules, heavy & modules
+    assert "greylist.adapters.spp" in modules and not heavy & modules, heavy & modules

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from greylist.smtp import MAX_LINE, Dialogue, LineReader
+from greylist.adapters.smtp import MAX_LINE, Dialogue, LineReader
 
 REFERENCE = [  # shared/reference/cqgreylist-behaviour.md
     (b"HELO client.example", "250 mx.test", False),

@@ -5,7 +5,7 @@ import ipaddress
 import pytest
 from hypothesis import given, strategies as st
 
-from greylist.keys import BadAddress, parse_ip
+from greylist.core.keys import BadAddress, parse_ip
 
 
 @given(st.ip_addresses())

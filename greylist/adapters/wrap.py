@@ -10,7 +10,7 @@ or speaks the tempfail dialogue itself and exits.
 
 It starts once per connection, so it imports only ``os``, ``time``, ``select``,
 ``_socket`` and the store it uses: no argparse, logging, re, dataclasses,
-redis or asyncio (test_pass_path_imports_nothing_heavy in tests/frontends/test_wrap.py
+redis or asyncio (test_pass_path_imports_nothing_heavy in tests/adapters/test_wrap.py
 enforces this for each store).
 """
 
@@ -21,8 +21,8 @@ import sys
 import time
 
 from greylist.config import ConfigError, load, split_flags
-from greylist.keys import BadAddress, parse_ip
-from greylist.policy import PASS, Verdict, whitelisted
+from greylist.core.keys import BadAddress, parse_ip
+from greylist.core.policy import PASS, Verdict, whitelisted
 
 EX_TEMPFAIL = 111  # qmail's "temporary failure" exit status
 
@@ -30,22 +30,22 @@ USAGE = "usage: greylist-wrap [--delay 60] [--store URL] [--on-error pass|tempfa
 
 
 def log(fields: dict[str, object]) -> None:
-    from greylist.frontends import decision
+    from greylist import service as decision
 
     decision.log("greylist-wrap", fields)
 
 
 def say(reply: str) -> None:
-    from greylist.frontends.decision import write
-    from greylist.smtp import encode
+    from greylist.service import write
+    from greylist.adapters.smtp import encode
 
     write(1, encode(reply))
 
 
 def refuse(host_setting: str, fields: dict[str, object]) -> int:
     """Log why we cannot decide and answer 421: the client keeps its mail and retries."""
-    from greylist.hostname import smtp_hostname
-    from greylist.smtp import unavailable
+    from greylist.adapters.hostname import smtp_hostname
+    from greylist.adapters.smtp import unavailable
 
     log(fields)
     say(unavailable(smtp_hostname(host_setting)))
@@ -73,8 +73,8 @@ def serve_tempfail(config, verdict: Verdict, rfd: int = 0, wfd: int = 1) -> None
     """Speak the greylisting dialogue until QUIT, EOF, the idle timeout or too many lines."""
     import select
 
-    from greylist.hostname import smtp_hostname
-    from greylist.smtp import MAX_COMMANDS, Dialogue, LineReader, encode
+    from greylist.adapters.hostname import smtp_hostname
+    from greylist.adapters.smtp import MAX_COMMANDS, Dialogue, LineReader, encode
 
     dialogue = Dialogue(
         smtp_hostname(config.hostname), config.message, config.enhanced, verdict.retry_in
@@ -120,7 +120,7 @@ def serve_tempfail(config, verdict: Verdict, rfd: int = 0, wfd: int = 1) -> None
 
 def decide_connection(config, environ) -> tuple[Verdict, dict[str, object]]:
     """The verdict for this connection and the fields of its log line."""
-    from greylist.frontends.decision import decide_client
+    from greylist.service import decide_client
 
     ip = parse_ip(environ.get("TCPREMOTEIP", ""))
     verdict, fields = decide_client(config, ip, environ.get("TCPREMOTEHOST", ""))

@@ -7,7 +7,7 @@ import datetime
 from freezegun import freeze_time
 from hypothesis import given, strategies as st
 
-from greylist.policy import (KNOWN, NEW, PASS, PASSED, TEMPFAIL, TOO_SOON, WRITE_CREATE,
+from greylist.core.policy import (KNOWN, NEW, PASS, PASSED, TEMPFAIL, TOO_SOON, WRITE_CREATE,
                              WRITE_NONE, WRITE_UPDATE, Policy, Record, decide, is_expired)
 
 times = st.floats(min_value=0, max_value=4e9, allow_nan=False)

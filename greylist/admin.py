@@ -14,9 +14,9 @@ import time
 from datetime import datetime, timezone
 
 from greylist.config import SETTINGS, ConfigError, add_setting_options, flags_of, load
-from greylist.expiry import expire
-from greylist.keys import BadAddress
-from greylist.policy import Policy, Record, decide, expires_at, is_expired
+from greylist.core.expiry import expire
+from greylist.core.keys import BadAddress
+from greylist.core.policy import Policy, Record, decide, expires_at, is_expired
 from greylist.stores import StoreError, open_store
 
 #: Upper bounds (seconds) and labels of the age histogram in ``greylist stats``.
@@ -213,7 +213,7 @@ def migrate_one(dst, key: str, record: Record, now: float, policy: Policy, dry_r
 
 
 def cmd_policyd(args: argparse.Namespace) -> int:
-    from greylist.frontends.policyd import serve
+    from greylist.adapters.policyd import serve
 
     config = config_from(args)
     try:

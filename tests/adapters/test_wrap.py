@@ -217,7 +217,7 @@ EXEC_PROBE = (
     "    mods = sorted(sys.modules)\n"
     "    import json; print(json.dumps(mods)); sys.stdout.flush(); os._exit(0)\n"
     "os.execvp = fake_exec\n"
-    "from greylist.frontends.wrap import main\n"
+    "from greylist.adapters.wrap import main\n"
     "main(['/bin/true'])\n"
 )
 
@@ -233,7 +233,7 @@ def modules_at_exec(env: dict[str, str]) -> tuple[set[str], dict[str, str]]:
 @pytest.mark.parametrize("kind", ["file", "sqlite", "redis"])
 def test_pass_path_imports_nothing_heavy(kind, wrapper, store_dir, tmp_path, request):
     """A fresh interpreter running the pass path: none of the slow modules load."""
-    from greylist.policy import Record
+    from greylist.core.policy import Record
     from greylist.stores import open_store
 
     url = {"file": f"file://{store_dir}", "sqlite": f"sqlite://{tmp_path}/g.db"}.get(kind)

@@ -1,6 +1,6 @@
 """One connection against one store: read, decide, write, settle races.
 
-This is the only place that turns a :func:`~greylist.policy.decide` result
+This is the only place that turns a :func:`~greylist.core.policy.decide` result
 into store operations. The wrapper, the other front ends and the simulator
 all call :func:`check`, so a change to the policy or the write protocol
 changes all of them at once.
@@ -13,7 +13,7 @@ Redis that is one round trip (``SET NX GET``) for every new client.
 
 from __future__ import annotations
 
-from greylist.policy import (PASS, WRITE_CREATE, WRITE_UPDATE, Policy, Verdict, count_pass, decide,
+from greylist.core.policy import (PASS, WRITE_CREATE, WRITE_UPDATE, Policy, Verdict, count_pass, decide,
                              decide_auto_whitelist, expires_at)
 from greylist.stores.base import Store
 

@@ -23,10 +23,10 @@ import sys
 import threading
 import time
 
-from greylist.frontends.decision import decide_client, log
-from greylist.keys import BadAddress, parse_ip
-from greylist.policy import PASSED, TEMPFAIL, Verdict
-from greylist.smtp import tempfail_text
+from greylist.service import decide_client, log
+from greylist.core.keys import BadAddress, parse_ip
+from greylist.core.policy import PASSED, TEMPFAIL, Verdict
+from greylist.adapters.smtp import tempfail_text
 
 MAX_LINE = 2048
 MAX_REQUEST = 32 * 1024
