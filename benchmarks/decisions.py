@@ -16,7 +16,7 @@ import time
 from greylist.core.check import check
 from greylist.core.policy import Policy
 from greylist.stores import open_store
-from simulator.cli import scratch_dir
+from simulator.runs import scratch_dir
 
 
 def rate(store_url: str, calls: int, lean: bool = True) -> float:

@@ -14,7 +14,7 @@ import time
 
 from greylist.core.policy import Policy
 from greylist.stores import open_store
-from simulator.cli import scratch_dir
+from simulator.runs import scratch_dir
 from simulator.scenario import load
 from simulator.simulation import RunOptions, simulate
 

@@ -18,6 +18,7 @@ from greylist.core.expiry import expire
 from greylist.core.keys import BadAddress
 from greylist.core.policy import Policy, Record, decide, expires_at, is_expired
 from greylist.stores import StoreError, open_store
+from greylist.stores.base import DISK_USAGE, PATHS, TEMP_FILES
 
 #: Upper bounds (seconds) and labels of the age histogram in ``greylist stats``.
 AGE_BUCKETS = (
@@ -56,9 +57,8 @@ def cmd_expire(args: argparse.Namespace) -> int:
     with open_store(config.store, lean=False) as store:
         counts = expire(store, now, policy, dry_run=args.dry_run, on_removed=say)
         counts["temp_files_removed"] = 0
-        stale = getattr(store, "stale_temp_files", None)
-        if stale is not None and not args.dry_run:
-            for path in list(stale(now - TEMP_FILE_GRACE)):
+        if TEMP_FILES in store.capabilities and not args.dry_run:
+            for path in list(store.stale_temp_files(now - TEMP_FILE_GRACE)):
                 try:
                     os.unlink(path)
                     counts["temp_files_removed"] += 1
@@ -103,9 +103,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     with open_store(config.store, lean=False) as store:
         record = store.get(key)
         info = describe(key, record, time.time(), config.policy)
-        path_of = getattr(store, "path_of", None)
-        if path_of is not None:
-            info["path"] = path_of(key)[1]
+        if PATHS in store.capabilities:
+            info["path"] = store.path_of(key)[1]
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -133,9 +132,8 @@ def gather_stats(store, now: float, policy: Policy) -> dict:
         totals["expired"] += is_expired(record, now, policy)
         hist[bucket_of(now - record.first_seen)][state] += 1
     stats: dict = {"store": store.url, **totals, "age_histogram": hist}
-    usage = getattr(store, "disk_usage", None)
-    if usage is not None:
-        stats["disk"] = usage()
+    if DISK_USAGE in store.capabilities:
+        stats["disk"] = store.disk_usage()
     return stats
 
 

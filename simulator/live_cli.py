@@ -16,7 +16,7 @@ from simulator.scenario import load as load_scenario, parse_rate
 def _scratch_store(url: str):
     """The store factory and the URL the wrappers get (file:// and sqlite:// without a
     path: scratch space, removed by the factory's cleanup)."""
-    from simulator.cli import StoreFactory
+    from simulator.runs import StoreFactory
 
     factory = StoreFactory(url)
     return factory, factory.url_for(0)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from greylist.core.expiry import expire
 from greylist.core.check import check
 from greylist.core.policy import PASS, Policy
-from greylist.stores.base import Store
+from greylist.stores.base import DISK_USAGE, Store
 from simulator.engine import Environment
 from simulator.metrics import ClassStats, Hour
 from simulator.scenario import Scenario, SenderClass
@@ -203,9 +203,8 @@ class SimulatedServer:
             self.env.timeout(self.expire_every, self._expire)
 
     def _sample_disk(self) -> None:
-        usage = getattr(self.store, "disk_usage", None)
-        if usage is not None:
-            self.disk_samples.append(usage())
+        if DISK_USAGE in self.store.capabilities:
+            self.disk_samples.append(self.store.disk_usage())
 
     def run(self) -> "SimulatedServer":
         """Process the window, then (with drain) the retries of mail still queued."""

@@ -1,19 +1,23 @@
-"""Stores, chosen by URL and imported only when chosen.
+"""Stores, chosen by URL from one registry and imported only when chosen.
 
 ``memory://`` keeps entries in a dict (tests, the simulator); ``file:///DIR``
 is the cqgreylist file tree (the default, ``file:///var/qmail/cqgreylist``);
 ``sqlite:///PATH`` one database file; ``redis://HOST:PORT/DB`` and
 ``redis+unix:///PATH.sock`` a Redis server shared by several MX hosts.
-The wrapper pays only for the store it uses: this module imports none of them.
+
+A new store is one module with a :class:`~greylist.stores.base.Store` subclass
+and one line in :data:`SCHEMES`; front ends, admin commands and the simulator
+find it here. The wrapper pays only for the store it uses: this module imports
+none of them.
 """
 
 from __future__ import annotations
 
+from greylist.core.values import Value
 from greylist.stores.base import Store, StoreError
 
-DEFAULT_URL = "file:///var/qmail/cqgreylist"
-
-_SCHEMES = {
+#: scheme -> (module, class). The one list of stores.
+SCHEMES = {
     "memory": ("greylist.stores.memory", "MemoryStore"),
     "file": ("greylist.stores.filetree", "FileStore"),
     "sqlite": ("greylist.stores.sqlite", "SqliteStore"),
@@ -22,22 +26,61 @@ _SCHEMES = {
 }
 
 
-def open_store(url: str, lean: bool = True) -> Store:
+class StoreURL(Value):
+    """A store URL parsed once: scheme, location (path or host part) and ``?name=value`` options."""
+
+    __slots__ = ("url", "scheme", "location", "options")
+
+    def __init__(self, url: str, scheme: str, location: str, options: dict) -> None:
+        self.url = url
+        self.scheme = scheme
+        self.location = location
+        self.options = options
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def with_location(self, location: str) -> str:
+        """The URL of the same kind of store, with the same options, somewhere else."""
+        query = "&".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.scheme}://{location}" + (f"?{query}" if query else "")
+
+
+def parse_url(url: str) -> StoreURL:
+    """Split a store URL; raise StoreError for an unknown scheme or option."""
+    scheme, sep, rest = url.partition("://") if isinstance(url, str) else ("", "", "")
+    if not sep or scheme not in SCHEMES:
+        known = ", ".join(f"{s}://" for s in SCHEMES)
+        raise StoreError(f"unknown store URL {url!r}: expected one of {known}")
+    location, _, query = rest.partition("?")
+    options: dict[str, str] = {}
+    for part in query.split("&") if query else ():
+        name, _, value = part.partition("=")
+        options[name] = value
+    parsed = StoreURL(url, scheme, location, options)
+    allowed = store_class(parsed).OPTIONS
+    for name in options:
+        if name not in allowed:
+            hint = ", ".join(allowed) if allowed else "none"
+            raise StoreError(f"{url}: unknown option {name!r} (options: {hint})")
+    return parsed
+
+
+def store_class(where: StoreURL) -> type[Store]:
+    """The class that implements a scheme, imported now."""
+    module_name, class_name = SCHEMES[where.scheme]
+    module = __import__(module_name, fromlist=[class_name])
+    return getattr(module, class_name)
+
+
+def open_store(url: str | StoreURL, lean: bool = True) -> Store:
     """Open the store a URL names; raise StoreError with a clear message otherwise.
 
     ``lean``: the per-connection wrapper's choice; with False a store may use
     a heavier client library that long-running commands prefer (redis-py).
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in _SCHEMES:
-        known = ", ".join(f"{s}://" for s in _SCHEMES)
-        raise StoreError(f"unknown store URL {url!r}: expected one of {known}")
-    module_name, class_name = _SCHEMES[scheme]
-    module = __import__(module_name, fromlist=[class_name])
-    cls = getattr(module, class_name)
-    if not lean and hasattr(cls, "from_url_full"):
-        return cls.from_url_full(url)
-    return cls.from_url(url)
+    where = url if isinstance(url, StoreURL) else parse_url(url)
+    return store_class(where).open(where, lean)
 
 
-__all__ = ["DEFAULT_URL", "Store", "StoreError", "open_store"]
+__all__ = ["SCHEMES", "Store", "StoreError", "StoreURL", "open_store", "parse_url", "store_class"]

@@ -26,6 +26,16 @@ class StoreError(Exception):
     """The store cannot be read or written (permissions, full disk, server down)."""
 
 
+#: Capabilities a store may declare.
+SCAN = "scan"              # scan(): every (key, record), for expire, stats and migrate
+COUNT = "count"            # size() is cheap (no full scan): the simulator samples it hourly
+DISK_USAGE = "disk_usage"  # disk_usage(): files, directories and bytes on disk
+TTL = "ttl"                # the store expires entries itself (the ttl argument is used)
+PATHS = "paths"            # path_of(key): where an entry lives, for `greylist show`
+TEMP_FILES = "temp_files"  # stale_temp_files(): leftovers of killed writers, for expire
+SHARED = "shared"          # a server other hosts may use: a simulation cleans up after itself
+
+
 class Store:
     """Interface and shared bookkeeping. Subclasses implement the five methods.
 
@@ -34,6 +44,47 @@ class Store:
     """
 
     url = ""
+    capabilities: frozenset = frozenset({SCAN})
+    #: ``?name=value`` options the store's URL accepts
+    OPTIONS: tuple = ()
+
+    @classmethod
+    def open(cls, where, lean: bool = True) -> "Store":
+        """The store at a parsed URL (:class:`~greylist.stores.StoreURL`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def scratch_url(cls, where, run: int, make_dir) -> str:
+        """The URL of an empty store for simulation run ``run``.
+
+        The default is the URL itself (a memory store is new at every open, a
+        shared server is checked empty and cleaned after each run); stores
+        that live in files put each run in its own place, and ``make_dir()``
+        gives scratch space when the URL names none.
+        """
+        return where.url
+
+    @classmethod
+    def in_use(cls, where) -> str | None:
+        """Why the place a URL names holds data already (a simulation must not mix
+        with real entries), or None. The default opens it and counts entries."""
+        store = cls.open(where, lean=False)
+        try:
+            return "it already holds greylist entries" if store.size() else None
+        finally:
+            store.close()
+
+    def disk_usage(self) -> dict[str, int]:
+        """Files, directories and bytes on disk (stores declaring DISK_USAGE)."""
+        raise NotImplementedError
+
+    def path_of(self, key: str) -> tuple[str, str]:
+        """(directory, file) of an entry (stores declaring PATHS)."""
+        raise NotImplementedError
+
+    def stale_temp_files(self, older_than: float):
+        """Paths of temporary files older than ``older_than`` (stores declaring TEMP_FILES)."""
+        return iter(())
 
     def __init__(self) -> None:
         self.ops: dict[str, int] = {}

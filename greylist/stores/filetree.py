@@ -29,7 +29,7 @@ import os
 
 from greylist.core.keys import BadAddress, packed_ip, parse_ip
 from greylist.core.policy import Record
-from greylist.stores.base import Store, StoreError
+from greylist.stores.base import COUNT, DISK_USAGE, PATHS, SCAN, TEMP_FILES, Store, StoreError
 
 _O_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 _O_CREATE_TMP = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
@@ -37,6 +37,8 @@ _O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
 
 class FileStore(Store):
+    capabilities = frozenset({SCAN, COUNT, DISK_USAGE, PATHS, TEMP_FILES})
+
     def __init__(self, base: str) -> None:
         super().__init__()
         if not base.startswith("/"):
@@ -45,8 +47,20 @@ class FileStore(Store):
         self.url = "file://" + self.base
 
     @classmethod
-    def from_url(cls, url: str) -> "FileStore":
-        return cls(url[len("file://"):])
+    def open(cls, where, lean: bool = True) -> "FileStore":
+        return cls(where.location)
+
+    @classmethod
+    def in_use(cls, where) -> str | None:
+        if where.location and os.path.isdir(where.location) and os.listdir(where.location):
+            return "the directory is not empty"
+        return None
+
+    @classmethod
+    def scratch_url(cls, where, run: int, make_dir) -> str:
+        if not where.location:
+            return f"file://{make_dir()}"
+        return f"{where.url.rstrip('/')}/run{run}" if run else where.url
 
     # -- paths -------------------------------------------------------------
     def path_of(self, key: str) -> tuple[str, str]:

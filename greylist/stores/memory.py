@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from greylist.core.policy import Record
-from greylist.stores.base import Store
+from greylist.stores.base import COUNT, SCAN, Store
 
 
 class MemoryStore(Store):
     url = "memory://"
+    capabilities = frozenset({SCAN, COUNT})
 
     def __init__(self) -> None:
         super().__init__()
         self.data: dict[str, Record] = {}
 
     @classmethod
-    def from_url(cls, url: str) -> "MemoryStore":
+    def open(cls, where, lean: bool = True) -> "MemoryStore":
         return cls()
 
     def get(self, key: str) -> Record | None:

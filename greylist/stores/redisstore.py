@@ -28,7 +28,7 @@ Both return the same raw replies, so :class:`RedisStore` has one code path.
 from __future__ import annotations
 
 from greylist.core.policy import Record
-from greylist.stores.base import Store, StoreError
+from greylist.stores.base import SCAN, SHARED, TTL, Store, StoreError
 
 DEFAULT_TIMEOUT = 0.1
 PREFIX = "greylist:"
@@ -52,7 +52,13 @@ class MovedError(Exception):
 class Address:
     """Where a Redis URL points; parsed by hand (urllib.parse would import re)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url) -> None:
+        from greylist.stores import parse_url
+
+        where = parse_url(url) if isinstance(url, str) else url
+        if where.scheme not in ("redis", "redis+unix"):
+            raise StoreError(f"not a Redis URL: {where.url!r}")
+        url, scheme, rest = where.url, where.scheme, where.location
         self.url = url
         self.timeout = DEFAULT_TIMEOUT
         self.db = 0
@@ -61,12 +67,7 @@ class Address:
         self.host = "127.0.0.1"
         self.port = 6379
         self.unix_path: str | None = None
-        scheme, sep, rest = url.partition("://")
-        if not sep or scheme not in ("redis", "redis+unix"):
-            raise StoreError(f"not a Redis URL: {url!r}")
-        rest, _, query = rest.partition("?")
-        for part in query.split("&") if query else ():
-            name, _, value = part.partition("=")
+        for name, value in where.options.items():
             try:
                 if name == "timeout":
                     self.timeout = float(value)
@@ -76,8 +77,6 @@ class Address:
                     self.db = int(value)
                 elif name == "password":
                     self.password = value
-                else:
-                    raise StoreError(f"{url}: unknown option {name!r} (timeout, db, password)")
             except ValueError:
                 raise StoreError(f"{url}: bad value for {name}: {value!r}") from None
         if scheme == "redis+unix":
@@ -350,11 +349,14 @@ def _ttl_ms(ttl: float | None) -> tuple:
 
 
 class RedisStore(Store):
+    capabilities = frozenset({SCAN, TTL, SHARED})
+    OPTIONS = ("timeout", "db", "password")
+
     def __init__(self, url: str, lean: bool = True) -> None:
         super().__init__()
         self.nx_get: bool | None = None  # does the server accept SET NX GET (Redis >= 7)?
         address = Address(url)
-        self.url = url.partition("?")[0]
+        self.url = address.url.partition("?")[0]
         if lean:
             self.conn = RespConnection(address)
         else:
@@ -364,12 +366,8 @@ class RedisStore(Store):
                 self.conn = RespConnection(address)
 
     @classmethod
-    def from_url(cls, url: str) -> "RedisStore":
-        return cls(url)
-
-    @classmethod
-    def from_url_full(cls, url: str) -> "RedisStore":
-        return cls(url, lean=False)
+    def open(cls, where, lean: bool = True) -> "RedisStore":
+        return cls(where, lean)
 
     def _do(self, *args: object):
         self.count("command")

@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - a Python without the C module's privat
     import sqlite3 as sqlite
 
 from greylist.core.policy import Record
-from greylist.stores.base import Store, StoreError
+from greylist.stores.base import COUNT, DISK_USAGE, SCAN, Store, StoreError
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS greylist (
     key TEXT PRIMARY KEY,
@@ -44,6 +44,9 @@ class _Transaction:
 
 
 class SqliteStore(Store):
+    capabilities = frozenset({SCAN, COUNT, DISK_USAGE})
+    OPTIONS = ("timeout",)
+
     def __init__(self, path: str, timeout: float = 2.0, lean: bool = True) -> None:
         super().__init__()
         if not path.startswith("/"):
@@ -86,25 +89,31 @@ class SqliteStore(Store):
         raise StoreError(f"{self.path}: the database stayed locked while being set up")
 
     @classmethod
-    def from_url_full(cls, url: str) -> "SqliteStore":
-        store = cls.from_url(url)
-        store.lean = False
-        return store
+    def open(cls, where, lean: bool = True) -> "SqliteStore":
+        timeout = 2.0
+        if "timeout" in where.options:
+            try:
+                timeout = float(where.options["timeout"])
+            except ValueError:
+                timeout = -1.0
+            if not 0 <= timeout <= 60:
+                raise StoreError(f"{where.url}: timeout must be a number of seconds (0 to 60)")
+        return cls(where.location, timeout, lean)
 
     @classmethod
-    def from_url(cls, url: str) -> "SqliteStore":
-        rest = url[len("sqlite://"):]
-        path, _, query = rest.partition("?")
-        timeout = 2.0
-        for part in query.split("&") if query else ():
-            name, _, value = part.partition("=")
-            if name != "timeout":
-                raise StoreError(f"{url}: unknown option {name!r} (only timeout=SECONDS)")
-            try:
-                timeout = float(value)
-            except ValueError:
-                raise StoreError(f"{url}: timeout must be a number of seconds") from None
-        return cls(path, timeout)
+    def in_use(cls, where) -> str | None:
+        import os
+
+        try:
+            return "the database exists" if os.stat(where.location).st_size else None
+        except OSError:
+            return None
+
+    @classmethod
+    def scratch_url(cls, where, run: int, make_dir) -> str:
+        if not where.location:
+            return where.with_location(f"{make_dir()}/greylist.db")
+        return where.with_location(f"{where.location}.run{run}") if run else where.url
 
     def _execute(self, sql: str, args: tuple = ()):
         self.count("query")

@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from greylist.config import ConfigError, parse_duration
 from simulator import report as reports
 from simulator.errors import SimulateError
 from simulator.replay.formats import FORMATS, LogError, parse
@@ -15,7 +14,7 @@ from simulator.scenario import load as load_scenario, parse_rate
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from simulator.cli import add_common
+    from simulator.runs import add_common
 
     parser = argparse.ArgumentParser(
         prog="simulate replay",
@@ -39,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_replay(argv: list[str]) -> int:
-    from simulator.cli import StoreFactory, emit, parse_compare, policies_for, whitelist_of
+    from simulator.runs import StoreFactory, emit, parse_compare, policies_for, whitelist_of
 
     args = build_parser().parse_args(argv)
     try:
