@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import time
 
-from greylist.core.policy import Policy
+from greylist.config import Config
 from greylist.stores import open_store
 from simulator.runs import scratch_dir
 from simulator.scenario import load
@@ -27,7 +27,7 @@ def one(store_url: str, hours: float) -> dict:
     try:
         store = open_store(store_url)
         started = time.perf_counter()
-        server = simulate(load(), Policy(), store, RunOptions(duration=hours * 3600, seed=7))
+        server = simulate(load(), Config(), store, RunOptions(duration=hours * 3600, seed=7))
         wall = time.perf_counter() - started
     finally:
         if temp:

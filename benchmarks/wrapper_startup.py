@@ -22,14 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from simulator.commands import command
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def wrapper() -> list[str]:
-    installed = Path(sys.executable).parent / "greylist-wrap"
-    if installed.exists():
-        return [str(installed)]
-    return [sys.executable, str(ROOT / "bin" / "greylist-wrap")]
+    return command("greylist-wrap")
 
 
 def timed(cmd: list[str], env: dict[str, str], stdin: bytes) -> float:

@@ -60,6 +60,13 @@ def parse_text(text: str) -> str:
     return text
 
 
+def parse_mode(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("enforce", "shadow"):
+        raise ConfigError(f"mode must be 'enforce' or 'shadow', not {text!r}")
+    return value
+
+
 def parse_key(text: str) -> str:
     from greylist.core.keys import KEY_MODES
 
@@ -104,6 +111,9 @@ SETTINGS = (
     ("store", "--store", "GREYLIST_STORE", parse_store, "file:///var/qmail/cqgreylist",
      "where entries live: file:///DIR (cqgreylist tree), sqlite:///PATH, redis://HOST:PORT/DB, "
      "redis+unix:///PATH.sock or memory://"),
+    ("mode", "--mode", "GREYLIST_MODE", parse_mode, "enforce",
+     "enforce, or shadow: decide and record as usual but let every client through, logging "
+     "the verdict enforcing would have given (shadow=tempfail|pass)"),
     ("on_error", "--on-error", "GREYLIST_ON_ERROR", parse_on_error, "pass",
      "when the store fails: pass (fail open, default) or tempfail (fail closed)"),
     ("hostname", "--hostname", "GREYLIST_HOSTNAME", parse_text, "",
@@ -157,22 +167,33 @@ class Config(Value):
 def load(flags: dict[str, str] | None = None, environ: dict[str, str] | None = None) -> Config:
     """Defaults, overridden by flags (text, keyed by setting name), overridden by environment."""
     flags = flags or {}
-    environ = environ or {}
     values: dict[str, object] = {}
-    for name, flag, env, parser, _default, _help in SETTINGS:
-        for source, raw in ((flag, flags.get(name)), (env, environ.get(env))):
-            if raw is None:
-                continue
+    for name, flag, _env, parser, _default, _help in SETTINGS:
+        raw = flags.get(name)
+        if raw is not None:
             try:
                 values[name] = parser(raw) if isinstance(raw, str) else raw
             except ConfigError as exc:
-                raise ConfigError(f"{source}: {exc}") from None
-    config = Config(**values)
+                raise ConfigError(f"{flag}: {exc}") from None
+    return override(Config(**values), environ or {})
+
+
+def override(config: Config, environ: dict[str, str]) -> Config:
+    """A configuration with per-client variables (tcprules') on top of ``config``."""
+    values = {name: getattr(config, name) for name in Config.__slots__}
+    for name, _flag, env, parser, _default, _help in SETTINGS:
+        raw = environ.get(env)
+        if raw is not None:
+            try:
+                values[name] = parser(raw)
+            except ConfigError as exc:
+                raise ConfigError(f"{env}: {exc}") from None
+    result = Config(**values)
     try:
-        config.policy
+        result.policy
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return config
+    return result
 
 
 def add_setting_options(parser, names: tuple[str, ...]) -> None:

@@ -1,9 +1,17 @@
-"""One client's verdict for any front end: whitelists, key, store, failures.
+"""The greylisting service: the one place that assembles a decision.
 
-The wrapper (client only), the qmail-spp plugin and the Postfix policy server
-(client, sender and recipient) all come here, so a whitelist, a key mode or a
-store failure behaves the same behind every front end. Kept light: the
-wrapper and the plugin import it once per SMTP connection or recipient.
+Every protocol adapter (the UCSPI wrapper, the qmail-spp plugin, the Postfix
+policy server) and the simulator hand a :class:`Connection` to
+:meth:`Greylister.decide` and get an :class:`Outcome` back. In between, in
+this order: tcprules' RELAYCLIENT / WHITELISTED, the client and recipient
+whitelists, the key, the store (:func:`~greylist.core.check.check`), what
+happens when the store fails (``on_error``), shadow mode, and the fields of
+the one log line. A feature added here exists behind every front end and in
+simulation alike, because there is no other copy of this pipeline.
+
+Time comes from the injected ``clock`` (``time.time`` in production, the
+virtual clock in the simulator). Kept light: the wrapper and the plugin
+import it once per SMTP connection.
 """
 
 from __future__ import annotations
@@ -11,76 +19,256 @@ from __future__ import annotations
 import os
 import time
 
-from greylist.core.policy import PASS, TEMPFAIL, Verdict, whitelisted
+from greylist.core.check import check
+from greylist.core.policy import PASS, TEMPFAIL, Verdict
+from greylist.core.values import Value
 
-def decide_client(config, ip: str, host: str = "", sender: str | None = None,
-                  recipient: str | None = None, store=None) -> tuple[Verdict, dict[str, object]]:
-    """The verdict and the log fields for a client (already a canonical address).
+#: Reasons the service adds to the policy's own (new, too-soon, passed, known, auto-whitelisted).
+RELAYCLIENT = "relayclient"
+WHITELISTED = "whitelisted"
+WHITELISTED_RECIPIENT = "whitelisted-recipient"
+STORE_ERROR = "store-error"
+INTERNAL_ERROR = "internal-error"
 
-    ``store``: an open store to use (policyd keeps one); otherwise one is
-    opened from config.store and closed again. Store failures follow
-    config.on_error; a whitelist that cannot be read is logged and skipped
-    (greylisting still applies, nothing is lost).
+ENFORCE = "enforce"
+SHADOW = "shadow"
+
+
+class Connection(Value):
+    """What a front end knows about a client, translated from its protocol.
+
+    ip: the canonical client address (:func:`~greylist.core.keys.parse_ip`).
+    host: the client's host name ("" when unknown).
+    sender, recipient: the envelope, where the protocol shows it (None otherwise).
+    relay, whitelisted: tcprules set RELAYCLIENT or WHITELISTED for this client.
+    settings: per-client GREYLIST_* variables not yet in the service's
+        configuration (a front end that serves many clients, with tcprules);
+        they beat the run script's flags.
     """
-    fields: dict[str, object] = {}
-    started = time.perf_counter()
-    try:
-        verdict = _whitelisted(config, ip, host, recipient, fields)
-        if verdict is None:
-            keying = config.keying
-            client = keying.client(ip)
-            key = keying.key_for(client, sender, recipient)
-            if key != ip:
-                fields["key"] = key
-            verdict = _check(config, key, client if keying.needs_envelope else None, store)
-    except Exception as exc:  # a failing store (or a bug of ours) must not lose mail
+
+    __slots__ = ("ip", "host", "sender", "recipient", "relay", "whitelisted", "settings")
+
+    def __init__(self, ip: str, host: str = "", sender: str | None = None,
+                 recipient: str | None = None, relay: bool = False, whitelisted: bool = False,
+                 settings: dict[str, str] | None = None) -> None:
+        self.ip = ip
+        self.host = host
+        self.sender = sender
+        self.recipient = recipient
+        self.relay = relay
+        self.whitelisted = whitelisted
+        self.settings = settings
+
+    @classmethod
+    def from_environ(cls, ip: str, environ, sender: str | None = None,
+                     recipient: str | None = None) -> "Connection":
+        """A connection as tcpserver (and qmail-spp) describe it in the environment."""
+        return cls(ip, environ.get("TCPREMOTEHOST", ""), sender, recipient,
+                   "RELAYCLIENT" in environ, "WHITELISTED" in environ)
+
+
+class Outcome:
+    """The answer for one connection: what to do, what enforcing would have done, the log line.
+
+    verdict: what the front end must do (always a pass in shadow mode).
+    shadow: in shadow mode, the verdict enforcing would have given; else None.
+    config: the settings that applied (per client), for the reply's text.
+    """
+
+    __slots__ = ("verdict", "shadow", "config", "connection", "key", "extra", "decision_ms")
+
+    def __init__(self, verdict: Verdict, shadow: Verdict | None, config, connection: Connection,
+                 key: str | None, extra: dict[str, object], decision_ms: float) -> None:
+        self.verdict = verdict
+        self.shadow = shadow
+        self.config = config
+        self.connection = connection
+        self.key = key
+        self.extra = extra
+        self.decision_ms = decision_ms
+
+    @property
+    def enforced(self) -> Verdict:
+        """The verdict greylisting reached, whether or not it was enforced."""
+        return self.shadow if self.shadow is not None else self.verdict
+
+    def fields(self) -> dict[str, object]:
+        """The fields of the connection's one log line, in a fixed order (built on demand:
+        the simulator decides hundreds of thousands of times and logs none)."""
+        conn, decided = self.connection, self.enforced
+        fields: dict[str, object] = {"ip": conn.ip}
+        if conn.sender is not None or conn.recipient is not None:
+            fields["from"] = conn.sender or "<>"
+            fields["to"] = conn.recipient or ""
+        fields["verdict"] = self.verdict.action
+        if self.shadow is not None:
+            fields["shadow"] = self.shadow.action
+        fields["reason"] = decided.reason
+        fields["age"] = decided.age
+        if decided.action == TEMPFAIL:
+            fields["retry_in"] = decided.retry_in
+        if self.key is not None and self.key != conn.ip:
+            fields["key"] = self.key
+        fields.update(self.extra)
+        fields["decision_ms"] = self.decision_ms
+        return fields
+
+
+class Greylister:
+    """The greylisting service for one configuration.
+
+    ``store``: an open store to use; otherwise one is opened from
+    ``config.store`` when first needed and kept (``keep_store=False``: closed
+    after each decision). A store that fails is closed and opened again at
+    the next decision. ``clock``: seconds since the epoch, injected.
+    """
+
+    def __init__(self, config, store=None, clock=time.time, keep_store: bool = True) -> None:
+        self.config = config
+        self.clock = clock
+        self.keep_store = keep_store
+        self._store = store
+        self._own_store = store is None
+        self._base = _prepared(config)  # policy and keying built and checked once, not per decision
+        self._whitelists: dict[tuple[str, str], object] = {}
+        self._configs: dict[tuple, object] = {}
+
+    # -- the pipeline ---------------------------------------------------------
+    def decide(self, conn: Connection) -> Outcome:
+        """The outcome for one connection (or one recipient of it). Never raises for a
+        store failure (that follows on_error); raises ConfigError for per-client
+        settings that cannot be used."""
+        started = time.perf_counter()
+        config, policy, keying, by_ip, envelope = self._config_for(conn.settings) if conn.settings \
+            else self._base
+        extra: dict[str, object] = {}
+        key = None
+        try:
+            verdict = None
+            if conn.relay or conn.whitelisted or config.whitelist or config.whitelist_recipients:
+                verdict = self._listed(config, conn, extra)
+            if verdict is None:
+                # Connection.ip is canonical already: only networks need work
+                client = conn.ip if by_ip else keying.client(conn.ip)
+                if envelope:
+                    key = keying.key_for(client, conn.sender, conn.recipient)
+                    verdict = self._check(config, policy, key, client)
+                else:
+                    key = client
+                    verdict = self._check(config, policy, key, None)
+        except Exception as exc:  # a failing store, or a bug of ours: never lose mail
+            verdict = self._failed(config, exc, extra)
+        shadow = None
+        if config.mode == SHADOW:
+            shadow = verdict
+            verdict = Verdict(PASS, verdict.reason, verdict.age)
+        return Outcome(verdict, shadow, config, conn, key, extra,
+                       (time.perf_counter() - started) * 1000.0)
+
+    def _listed(self, config, conn: Connection, extra: dict) -> Verdict | None:
+        """The verdict for a client that skips greylisting, else None."""
+        if conn.relay:
+            return Verdict(PASS, RELAYCLIENT)
+        if conn.whitelisted:
+            return Verdict(PASS, WHITELISTED)
+        if config.whitelist:
+            listed = self._whitelist("clients", config.whitelist, extra)
+            if listed is not None and listed.matches(conn.ip, conn.host):
+                return Verdict(PASS, WHITELISTED)
+        if conn.recipient is not None and config.whitelist_recipients:
+            listed = self._whitelist("recipients", config.whitelist_recipients, extra)
+            if listed is not None and listed.matches(conn.recipient):
+                return Verdict(PASS, WHITELISTED_RECIPIENT)
+        return None
+
+    def _whitelist(self, kind: str, path: str, extra: dict):
+        """A compiled whitelist, loaded once until :meth:`reload`; one that cannot be
+        read is logged and skipped (greylisting still applies, nothing is lost)."""
+        cached = self._whitelists.get((kind, path))
+        if cached is not None:
+            return cached
+        from greylist.whitelist import WhitelistError, load_clients, load_recipients
+
+        try:
+            listed = load_clients(path) if kind == "clients" else load_recipients(path)
+        except WhitelistError as exc:
+            extra["whitelist_error"] = str(exc)
+            return None
+        self._whitelists[(kind, path)] = listed
+        return listed
+
+    def _check(self, config, policy, key: str, client: str | None) -> Verdict:
+        store = self._store
+        if store is None:
+            from greylist.stores import open_store
+
+            store = self._store = open_store(config.store)
+        try:
+            return check(store, key, self.clock(), policy, client)
+        finally:
+            if not self.keep_store and self._own_store:
+                self.close()
+
+    def _failed(self, config, exc: Exception, extra: dict) -> Verdict:
+        """A store failure follows on_error; anything else is our bug: logged as one and
+        answered with a tempfail (the client keeps the mail), never a silent pass."""
         from greylist.stores.base import StoreError
 
-        if not isinstance(exc, (StoreError, OSError)):
-            exc = f"internal error {type(exc).__name__}: {exc}"
-        action = TEMPFAIL if config.on_error == "tempfail" else PASS
-        verdict = Verdict(action, "store-error", 0.0, config.delay)
-        fields["error"] = str(exc)
-        fields["on_error"] = config.on_error
-    fields["decision_ms"] = (time.perf_counter() - started) * 1000.0
-    return verdict, fields
+        if isinstance(exc, (StoreError, OSError)):
+            if self._own_store:
+                self.close()  # opened again at the next decision
+            extra["error"] = str(exc)
+            extra["on_error"] = config.on_error
+            action = TEMPFAIL if config.on_error == "tempfail" else PASS
+            return Verdict(action, STORE_ERROR, 0.0, config.delay)
+        extra["error"] = f"internal error {type(exc).__name__}: {exc}"
+        return Verdict(TEMPFAIL, INTERNAL_ERROR, 0.0, config.delay)
+
+    def _config_for(self, settings: dict[str, str]) -> tuple:
+        """(config, policy, keying) with a client's tcprules variables on top (cached per set)."""
+        items = tuple(sorted((k, v) for k, v in settings.items() if k.startswith("GREYLIST_")))
+        if not items:
+            return self._base
+        entry = self._configs.get(items)
+        if entry is None:
+            from greylist.config import override
+
+            if len(self._configs) > 1000:
+                self._configs.clear()
+            entry = self._configs[items] = _prepared(override(self.config, dict(items)))
+        return entry
+
+    # -- lifetime ---------------------------------------------------------------
+    def reload(self) -> None:
+        """Read whitelists again and reopen the store at the next decision (SIGHUP)."""
+        self._whitelists.clear()
+        self._configs.clear()
+        if self._own_store:
+            self.close()
+
+    def close(self) -> None:
+        store, self._store = self._store, None
+        if store is not None and self._own_store:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+                pass
+
+    def __enter__(self) -> "Greylister":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _whitelisted(config, ip: str, host: str, recipient: str | None,
-                 fields: dict[str, object]) -> Verdict | None:
-    """The verdict for a whitelisted client or recipient, else None (errors go into fields)."""
-    if not config.whitelist and not (recipient is not None and config.whitelist_recipients):
-        return None
-    from greylist.whitelist import WhitelistError, load_clients, load_recipients
-
-    if config.whitelist:
-        try:
-            if load_clients(config.whitelist).matches(ip, host):
-                return whitelisted()
-        except WhitelistError as exc:  # skipped; the recipient list still counts
-            fields["whitelist_error"] = str(exc)
-    if recipient is not None and config.whitelist_recipients:
-        try:
-            if load_recipients(config.whitelist_recipients).matches(recipient):
-                return Verdict(PASS, "whitelisted-recipient")
-        except WhitelistError as exc:
-            fields["whitelist_error"] = str(exc)
-    return None
+def _prepared(config) -> tuple:
+    """What a decision needs of a configuration, computed once: (config, policy, keying,
+    keyed on the address alone, keyed on the envelope)."""
+    keying = config.keying
+    return config, config.policy, keying, keying.mode == "ip", keying.needs_envelope
 
 
-def _check(config, key: str, client: str | None, store) -> Verdict:
-    from greylist.core.check import check
-
-    if store is not None:
-        return check(store, key, time.time(), config.policy, client)
-    from greylist.stores import open_store
-
-    opened = open_store(config.store)
-    try:
-        return check(opened, key, time.time(), config.policy, client)
-    finally:
-        opened.close()
-
+# -- writing log lines: one per connection, on stderr -----------------------
 
 def log(program: str, fields: dict[str, object]) -> None:
     """One key=value line on stderr (tcpserver's or qmail-spp's log); a closed stderr loses nothing else."""
@@ -103,8 +291,18 @@ def log_line(program: str, fields: dict[str, object]) -> bytes:
             text = f"{value:.3f}".rstrip("0").rstrip(".") if value else "0"
         else:
             text = str(value)
-        if not text or any(c in text for c in ' "=\\') or not text.isprintable():
-            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').encode(
-                "ascii", "backslashreplace").decode("ascii") + '"'
+        if not text or any(c in text for c in ' "=\\') or not text.isascii() or not text.isprintable():
+            text = '"' + "".join(_escape(c) for c in text) + '"'
         parts.append(f"{key}={text}")
     return (" ".join(parts) + "\n").encode("ascii", "backslashreplace")
+
+
+def _escape(c: str) -> str:
+    """A character of a quoted log value: controls and non-ASCII as escapes, so a value
+    (a sender's address, say) can never start a line of its own."""
+    if c == "\\" or c == '"':
+        return "\\" + c
+    if " " <= c <= "~":
+        return c
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else (f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")

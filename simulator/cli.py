@@ -17,7 +17,7 @@ from greylist.config import ConfigError, parse_duration
 from greylist.stores import StoreError
 from simulator import report as reports
 from simulator.errors import SimulateError
-from simulator.runs import Progress, StoreFactory, add_common, emit, parse_compare, policies_for, whitelist_of
+from simulator.runs import Progress, StoreFactory, add_common, emit, parse_compare, policies_for, check_whitelist
 from simulator.scenario import ScenarioError, load as load_scenario, parse_rate
 from simulator.simulation import RunOptions, simulate
 
@@ -65,8 +65,8 @@ def run_synthetic(args: argparse.Namespace) -> int:
             progress = Progress(sys.stderr.isatty() and not args.quiet and expected > 100_000,
                                 f"{label.get('compare', '')} ")
             with factory.open(i) as store:
-                server = simulate(scenario, config.policy, store, options, progress=progress,
-                                  keying=config.keying, whitelist=whitelist_of(config))
+                check_whitelist(config)  # an unreadable whitelist stops the plan before it runs
+                server = simulate(scenario, config, store, options, progress=progress)
                 progress.close()
                 run = {"scenario": scenario.source.rsplit("/", 1)[-1],
                        "rate_per_day": round((rate or scenario.rate) * 86400, 3), "seed": args.seed}

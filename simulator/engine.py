@@ -30,9 +30,9 @@ class Environment:
         """Run ``action(*args)`` ``delay`` seconds from now."""
         self.schedule(self.now + delay, action, *args)
 
-    def peek(self) -> float:
-        """Time of the next event, or infinity when none is left."""
-        return self._queue[0][0] if self._queue else float("inf")
+    def clock(self) -> float:
+        """The virtual time: the clock the greylisting service is given in a simulation."""
+        return self.now
 
     def run(self, until: float | None = None) -> None:
         """Process events in time order up to and including ``until`` (or until none are left)."""

@@ -22,19 +22,17 @@ import os
 import random
 import selectors
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from greylist.core.policy import Record
 from greylist.stores import open_store
 from simulator.metrics import percentile
 from simulator.scenario import Scenario
+from simulator.commands import STANDIN_SMTPD, command
 from simulator.simulation import Population
 
-STANDIN = Path(__file__).resolve().parent / "standin-smtpd.sh"
 CLIENT_SCRIPT = b"HELO live.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nQUIT\r\n"
 MAX_RATE = 2000.0
 MAX_DURATION = 600.0
@@ -42,10 +40,7 @@ MAX_CONNECTIONS = 100_000  # processes one run may start
 
 
 def wrapper_command() -> list[str]:
-    installed = Path(sys.executable).parent / "greylist-wrap"
-    if installed.exists():
-        return [str(installed)]
-    return [sys.executable, str(Path(__file__).resolve().parent.parent / "bin" / "greylist-wrap")]
+    return command("greylist-wrap")
 
 
 @dataclass
@@ -152,7 +147,7 @@ def run_live(options: LiveOptions, scenario: Scenario) -> LiveResult:
         if t >= options.duration:
             break
         arrivals.append(t)
-    command = wrapper_command() + ["/bin/sh", str(STANDIN)]
+    argv = wrapper_command() + STANDIN_SMTPD
     base_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PROTO": "TCP",
                 "TCPLOCALIP": "127.0.0.1", "TCPLOCALPORT": "25", "TCPLOCALHOST": "live.test",
                 "GREYLIST_STORE": options.store, "GREYLIST_DELAY": str(options.delay),
@@ -176,7 +171,7 @@ def run_live(options: LiveOptions, scenario: Scenario) -> LiveResult:
                 env = dict(base_env, TCPREMOTEIP=ip, TCPREMOTEPORT=str(rng.randrange(1024, 65536)))
                 began = time.monotonic()
                 try:
-                    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             stderr=log, env=env, close_fds=True)
                 except OSError:
                     result.error("spawn failed")

@@ -40,7 +40,7 @@ class ClassStats:
     """Counters of one sender class."""
 
     __slots__ = ("name", "kind", "messages", "connections", "tempfails", "delivered",
-                 "delayed", "given_up", "in_flight", "delays", "attempts_to_pass")
+                 "delayed", "given_up", "in_flight", "delays")
 
     def __init__(self, name: str, kind: str) -> None:
         self.name = name
@@ -53,7 +53,6 @@ class ClassStats:
         self.given_up = 0  # legit: bounced (lost); spam: stopped
         self.in_flight = 0  # still queued when the run ended
         self.delays: list[float] = []  # seconds from first attempt to delivery, delayed ones
-        self.attempts_to_pass = 0
 
     def summary(self) -> dict:
         delays = sorted(self.delays)

@@ -80,7 +80,7 @@ def build(sim: SimulatedServer, run: dict, label: dict | None = None) -> dict:
             "duration_hours": round(sim.duration / HOUR, 3),
             "drain": sim.drain,
             "policy": {"delay": policy.delay, "retry_window": policy.retry_window,
-                       "max_age": policy.max_age, "key": sim.keying.mode if sim.keying else "ip",
+                       "max_age": policy.max_age, "key": sim.keying.mode,
                        "auto_whitelist": policy.auto_whitelist},
             **(label or {}),
         },
@@ -166,6 +166,10 @@ def tables(report: dict) -> str:
                    ["wall time", f"{t['wall_seconds']:.2f} s ({t['connections_per_wall_second']:,} connections/s)"]]
     out.append(tabulate(store_rows, headers=["store and speed", ""], tablefmt="simple"))
     out.append("")
+    if run.get("shadow_log"):
+        from simulator.replay.shadow import table
+
+        out.append(table(run["shadow_log"]))
     timeline = report["timeline"]
     if timeline:
         step = 1 if len(timeline) <= 48 else 24

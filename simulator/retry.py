@@ -3,8 +3,8 @@
 Each model returns the times (seconds after the first, failed, attempt) at
 which a sender tries again, up to its queue lifetime; after the last one it
 gives up and the message bounces. The numbers come from the MTAs' sources and
-documentation, collected with their sources in
-shared/reference/traffic-facts.md and repeated in the scenario file.
+documentation, cited beside each number in the scenario file
+(simulator/scenarios/default.toml).
 
 A schedule is computed once per sender class; a per-message ``phase`` (a
 random wait for the next queue run) is added to every retry by the workload.

@@ -147,7 +147,7 @@ def policies_for(args: argparse.Namespace) -> list[tuple[dict, object]]:
     return runs
 
 
-def whitelist_of(config):
+def check_whitelist(config):
     """The compiled client whitelist a run uses, or None."""
     if not config.whitelist:
         return None
@@ -183,6 +183,10 @@ def emit(args: argparse.Namespace, results: list[dict], compare) -> None:
     if not args.quiet:
         if compare:
             print(reports.compare_table(compare[0], compare[1], results), end="")
+            if results[0]["run"].get("shadow_log"):  # the live log's figures, the same for every run
+                from simulator.replay.shadow import table
+
+                print("\n" + table(results[0]["run"]["shadow_log"]), end="")
         else:
             print(reports.tables(results[0]), end="")
     if args.json:

@@ -66,6 +66,7 @@ class SenderClass:
     regulars: int = 0
     pool: int = 1  # addresses a message may (re)try from; >1 = a provider farm
     pool_networks: int = 1  # /24 networks the pool spans
+    host_domain: str = ""  # a farm's hosts are named mail-N.<host_domain> (verified names), or nameless
 
     @property
     def legit(self) -> bool:
@@ -108,6 +109,13 @@ def _number(table: dict, key: str, where: str, default: float | None = None,
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
         raise ScenarioError(f"{where}: {key} must be a number in [{lo:g}, {hi:g}], not {value!r}")
     return float(value)
+
+
+def _host_domain(value: object, where: str) -> str:
+    text = str(value).strip().lower().strip(".")
+    if not all(c.isalnum() or c in ".-" for c in text) or len(text) > 200:
+        raise ScenarioError(f"{where}: host_domain must be a domain name such as google.com, not {value!r}")
+    return text
 
 
 def from_dict(data: dict, source: str = "") -> Scenario:
@@ -153,6 +161,7 @@ def from_dict(data: dict, source: str = "") -> Scenario:
             regulars=int(_number(table, "regulars", where, 0, 0, 1e7)),
             pool=int(_number(table, "pool", where, 1, 1, 65536)),
             pool_networks=int(_number(table, "pool_networks", where, 1, 1, 256)),
+            host_domain=_host_domain(table.get("host_domain", ""), where),
         ))
     for kind in ("legit", "spam"):
         classes = scenario.of_kind(kind)

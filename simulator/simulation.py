@@ -1,9 +1,10 @@
 """A simulated server: traffic in, decisions from the real core, measurements out.
 
-Every connection goes through :func:`greylist.core.check.check` with the store
-the user chose and the policy under test, at the virtual time of the event
-loop; nothing here decides anything itself. A change to the policy or to a
-store changes the simulation by itself.
+Every connection goes through the production service
+(:class:`greylist.service.Greylister`: whitelists, key, store, failures, shadow
+mode) with the store the user chose and the settings under test, at the
+virtual time of the event loop; nothing here decides anything itself. A
+change to the policy, the service or a store changes the simulation by itself.
 
 :class:`SimulatedServer` is what the traffic talks to (clock, store, policy,
 counters, the hourly timeline, the expire cron job). The traffic is either
@@ -27,8 +28,8 @@ import time
 from dataclasses import dataclass
 
 from greylist.core.expiry import expire
-from greylist.core.check import check
-from greylist.core.policy import PASS, Policy
+from greylist.core.policy import PASS
+from greylist.service import Connection, Greylister
 from greylist.stores.base import DISK_USAGE, Store
 from simulator.engine import Environment
 from simulator.metrics import ClassStats, Hour
@@ -64,11 +65,12 @@ class Message:
     waiting: for replay, the next logged connection of this client takes over.
     """
 
-    __slots__ = ("first", "stats", "kind", "ip", "attempt", "phase", "tag", "pool",
+    __slots__ = ("first", "stats", "kind", "ip", "attempt", "phase", "tag", "pool", "hosts",
                  "offsets", "lifetime", "sender", "recipient")
 
     def __init__(self, first: float, stats: ClassStats, ip: str | None, offsets: list[float],
-                 lifetime: float, phase: float = 0.0, tag: int = 0, pool: list[str] | None = None):
+                 lifetime: float, phase: float = 0.0, tag: int = 0, pool: list[str] | None = None,
+                 hosts: dict[str, str] | None = None):
         self.first = first
         self.stats = stats
         self.kind = stats.kind
@@ -77,26 +79,29 @@ class Message:
         self.phase = phase
         self.tag = tag
         self.pool = pool
+        self.hosts = hosts
         self.offsets = offsets
         self.lifetime = lifetime
-        self.sender = ""
-        self.recipient = ""
+        self.sender: str | None = None
+        self.recipient: str | None = None
 
 
 class SimulatedServer:
-    """The clock, the store and the policy under test, and everything measured."""
+    """The clock, the store and the settings under test, and everything measured.
 
-    def __init__(self, policy: Policy, store: Store, start: float, duration: float,
-                 drain: bool = True, expire_every: float = DAY, progress=None,
-                 keying=None, whitelist=None) -> None:
-        self.policy = policy
-        # ip keys are the addresses themselves (already canonical): no keying work per connection
-        self.keying = keying if keying is not None and keying.mode != "ip" else None
-        self.envelope = keying is not None and keying.needs_envelope
-        self.whitelist = whitelist
+    ``config``: a :class:`greylist.config.Config`, as production reads it.
+    """
+
+    def __init__(self, config, store: Store, start: float, duration: float,
+                 drain: bool = True, expire_every: float = DAY, progress=None) -> None:
+        self.config = config
+        self.policy = config.policy
+        self.keying = config.keying
+        self.envelope = self.keying.needs_envelope
         self.whitelisted = 0
         self.store = store
         self.env = Environment(start)
+        self.service = Greylister(config, store, clock=self.env.clock)
         self.start = start
         self.duration = duration
         self.end = start + duration
@@ -116,26 +121,17 @@ class SimulatedServer:
         return self.stats[name]
 
     # -- one connection ------------------------------------------------------
-    def connect(self, ip: str, sender: str = "", recipient: str = "") -> bool:
+    def connect(self, ip: str, sender: str | None = None, recipient: str | None = None,
+                host: str = "") -> bool:
         """One SMTP connection from ``ip`` now (with its envelope for triplet keys); True when it passes."""
-        if self.whitelist is not None and self.whitelist.matches(ip):
-            self.whitelisted += 1
-            self.hours[-1].connections += 1
-            return True
-        keying = self.keying
-        if keying is None:
-            key, client = ip, None
-        else:
-            client = keying.client(ip)
-            key = keying.key_for(client, sender, recipient)
-            if not self.envelope:
-                client = None
-        started = time.perf_counter_ns()
-        verdict = check(self.store, key, self.env.now, self.policy, client)
-        self.decision_ns.append(time.perf_counter_ns() - started)
+        outcome = self.service.decide(Connection(ip, host, sender, recipient))
         hour = self.hours[-1]
         hour.connections += 1
-        if verdict.action == PASS:
+        if outcome.key is None:  # whitelisted: the store was not asked
+            self.whitelisted += 1
+        else:
+            self.decision_ns.append(int(outcome.decision_ms * 1e6))
+        if outcome.verdict.action == PASS:
             return True
         hour.tempfails += 1
         return False
@@ -150,7 +146,8 @@ class SimulatedServer:
             ip = msg.ip
         stats = msg.stats
         stats.connections += 1
-        if self.connect(ip, msg.sender, msg.recipient):
+        host = msg.hosts[ip] if msg.hosts is not None else ""
+        if self.connect(ip, msg.sender, msg.recipient, host):
             self.delivered(msg, now)
             return
         stats.tempfails += 1
@@ -234,11 +231,15 @@ class Population:
         self.rng = rng
         self.regulars = {c.name: [random_ipv4(rng) for _ in range(c.regulars)] for c in scenario.senders}
         self.pools: dict[str, list[str]] = {}
+        self.hosts: dict[str, dict[str, str]] = {}  # a named farm's host names by address
         for c in scenario.senders:
             if c.pool > 1:
                 nets = [random_ipv4(rng).rsplit(".", 1)[0] for _ in range(c.pool_networks)]
                 self.pools[c.name] = [f"{nets[i % len(nets)]}.{10 + (i // len(nets)) % 240}"
                                       for i in range(c.pool)]
+                if c.host_domain:
+                    self.hosts[c.name] = {ip: f"mail-{i}.{c.host_domain}"
+                                          for i, ip in enumerate(self.pools[c.name])}
 
     def address(self, cls: SenderClass) -> str | None:
         """The first try's address; None for a farm, which picks one per try."""
@@ -312,7 +313,7 @@ class SyntheticTraffic:
         server = self.server
         stats = server.stats[cls.name]
         msg = Message(server.env.now, stats, ip, cls.offsets, cls.lifetime, phase,
-                      rng.getrandbits(32), pool)
+                      rng.getrandbits(32), pool, self.population.hosts.get(cls.name))
         if server.envelope:
             msg.sender, msg.recipient = envelope(cls, ip, msg.tag)
         stats.messages += 1
@@ -339,10 +340,10 @@ def envelope(cls: SenderClass, ip: str | None, tag: int) -> tuple[str, str]:
     return f"user{tag % 3}@h{ip.replace('.', '-')}.example", recipient
 
 
-def simulate(scenario: Scenario, policy: Policy, store: Store, options: RunOptions,
-             progress=None, keying=None, whitelist=None) -> SimulatedServer:
-    """One synthetic run, start to end."""
-    server = SimulatedServer(policy, store, scenario.start, options.duration, options.drain,
-                             options.expire_every, progress, keying, whitelist)
+def simulate(scenario: Scenario, config, store: Store, options: RunOptions,
+             progress=None) -> SimulatedServer:
+    """One synthetic run, start to end, with ``config`` (a greylist Config) as production reads it."""
+    server = SimulatedServer(config, store, scenario.start, options.duration, options.drain,
+                             options.expire_every, progress)
     SyntheticTraffic(server, scenario, options.seed, options.rate).start()
     return server.run()

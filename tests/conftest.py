@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-STANDIN = ROOT / "simulator" / "standin_smtpd.py"
+from simulator.commands import ROOT, STANDIN_SMTPD, command
+
+STANDIN = STANDIN_SMTPD  # the stand-in qmail-smtpd, an argv prefix
 
 
 def wrapper_command() -> list[str]:
     """The installed greylist-wrap beside this interpreter, else the source script."""
-    installed = Path(sys.executable).parent / "greylist-wrap"
-    if installed.exists():
-        return [str(installed)]
-    return [sys.executable, str(ROOT / "bin" / "greylist-wrap")]
+    return command("greylist-wrap")
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -47,7 +44,7 @@ class Wrapper:
     def run(self, ip: str | None = "192.0.2.10", stdin: bytes = b"QUIT\r\n",
             args: list[str] | None = None, program: list[str] | None = None,
             timeout: float = 20, **extra: str) -> subprocess.CompletedProcess:
-        program = program if program is not None else [sys.executable, str(STANDIN), "arg1", "arg two"]
+        program = program if program is not None else STANDIN + ["arg1", "arg two"]
         return subprocess.run(self.command + (args or []) + program, input=stdin,
                               env=self.env(ip, **extra), capture_output=True, timeout=timeout)
 

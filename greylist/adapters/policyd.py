@@ -10,7 +10,8 @@ that passed after waiting gets an ``X-Greylist`` header, as postgrey adds.
 
 Requests are bounded (line and request size, attribute count); a garbage or
 incomplete request is answered DUNNO and logged, never with a crash. Each
-connection gets its own thread and each thread its own store connection.
+connection gets its own thread and its own service (and store connection),
+closed when the connection ends.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import threading
 import time
 
-from greylist.service import decide_client, log
+from greylist.service import Connection, Greylister, log
 from greylist.core.keys import BadAddress, parse_ip
 from greylist.core.policy import PASSED, TEMPFAIL, Verdict
 from greylist.adapters.smtp import tempfail_text
@@ -65,21 +66,21 @@ def read_request(rfile) -> dict[str, str] | None:
         attrs[name.strip()] = value
 
 
-def action_for(config, verdict: Verdict) -> str:
+def action_for(config, verdict: Verdict, shadow: bool = False) -> str:
+    """The action line; in shadow mode nobody was delayed, so no X-Greylist header."""
     if verdict.action == TEMPFAIL:
         # Postfix puts 450 4.7.1 in front itself: the text only, with the hint if asked for.
         text = tempfail_text(config.message, config.enhanced, verdict.retry_in)
         return f"action=DEFER_IF_PERMIT {text.removeprefix('4.7.1 ')}"
-    if verdict.reason == PASSED:
+    if verdict.reason == PASSED and not shadow:
         host = config.hostname or os.uname().nodename
         return (f"action=PREPEND X-Greylist: delayed {int(verdict.age)} seconds by greylist at {host}; "
                 f"{time.strftime('%a, %d %b %Y %H:%M:%S %z')}")
     return "action=DUNNO"
 
 
-def answer(config, attrs: dict[str, str], store) -> tuple[str, dict[str, object]]:
+def answer(greylister, attrs: dict[str, str]) -> tuple[str, dict[str, object]]:
     """The reply line for one request, and its log fields."""
-    fields: dict[str, object] = {}
     if attrs.get("request") != "smtpd_access_policy":
         return "action=DUNNO", {"verdict": "error", "error": "not an smtpd_access_policy request"
                                 + (f" ({attrs['_garbage']!r})" if "_garbage" in attrs else "")}
@@ -94,17 +95,20 @@ def answer(config, attrs: dict[str, str], store) -> tuple[str, dict[str, object]
     host = attrs.get("reverse_client_name") or attrs.get("client_name") or ""
     if host == "unknown":
         host = ""
-    verdict, extra = decide_client(config, ip, host, sender, recipient or "<>", store)
-    fields.update(ip=ip, **{"from": sender or "<>", "to": recipient}, verdict=verdict.action,
-                  reason=verdict.reason, age=verdict.age, **extra)
-    return action_for(config, verdict), fields
+    outcome = greylister.decide(Connection(ip, host, sender, recipient or "<>"))
+    return action_for(outcome.config, outcome.verdict, outcome.shadow is not None), outcome.fields()
 
 
 class Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         server: PolicyServer = self.server  # type: ignore[assignment]
         self.connection.settimeout(server.idle_timeout)
-        store = server.thread_store()
+        # One service per client connection (its thread): the store is opened at the
+        # first request and closed when the connection ends, not left to the collector.
+        with Greylister(server.config) as greylister:
+            self._serve(server, greylister)
+
+    def _serve(self, server: "PolicyServer", greylister: Greylister) -> None:
         while True:
             try:
                 attrs = read_request(self.rfile)
@@ -117,7 +121,7 @@ class Handler(socketserver.StreamRequestHandler):
             if attrs is None:
                 return
             try:
-                reply, fields = answer(server.config, attrs, store)
+                reply, fields = answer(greylister, attrs)
             except Exception as exc:  # noqa: BLE001 - a bug of ours must not stop mail
                 reply, fields = "action=DUNNO", {"verdict": "error",
                                                  "error": f"internal error {type(exc).__name__}: {exc}"}
@@ -141,18 +145,7 @@ class PolicyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def setup(self, config, idle_timeout: float) -> None:
         self.config = config
         self.idle_timeout = idle_timeout
-        self.local = threading.local()
         self.log_lock = threading.Lock()
-
-    def thread_store(self):
-        from greylist.stores import StoreError, open_store
-
-        if getattr(self.local, "store", None) is None:
-            try:
-                self.local.store = open_store(self.config.store, lean=False)
-            except StoreError:
-                self.local.store = None  # decide_client opens one per request and reports it
-        return self.local.store
 
     def log(self, fields: dict[str, object]) -> None:
         with self.log_lock:

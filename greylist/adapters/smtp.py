@@ -1,9 +1,9 @@
 """The SMTP side of a tempfail, as data: replies defined once, lines read safely.
 
 cqgreylist answers the whole SMTP dialogue itself when it tempfails, so that
-the client sees a 4xx at RCPT and queues the message (see the table in
-shared/reference/cqgreylist-behaviour.md, which :class:`Dialogue` follows
-reply for reply). The reader is bytes-only: no line is ever decoded, so
+the client sees a 4xx at RCPT and queues the message; :class:`Dialogue`
+follows cqgreylist's replies one for one (the table in README.md, "Installing
+in front of qmail-smtpd"). The reader is bytes-only: no line is ever decoded, so
 non-UTF-8 input cannot raise, and a line is capped at 512 bytes (RFC 5321
 4.5.3.1.4) so a hostile client cannot make us buffer without bound.
 """

@@ -60,29 +60,28 @@ def main(argv: list[str] | None = None) -> int:
         _log({**fields, "verdict": "error", "error": str(exc)})
         _out("E451 greylisting is misconfigured, please try again later\n")
         return 0
-    if "RELAYCLIENT" in environ:
-        _log({**fields, "ip": environ.get("TCPREMOTEIP", ""), "verdict": "pass", "reason": "relayclient"})
-        return 0
     recipient = environ.get("SMTPRCPTTO")
     if recipient is None:
         _log({**fields, "verdict": "pass", "error": "SMTPRCPTTO is not set: run greylist-spp in the "
                                                       "[rcpt] section of control/smtpplugins"})
         return 0
+    raw = environ.get("TCPREMOTEIP", "")
     try:
-        ip = parse_ip(environ.get("TCPREMOTEIP", ""))
+        ip = parse_ip(raw)
     except BadAddress:
-        _log({**fields, "verdict": "error", "error": f"TCPREMOTEIP {environ.get('TCPREMOTEIP')!r} "
-                                                     "is not an IP address"})
-        _out("E451 cannot tell who you are, please try again later\n")
-        return 0
-    from greylist.service import decide_client
+        if "RELAYCLIENT" not in environ and "WHITELISTED" not in environ:
+            _log({**fields, "verdict": "error", "error": f"TCPREMOTEIP {raw!r} is not an IP address"})
+            _out("E451 cannot tell who you are, please try again later\n")
+            return 0
+        ip = raw  # tcprules let it through: no address needed
+    from greylist.service import Connection, Greylister
 
     sender = environ.get("SMTPMAILFROM", "")
-    verdict, extra = decide_client(config, ip, environ.get("TCPREMOTEHOST", ""), sender, recipient)
-    _log({**fields, "ip": ip, "from": sender or "<>", "to": recipient, "verdict": verdict.action,
-          "reason": verdict.reason, "age": verdict.age, **extra})
-    if verdict.action == TEMPFAIL:
-        _out(reply(config, verdict))
+    outcome = Greylister(config, keep_store=False).decide(
+        Connection.from_environ(ip, environ, sender, recipient))
+    _log({**fields, **outcome.fields()})
+    if outcome.verdict.action == TEMPFAIL:
+        _out(reply(config, outcome.verdict))
     return 0
 
 

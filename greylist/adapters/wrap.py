@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 from greylist.config import ConfigError, load, split_flags
 from greylist.core.keys import BadAddress, parse_ip
-from greylist.core.policy import PASS, Verdict, whitelisted
+from greylist.core.policy import PASS, Verdict
 
 EX_TEMPFAIL = 111  # qmail's "temporary failure" exit status
 
@@ -118,15 +117,6 @@ def serve_tempfail(config, verdict: Verdict, rfd: int = 0, wfd: int = 1) -> None
                 return
 
 
-def decide_connection(config, environ) -> tuple[Verdict, dict[str, object]]:
-    """The verdict for this connection and the fields of its log line."""
-    from greylist.service import decide_client
-
-    ip = parse_ip(environ.get("TCPREMOTEIP", ""))
-    verdict, fields = decide_client(config, ip, environ.get("TCPREMOTEHOST", ""))
-    return verdict, {"ip": ip, **fields}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["-h"], ["--help"]):
@@ -150,26 +140,26 @@ def main(argv: list[str] | None = None) -> int:
             f"GREYLIST_KEY={config.key} needs the envelope sender and recipient, which the "
             "wrapper never sees: use greylist-spp (qmail-spp) or greylist policyd (Postfix), "
             "or key on ip or subnet")})
-
-    if "RELAYCLIENT" in environ or "WHITELISTED" in environ:
-        verdict = whitelisted()
-        fields: dict[str, object] = {"ip": environ.get("TCPREMOTEIP", "")}
-    else:
-        try:
-            verdict, fields = decide_connection(config, environ)
-        except BadAddress:
-            raw = environ.get("TCPREMOTEIP")
+    raw = environ.get("TCPREMOTEIP")
+    try:
+        ip = parse_ip(raw or "")
+    except BadAddress:
+        if "RELAYCLIENT" in environ or "WHITELISTED" in environ:
+            ip = raw or ""  # tcprules let it through: no address needed
+        else:
             problem = "TCPREMOTEIP is not set" if raw is None else f"TCPREMOTEIP {raw!r} is not an IP address"
-            return refuse(host_setting, {"pid": pid, "verdict": "error", "error": problem + " (run me under tcpserver)"})
+            return refuse(host_setting, {"pid": pid, "verdict": "error",
+                                         "error": problem + " (run me under tcpserver)"})
 
-    fields = {"pid": pid, "ip": fields.pop("ip", ""), "verdict": verdict.action,
-              "reason": verdict.reason, "age": verdict.age, **fields}
-    if verdict.action == PASS:
+    from greylist.service import Connection, Greylister
+
+    outcome = Greylister(config, keep_store=False).decide(Connection.from_environ(ip, environ))
+    fields = {"pid": pid, **outcome.fields()}
+    if outcome.verdict.action == PASS:
         log(fields)
         return run_program(program, host_setting, fields)
-    fields["retry_in"] = verdict.retry_in
     log(fields)
-    serve_tempfail(config, verdict)
+    serve_tempfail(config, outcome.verdict)
     return 0
 
 

@@ -127,9 +127,6 @@ class Keying:
             return network_of(ip, self.v4_bits, self.v6_bits)
         return parse_ip(ip)
 
-    def key(self, ip: str, sender: str | None = None, recipient: str | None = None) -> str:
-        return self.key_for(self.client(ip), sender, recipient)
-
     def key_for(self, client: str, sender: str | None = None, recipient: str | None = None) -> str:
         """The key of a client already reduced by :meth:`client`."""
         if not self.needs_envelope:

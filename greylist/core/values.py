@@ -6,7 +6,7 @@ interpreter starts in about 10 ms); generating ``__init__`` with ``exec`` as
 dataclasses does still cost 0.3 ms a class at every start. So a class that
 derives from :class:`Value` lists its fields in ``__slots__``, writes its own
 plain ``__init__`` (fast in the simulator's hot loop too), and gets from here
-what a dataclass would add: equality, hashing, a readable repr, ``replace``.
+what a dataclass would add: equality, hashing and a readable repr.
 The simulator and admin commands, which start once, use real dataclasses.
 """
 
@@ -17,14 +17,6 @@ class Value:
     """Fields are the ``__slots__`` of the subclass; instances compare by value."""
 
     __slots__ = ()
-
-    def fields(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def replace(self, **changes: object) -> "Value":
-        values = self.fields()
-        values.update(changes)
-        return type(self)(**values)
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):

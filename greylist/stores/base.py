@@ -1,9 +1,12 @@
 """The one storage interface every store implements.
 
-A store maps a key (the canonical client address, for now) to a
-:class:`~greylist.core.policy.Record`. Stores make no decisions; they keep records
-and count their own operations so that the simulator and benchmarks can report
-filesystem or database load without a second implementation.
+A store maps a key (a client address, a network, or a triplet of client,
+sender and recipient: see :class:`~greylist.core.keys.Keying`; auto-whitelist
+tallies are keys too) to a :class:`~greylist.core.policy.Record`. Stores make
+no decisions; they keep records and count their own operations so that the
+simulator and benchmarks can report filesystem or database load without a
+second implementation. What a store can do beyond the five basic operations
+it declares in :attr:`Store.capabilities`, so callers ask instead of probing.
 """
 
 from __future__ import annotations

@@ -132,7 +132,6 @@ class RespConnection:
 
     def __init__(self, address: Address) -> None:
         self.pending = 0  # replies of send-only commands not read yet
-        self.deferred_errors = 0
         self._open(address)
 
     def _open(self, address: Address) -> None:
@@ -198,7 +197,7 @@ class RespConnection:
             try:
                 self._reply()
             except (ReplyError, MovedError):
-                self.deferred_errors += 1  # a lost update costs one more tempfail at most
+                pass  # a lost update costs one more tempfail at most
 
     def _broken(self) -> None:
         """Forget a connection that failed; the next command connects again."""
@@ -269,7 +268,6 @@ class RedisPyConnection:
         self.address = address
         self.redis = redis
         self.pending = 0
-        self.deferred_errors = 0
         kwargs = dict(db=address.db, password=address.password, username=address.username,
                       socket_timeout=address.timeout, socket_connect_timeout=address.timeout)
         if address.unix_path:
@@ -309,7 +307,7 @@ class RedisPyConnection:
             try:
                 self.conn.read_response()
             except self.redis.ResponseError:
-                self.deferred_errors += 1
+                pass  # as above: a lost update costs one more tempfail at most
 
     def close(self) -> None:
         try:

@@ -10,6 +10,7 @@ from simulator import report as reports
 from simulator.errors import SimulateError
 from simulator.replay.formats import FORMATS, LogError, parse
 from simulator.replay.replay import replay, rescale, retry_model
+from simulator.replay.shadow import summarize
 from simulator.scenario import load as load_scenario, parse_rate
 
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_replay(argv: list[str]) -> int:
-    from simulator.runs import StoreFactory, emit, parse_compare, policies_for, whitelist_of
+    from simulator.runs import StoreFactory, emit, parse_compare, policies_for, check_whitelist
 
     args = build_parser().parse_args(argv)
     try:
@@ -61,10 +62,13 @@ def run_replay(argv: list[str]) -> int:
                             f"({log.format} format)")
     scenario = load_scenario(args.scenario)
     if args.retry_model is None:
-        args.retry_model = "none" if log.format == "wrapper" else "postfix"
+        # Our own enforcing log holds the real retries; a shadow log holds none (every
+        # client got through at once), so its tempfailed clients retry like Postfix.
+        args.retry_model = "none" if log.format == "wrapper" and not log.shadow else "postfix"
     model = retry_model(scenario, args.retry_model)
     events, factor = rescale(log.events, parse_rate(args.rate) if args.rate else None)
     span = max(events[-1][0] - events[0][0], 1.0)
+    shadow_summary = summarize(log.shadow) if log.shadow else None
     factory = StoreFactory(args.store)
     results = []
     try:
@@ -72,13 +76,15 @@ def run_replay(argv: list[str]) -> int:
             if config.keying.needs_envelope:
                 raise SimulateError("logs of connections carry no envelope: replay with --key ip or subnet")
             with factory.open(i) as store:
-                server = replay(events, config.policy, store, model, drain=not args.no_drain,
-                                keying=config.keying, whitelist=whitelist_of(config))
+                check_whitelist(config)  # an unreadable whitelist stops the replay before it runs
+                server = replay(events, config, store, model, drain=not args.no_drain)
                 run = {"log": Path(args.logfile).name, "format": log.format, "lines": log.lines,
                        "bad_lines": len(log.bad), "ignored_lines": log.ignored,
                        "logged_connections": len(events), "time_scale": round(factor, 6),
                        "rate_per_day": round(len(events) / span * 86400, 3),
                        "retry_model": args.retry_model}
+                if log.shadow:
+                    run["shadow_log"] = shadow_summary
                 results.append(reports.build(server, run, label))
     finally:
         factory.cleanup()

@@ -7,8 +7,9 @@ Formats (``--format``, or ``auto`` to detect from the first lines):
   or by syslog (``Oct 22 02:13:41 host ...`` or ISO 8601).
 - ``postfix``: ``postfix/smtpd[PID]: connect from NAME[IP]`` syslog lines (no
   year in the stamp: ``--year``, and a year is added when the months wrap).
-- ``wrapper``: our own ``greylist-wrap: ... ip=IP verdict=...`` lines, stamped
-  as tcpserver's.
+- ``wrapper``: our own ``greylist-wrap: ... ip=IP verdict=...`` lines (and
+  ``greylist serve``'s), stamped as tcpserver's; in shadow mode they also
+  carry ``shadow=tempfail|pass``, kept in :attr:`ParsedLog.shadow`.
 - ``jsonl``: one JSON object a line, ``{"time": 1767571200.5, "ip": "192.0.2.1"}``;
   time is unix seconds or an ISO 8601 string; other fields are ignored.
 - ``csv``: a header line naming ``time`` and ``ip`` columns, then rows.
@@ -36,12 +37,12 @@ _MONTHS = {m: i + 1 for i, m in enumerate(
 
 _TAI = re.compile(r"^@([0-9a-fA-F]{24})\s+(.*)$")
 _SYSLOG = re.compile(r"^([A-Z][a-z]{2})\s+(\d{1,2})\s+(\d{2}):(\d{2}):(\d{2})(\.\d+)?\s+\S+\s+(.*)$")
-_ISO = re.compile(r"^(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?)\s+(?:\S+\s+)?(.*)$")
+_ISO = re.compile(r"^(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-]\d{2}:?\d{2})?)\s+(?:[^\s:]+\s+)?(.*)$")
 _TCP_FROM = re.compile(r"tcpserver: pid (\d+) from (\S+)\s*$")
 _TCP_DENY = re.compile(r"tcpserver: deny (\d+) ")
 _TCP_OTHER = re.compile(r"tcpserver: (status|ok|end|deny|fatal|warning|pid)\b")
 _POSTFIX = re.compile(r"postfix(?:/[\w.-]+)*/smtpd\[\d+\]: connect from [^\[\s]*\[([^\]]+)\]")
-_WRAPPER = re.compile(r"greylist-wrap: (.*)$")
+_WRAPPER = re.compile(r"greylist-(?:wrap|serve): (.*)$")
 
 
 class LogError(ValueError):
@@ -55,6 +56,8 @@ class ParsedLog:
     ignored: int = 0
     bad: list[tuple[int, str]] = field(default_factory=list)  # (line number, why)
     format: str = ""
+    #: shadow-mode lines: (unix time, IP, the verdict enforcing would have given, its reason)
+    shadow: list[tuple[float, str, str, str]] = field(default_factory=list)
 
 
 def tai64n(label: str) -> float:
@@ -122,7 +125,7 @@ def detect(sample: list[str]) -> str:
             scores["tcpserver"] += 1
         if "/smtpd[" in s and "connect from" in s:
             scores["postfix"] += 1
-        if "greylist-wrap:" in s and " ip=" in s:
+        if ("greylist-wrap:" in s or "greylist-serve:" in s) and " ip=" in s:
             scores["wrapper"] += 2  # beats tcpserver when both appear in one log
     first = next((line for line in sample if line.strip()), "")
     if "," in first and {"time", "ip"} <= {c.strip().lower() for c in first.split(",")}:
@@ -215,10 +218,12 @@ def _wrapper(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
     for number, t, rest in _stamped(lines, out, stamps):
         m = _WRAPPER.search(rest)
         fields = dict(part.split("=", 1) for part in m.group(1).split() if "=" in part) if m else {}
-        if not m or fields.get("verdict") == "error":
+        if not m or fields.get("verdict") == "error" or "started" in fields:
             out.ignored += 1
         elif not _event(out, number, t, fields.get("ip", "")):
             out.bad[-1] = (number, "no valid ip= field")
+        elif "shadow" in fields:
+            out.shadow.append((t, out.events[-1][1], fields["shadow"], fields.get("reason", "")))
 
 
 def _jsonl(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:

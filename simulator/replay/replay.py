@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict, deque
 
-from greylist.core.policy import Policy
 from greylist.stores.base import Store
 from simulator.scenario import Scenario, ScenarioError, SenderClass
 from simulator.simulation import HOUR, Message, SimulatedServer
@@ -92,12 +91,10 @@ class Replay:
                 m.stats.given_up += 1
 
 
-def replay(events: list[tuple[float, str]], policy: Policy, store: Store, model: SenderClass | None,
-           drain: bool = True, expire_every: float = 86400.0, progress=None, keying=None,
-           whitelist=None) -> SimulatedServer:
+def replay(events: list[tuple[float, str]], config, store: Store, model: SenderClass | None,
+           drain: bool = True, expire_every: float = 86400.0, progress=None) -> SimulatedServer:
     start = math.floor(events[0][0] / HOUR) * HOUR if events else 0.0
     end = events[-1][0] + 1.0 if events else start + 1.0
-    server = SimulatedServer(policy, store, start, end - start, drain, expire_every, progress,
-                             keying, whitelist)
+    server = SimulatedServer(config, store, start, end - start, drain, expire_every, progress)
     Replay(server, events, model).start()
     return server.run()

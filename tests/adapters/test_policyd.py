@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from benchmarks.redis_server import free_port
 from conftest import base_env
+from simulator.commands import command
 
 
 def request(**attrs: str) -> bytes:
@@ -48,7 +47,7 @@ def policyd(tmp_path):
 
     def start(*args: str, listen: str | None = None, **env: str):
         listen = listen or f"127.0.0.1:{free_port()}"
-        cmd = [str(Path(sys.executable).parent / "greylist"), "policyd", "--listen", listen,
+        cmd = [*command("greylist"), "policyd", "--listen", listen,
                "--store", f"file://{tmp_path}/store", *args]
         proc = subprocess.Popen(cmd, env=base_env(**env), stderr=subprocess.PIPE, text=True)
         servers.append(proc)
@@ -140,3 +139,15 @@ def test_store_down_fails_open_and_says_so(policyd, tmp_path):
     c.close()
     proc.terminate()
     assert "store-error" in proc.stderr.read()
+
+
+def test_shadow_mode_answers_dunno_and_logs_the_would_be_verdict(policyd):
+    proc, address = policyd("--delay", "60", "--mode", "shadow")
+    client = Client(address)
+    ask = request(client_address="192.0.2.7", sender="a@example.org", recipient="b@example.net")
+    assert client.ask(ask) == "action=DUNNO"
+    assert client.ask(ask) == "action=DUNNO"
+    client.close()
+    lines = [proc.stderr.readline() for _ in range(2)]
+    assert "verdict=pass shadow=tempfail reason=new" in lines[0]
+    assert "verdict=pass shadow=tempfail reason=too-soon" in lines[1]

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 from conftest import base_env, parse_log
+from simulator.commands import command
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def spp_command() -> list[str]:
-    installed = Path(sys.executable).parent / "greylist-spp"
-    return [str(installed)] if installed.exists() else [sys.executable, str(ROOT / "bin" / "greylist-spp")]
+    return command("greylist-spp")
 
 
 class Spp:
@@ -109,3 +109,9 @@ def test_plugin_imports_nothing_heavy(tmp_path):
     modules = set(json.loads(result.stderr.decode().splitlines()[-1]))
     heavy = {"argparse", "logging", "re", "dataclasses", "typing", "socket", "enum", "sqlite3", "redis"}
     assert "greylist.adapters.spp" in modules and not heavy & modules, heavy & modules
+
+
+def test_shadow_mode_prints_nothing_and_logs_the_would_be_verdict(tmp_path):
+    shadow = Spp(f"file://{tmp_path}/store", GREYLIST_DELAY="60", GREYLIST_MODE="shadow")
+    out, log = shadow.rcpt("<bob@example.net>")
+    assert out == "" and (log["verdict"], log["shadow"], log["reason"]) == ("pass", "tempfail", "new")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ class Server:
             subprocess.run(["tcprules", str(tmp / "tcp.smtp.cdb"), str(tmp / "tcp.smtp.tmp")],
                            input=rules.encode(), check=True)
             args += ["-x", str(tmp / "tcp.smtp.cdb")]
-        args += ["127.0.0.1", str(self.port)] + wrapper_command() + [sys.executable, str(STANDIN)]
+        args += ["127.0.0.1", str(self.port)] + wrapper_command() + STANDIN
         self.log = tmp / "tcpserver.log"
         self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
                                      stderr=self.log.open("wb"))

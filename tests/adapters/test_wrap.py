@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import STANDIN, parse_log, wrapper_command, base_env
+from simulator.commands import read_standin_report
 
 SESSION = b"HELO c.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\nRSET\r\nNOOP\r\nVRFY x\r\nQUIT\r\n"
 EXPECTED = (b"220 mx.test cqgreylist - reconnect later\r\n250 mx.test\r\n250 ok\r\n"
@@ -38,11 +39,11 @@ def test_new_client_gets_the_tempfail_dialogue(wrapper, store_dir):
 def test_retry_after_delay_execs_the_program(wrapper, store_dir, tmp_path):
     wrapper.run()
     age_entry(store_dir, "192.0.2.10", 61)
-    report = tmp_path / "report.json"
+    report = tmp_path / "report.txt"
     result = wrapper.run(stdin=b"MAIL FROM:<a@b>\r\nQUIT\r\n", STANDIN_REPORT=str(report),
                          TCPLOCALPORT="25")
     assert result.stdout == b"220 standin ESMTP\r\n250 ok\r\n221 standin bye\r\n"
-    info = json.loads(report.read_text())
+    info = read_standin_report(report)
     # exec, not fork: the program has the wrapper's pid, its argv and environment unchanged
     [log] = parse_log(result.stderr)
     assert info["pid"] == int(log["pid"])
@@ -76,7 +77,7 @@ def test_whitelisted_client_never_touches_the_store(tmp_path, var):
     result = w.run(stdin=b"QUIT\r\n", **{var: ""})
     assert result.stdout.startswith(b"220 standin")
     assert not missing.exists()
-    assert parse_log(result.stderr)[0]["reason"] == "whitelisted"
+    assert parse_log(result.stderr)[0]["reason"] == var.lower()
 
 
 def test_variable_beats_run_script_flag(wrapper):
@@ -141,7 +142,7 @@ def test_unwritable_store_fails_open_by_default(tmp_path):
 def test_known_client_passes_even_if_the_disk_is_full(wrapper, store_dir):
     wrapper.run()
     age_entry(store_dir, "192.0.2.10", 120)
-    cmd = wrapper.command + [sys.executable, str(STANDIN)]
+    cmd = wrapper.command + STANDIN
     code = ("import resource, os, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)); "
             "os.execv(sys.argv[1], sys.argv[1:])")
     result = subprocess.run([sys.executable, "-c", code] + cmd, input=b"QUIT\r\n",
@@ -175,7 +176,7 @@ def test_too_many_commands_closes(wrapper):
 
 
 def test_idle_timeout_answers_421(wrapper):
-    proc = subprocess.Popen(wrapper.command + [sys.executable, str(STANDIN)], stdin=subprocess.PIPE,
+    proc = subprocess.Popen(wrapper.command + STANDIN, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=wrapper.env(GREYLIST_TIMEOUT="1"))
     started = time.monotonic()
@@ -189,7 +190,7 @@ def test_idle_timeout_answers_421(wrapper):
 
 
 def test_fifty_concurrent_connections_from_one_new_ip(wrapper, store_dir):
-    procs = [subprocess.Popen(wrapper.command + [sys.executable, str(STANDIN)],
+    procs = [subprocess.Popen(wrapper.command + STANDIN,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=wrapper.env(ip="203.0.113.50")) for _ in range(50)]
     results = [p.communicate(b"RCPT TO:<x@y>\r\nQUIT\r\n", timeout=60) for p in procs]
@@ -348,3 +349,15 @@ def test_directory_the_wrapper_may_not_write(tmp_path, store_dir):
         assert log["reason"] == "store-error" and "Operation not permitted" in log["error"]
     finally:
         subprocess.run(["chattr", "-i", str(store_dir / "192")], capture_output=True)
+
+
+def test_shadow_mode_lets_a_new_client_through_and_logs_what_enforcing_would_do(wrapper, store_dir):
+    result = wrapper.run(GREYLIST_MODE="shadow")
+    assert result.stdout.startswith(b"220 standin")  # qmail-smtpd got the connection
+    log = parse_log(result.stderr)[0]
+    assert (log["verdict"], log["shadow"], log["reason"]) == ("pass", "tempfail", "new")
+    assert (store_dir / "192" / "192.0.2.10").exists()  # recorded exactly as enforcing would
+    log = parse_log(wrapper.run(GREYLIST_MODE="shadow").stderr)[0]
+    assert (log["verdict"], log["shadow"], log["reason"]) == ("pass", "tempfail", "too-soon")
+    log = parse_log(wrapper.run(GREYLIST_MODE="shadow", GREYLIST_DELAY="0").stderr)[0]
+    assert (log["verdict"], log["shadow"], log["reason"]) == ("pass", "pass", "passed")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from conftest import STANDIN, Wrapper, parse_log
 
 
 def concurrent(wrapper: Wrapper, n: int, ip: str, **env: str) -> list[dict]:
-    procs = [subprocess.Popen(wrapper.command + [sys.executable, str(STANDIN)],
+    procs = [subprocess.Popen(wrapper.command + STANDIN,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=wrapper.env(ip=ip, **env)) for _ in range(n)]
     logs = []

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from simulator.cli import main
+from simulator.commands import command
 
 SMALL = str(Path(__file__).parent / "data" / "small.toml")
 
@@ -65,8 +65,7 @@ def test_bad_values_are_clear_errors(args, message, capsys):
 
 
 def test_installed_command_runs(tmp_path):
-    exe = Path(sys.executable).parent / "simulate"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "simulator.cli"]
+    cmd = command("simulate")
     result = subprocess.run(cmd + ["--scenario", SMALL, "--duration", "2h", "--quiet", "--json", "-"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

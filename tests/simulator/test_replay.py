@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from greylist.core.policy import Policy
+from greylist.config import Config
 from greylist.stores.memory import MemoryStore
 from simulator.replay.formats import LogError, detect, parse, tai64n
 from simulator.replay.replay import replay, rescale, retry_model
@@ -111,7 +111,7 @@ def test_counterfactual_log_returns_count_as_retries():
     model = retry_model(load(), "postfix")
     events = [(T0, "192.0.2.1"), (T0 + 120, "192.0.2.1"), (T0 + 10, "192.0.2.2")]
     events.sort()
-    server = replay(events, Policy(delay=60), MemoryStore(), model)
+    server = replay(events, Config(delay=60), MemoryStore(), model)
     stats = server.stats["logged clients"]
     # 192.0.2.1: tempfailed, the log shows it back at +120 s (before Postfix's 300 s):
     # that connection passes and delivers both messages. 192.0.2.2 retries as Postfix would.
@@ -122,7 +122,7 @@ def test_counterfactual_log_returns_count_as_retries():
 
 def test_retry_model_none_uses_only_the_log():
     events = [(T0, "192.0.2.1"), (T0 + 10, "192.0.2.2"), (T0 + 120, "192.0.2.1")]
-    server = replay(events, Policy(delay=60), MemoryStore(), retry_model(load(), "none"))
+    server = replay(events, Config(delay=60), MemoryStore(), retry_model(load(), "none"))
     stats = server.stats["logged clients"]
     assert stats.delivered == 2 and stats.given_up == 1 and stats.connections == 3
 
@@ -166,3 +166,46 @@ def test_our_own_log_replays_without_synthetic_retries(tmp_path):
     cls = report["classes"][0]
     # 192.0.2.2 never came back: with no synthetic retries it is given up, as it was in reality
     assert (cls["delivered"], cls["lost"]) == (2, 1)
+
+
+def shadow_line(t: float, ip: str, shadow: str, reason: str) -> str:
+    stamp = datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{stamp} greylist-wrap: pid=7 ip={ip} verdict=pass shadow={shadow} reason={reason} age=0\n"
+
+
+SHADOW = "".join([
+    shadow_line(T0, "192.0.2.1", "tempfail", "new"),
+    shadow_line(T0 + 10, "192.0.2.1", "tempfail", "too-soon"),
+    shadow_line(T0 + 100, "192.0.2.1", "pass", "passed"),
+    shadow_line(T0 + 200, "192.0.2.2", "tempfail", "new"),   # never seen again
+    shadow_line(T0 + 300, "192.0.2.3", "tempfail", "new"),
+    shadow_line(T0 + 310, "192.0.2.3", "tempfail", "too-soon"),  # came back only too soon
+    shadow_line(T0 + 400, "192.0.2.1", "pass", "known"),
+])
+
+
+def test_a_shadow_log_is_read_with_its_live_verdicts():
+    log = parse(io.StringIO(SHADOW), "auto")
+    assert log.format == "wrapper" and len(log.events) == 7 and len(log.shadow) == 7
+    from simulator.replay.shadow import summarize
+
+    s = summarize(log.shadow)
+    assert s["would_tempfail"] == 5 and s["clients_would_tempfail"] == 3
+    assert (s["clients_came_back_and_passed"], s["clients_came_back_too_soon_or_late"],
+            s["clients_not_seen_again"]) == (1, 1, 1)
+    assert s["not_seen_again_sample"] == ["192.0.2.2"]
+
+
+def test_replay_of_a_shadow_log_reports_live_and_predicted(tmp_path):
+    path = tmp_path / "current"
+    path.write_text(SHADOW)
+    result = subprocess.run([sys.executable, "-m", "simulator.cli", "replay", str(path), "--delay", "60"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "like postfix" in result.stdout  # a shadow log holds no retries: synthetic ones
+    assert "live shadow decisions" in result.stdout
+    assert "enforcing would have tempfailed" in result.stdout and "5 (71.4%)" in result.stdout
+    report = json.loads(subprocess.run(
+        [sys.executable, "-m", "simulator.cli", "replay", str(path), "--json", "-", "--quiet"],
+        capture_output=True, text=True, timeout=60).stdout)
+    assert report["run"]["shadow_log"]["clients_not_seen_again"] == 1

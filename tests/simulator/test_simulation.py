@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import greylist.core.check
+import greylist.service
 import simulator.simulation
-from greylist.core.policy import Policy
+from greylist.config import Config
 from greylist.stores.filetree import FileStore
 from greylist.stores.memory import MemoryStore
 from simulator import report
@@ -30,13 +30,13 @@ def scenario(spam_share: float, senders: list[dict], rate: str = "20000/day", fl
 
 
 def run(sc, policy=None, duration=6 * H, seed=1, store=None):
-    server = simulate(sc, policy or Policy(), store or MemoryStore(),
+    server = simulate(sc, policy or Config(), store or MemoryStore(),
                       RunOptions(duration=duration, seed=seed))
     return report.build(server, {"scenario": sc.source, "seed": seed, "rate_per_day": sc.rate * 86400})
 
 
-def test_simulator_uses_the_production_check():
-    assert simulator.simulation.check is greylist.core.check.check
+def test_simulator_uses_the_production_service():
+    assert simulator.simulation.Greylister is greylist.service.Greylister
 
 
 WELL_BEHAVED = [
@@ -51,7 +51,7 @@ WELL_BEHAVED = [
 @pytest.mark.parametrize("delay", [60, 900])
 def test_well_behaved_mtas_lose_nothing_and_wait_at_most_delay_plus_one_retry_gap(delay):
     sc = scenario(0.0, WELL_BEHAVED)
-    result = run(sc, Policy(delay=delay))
+    result = run(sc, Config(delay=delay))
     assert result["overall"]["legit_lost"] == 0
     for cls in result["classes"]:
         sender = next(s for s in sc.senders if s.name == cls["class"])
@@ -77,7 +77,7 @@ def test_tempfail_ratio_matches_the_closed_form():
         {"name": "bot", "kind": "spam", "share": 1.0, "retry": {"model": "none"}},
         {"name": "mta", "kind": "legit", "share": 1.0, "retry": {"model": "list", "offsets": ["5m"]}, "lifetime": "1d"},
     ], rate="40000/day", flat=True)
-    result = run(sc, Policy(delay=60), duration=12 * H)
+    result = run(sc, Config(delay=60), duration=12 * H)
     o = result["overall"]
     n = o["first_attempts"]
     observed_s = o["spam_messages"] / n
@@ -91,14 +91,14 @@ def test_tempfail_ratio_matches_the_closed_form():
 def test_bots_retrying_inside_the_delay_are_stopped_and_after_it_pass():
     bots = lambda interval: scenario(1.0, [{"name": "b", "kind": "spam", "share": 1.0,  # noqa: E731
                                             "retry": {"model": "fixed", "interval": interval, "retries": 3}}])
-    assert run(bots("15s"), Policy(delay=60))["overall"]["spam_stopped_share"] == 1.0
-    assert run(bots("30s"), Policy(delay=60))["overall"]["spam_stopped_share"] == 0.0
+    assert run(bots("15s"), Config(delay=60))["overall"]["spam_stopped_share"] == 1.0
+    assert run(bots("30s"), Config(delay=60))["overall"]["spam_stopped_share"] == 0.0
 
 
 def test_provider_pool_is_delayed_again_per_ip():
     farm = [{"name": "farm", "kind": "legit", "share": 1.0, "pool": 64, "pool_networks": 1,
              "retry": {"model": "list", "offsets": ["1m", "5m", "10m"], "then": "30m"}, "lifetime": "1d"}]
-    result = run(scenario(0.0, farm, rate="2000/day"), Policy(delay=300))
+    result = run(scenario(0.0, farm, rate="2000/day"), Config(delay=300))
     cls = result["classes"][0]
     assert cls["delivered"] == cls["messages"] and cls["delay_max"] > 300
 
@@ -115,14 +115,14 @@ def test_same_seed_same_report_byte_for_byte_except_timing():
 
 def test_every_policy_sees_the_same_traffic():
     sc = load(DATA / "small.toml")
-    a, b = run(sc, Policy(delay=60)), run(sc, Policy(delay=900))
+    a, b = run(sc, Config(delay=60)), run(sc, Config(delay=900))
     assert a["overall"]["first_attempts"] == b["overall"]["first_attempts"]
     assert [c["messages"] for c in a["classes"]] == [c["messages"] for c in b["classes"]]
 
 
 def test_golden_report_of_a_small_seeded_run():
     sc = load(DATA / "small.toml")
-    result = run(sc, Policy(delay=60), duration=12 * H, seed=3)
+    result = run(sc, Config(delay=60), duration=12 * H, seed=3)
     result.pop("timing")
     result["run"]["scenario"] = "small.toml"
     golden = DATA / "golden_small.json"
@@ -144,7 +144,7 @@ def test_file_store_gives_the_same_answers_and_counts_its_operations(tmp_path):
 
 def test_expiry_runs_during_long_simulations():
     sc = load(DATA / "small.toml")
-    server = simulate(sc, Policy(delay=60, retry_window=H, max_age=2 * H), MemoryStore(),
+    server = simulate(sc, Config(delay=60, retry_window=H, max_age=2 * H), MemoryStore(),
                       RunOptions(duration=2 * 86400, seed=1, expire_every=6 * H))
     assert len(server.expiry_runs) == 7
     assert sum(r["removed"] for r in server.expiry_runs) > 0
@@ -182,11 +182,9 @@ def test_default_scenario_loads_and_cites_sources():
         assert source in text
 
 
-def run_keyed(sc, key: str, auto_whitelist: int = 5, whitelist=None, duration=12 * H):
-    from greylist.core.keys import Keying
-
-    server = simulate(sc, Policy(delay=300, auto_whitelist=auto_whitelist), MemoryStore(),
-                      RunOptions(duration=duration, seed=5), keying=Keying(key), whitelist=whitelist)
+def run_keyed(sc, key: str, auto_whitelist: int = 5, whitelist: str = "", duration=12 * H):
+    server = simulate(sc, Config(delay=300.0, auto_whitelist=auto_whitelist, key=key, whitelist=whitelist),
+                      MemoryStore(), RunOptions(duration=duration, seed=5))
     return report.build(server, {"scenario": "t", "seed": 5, "rate_per_day": 0})
 
 
@@ -212,14 +210,14 @@ def test_auto_whitelist_cuts_triplet_delays():
 
 
 def test_whitelisted_networks_skip_the_store(tmp_path):
-    from greylist.whitelist import ClientWhitelist
     from simulator.simulation import Population
     import random
 
     sc = load(DATA / "small.toml")
     pools = Population(sc, random.Random(5)).pools["farm"]  # the farm's networks, as a run draws them
     nets = sorted({ip.rsplit(".", 1)[0] + ".0/24" for ip in pools})
-    result = run_keyed(sc, "ip", whitelist=ClientWhitelist.parse("\n".join(nets)))
+    (tmp_path / "clients").write_text("\n".join(nets))
+    result = run_keyed(sc, "ip", whitelist=str(tmp_path / "clients"))
     farm = next(c for c in result["classes"] if c["class"] == "farm")
     assert result["overall"]["whitelisted_connections"] >= farm["connections"] > 0
     assert farm["delayed"] == 0

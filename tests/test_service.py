@@ -1,0 +1,208 @@
+"""The greylisting service on every store, with an injected clock: every reason,
+whitelists, failures, shadow mode, per-client settings and the log line."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from greylist.config import ConfigError, load
+from greylist.core.policy import PASS, TEMPFAIL
+from greylist.service import Connection, Greylister, log_line
+from greylist.stores import open_store
+from greylist.stores.base import StoreError
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["memory", "file", "sqlite", "redis"])
+def store_url(request, tmp_path):
+    if request.param == "redis":
+        return request.getfixturevalue("redis_url")
+    return {"memory": "memory://", "file": f"file://{tmp_path}/store",
+            "sqlite": f"sqlite://{tmp_path}/greylist.db"}[request.param]
+
+
+def service(store_url: str, clock: Clock, **flags: str) -> Greylister:
+    config = load({"store": store_url, "delay": "60", **flags}, {})
+    store = open_store(store_url)  # one store for the service's life, as policyd and serve keep it
+    return Greylister(config, store, clock=clock)
+
+
+def reasons(g: Greylister, clock: Clock, steps, conn=None) -> list[tuple[str, str]]:
+    out = []
+    for at in steps:
+        clock.now = at
+        o = g.decide(conn or Connection("192.0.2.1"))
+        out.append((o.verdict.action, o.verdict.reason))
+    return out
+
+
+def test_every_policy_reason_on_every_store(store_url):
+    clock = Clock()
+    g = service(store_url, clock)
+    t = clock.now
+    assert reasons(g, clock, [t, t + 30, t + 61, t + 3600]) == [
+        (TEMPFAIL, "new"), (TEMPFAIL, "too-soon"), (PASS, "passed"), (PASS, "known")]
+
+
+def test_tcprules_variables_skip_the_store(tmp_path):
+    clock = Clock()
+    g = Greylister(load({"store": f"file://{tmp_path}/none"}, {}), clock=clock)
+    assert g.decide(Connection("192.0.2.1", relay=True)).verdict.reason == "relayclient"
+    assert g.decide(Connection("192.0.2.1", whitelisted=True)).verdict.reason == "whitelisted"
+    assert not (tmp_path / "none").exists()
+
+
+def test_client_whitelist_by_network_and_verified_name(store_url, tmp_path):
+    listed = tmp_path / "clients"
+    listed.write_text("198.51.100.0/24\ngoogle.com\n")
+    clock = Clock()
+    g = service(store_url, clock, whitelist=str(listed))
+    assert g.decide(Connection("198.51.100.7")).verdict.reason == "whitelisted"
+    assert g.decide(Connection("203.0.113.9", "mail-wr1-f41.google.com")).verdict.reason == "whitelisted"
+    assert g.decide(Connection("203.0.113.9", "google.com.evil.example")).verdict.reason == "new"
+
+
+def test_recipient_whitelist_and_triplet_keys(store_url, tmp_path):
+    listed = tmp_path / "rcpts"
+    listed.write_text("postmaster@\n")
+    clock = Clock()
+    g = service(store_url, clock, key="triplet", whitelist_recipients=str(listed), auto_whitelist="2")
+    o = g.decide(Connection("192.0.2.1", "", "a@example.org", "Postmaster@example.net"))
+    assert o.verdict.reason == "whitelisted-recipient" and o.key is None
+    steps = []
+    for i, rcpt in enumerate(["b@example.net", "c@example.net"]):
+        conn = Connection("192.0.2.1", "", "a@example.org", rcpt)
+        steps += reasons(g, clock, [clock.now + 1, clock.now + 100], conn)
+    assert steps == [(TEMPFAIL, "new"), (PASS, "passed")] * 2
+    clock.now += 1
+    o = g.decide(Connection("192.0.2.1", "", "z@example.org", "d@example.net"))
+    assert o.verdict.reason == "auto-whitelisted"
+    assert o.fields()["key"] == "192.0.2.1|z@example.org|d@example.net"
+
+
+def test_unreadable_whitelist_is_logged_and_greylisting_still_applies(store_url, tmp_path):
+    g = service(store_url, Clock(), whitelist=str(tmp_path / "missing"))
+    o = g.decide(Connection("192.0.2.1"))
+    assert o.verdict.reason == "new" and "cannot read whitelist" in o.fields()["whitelist_error"]
+
+
+class BrokenStore:
+    """A store whose server went away: every operation raises StoreError."""
+
+    capabilities = frozenset()
+    closed = 0
+
+    def transaction(self):
+        raise StoreError("connection refused")
+
+    def close(self):
+        BrokenStore.closed += 1
+
+
+@pytest.mark.parametrize("on_error,action", [("pass", PASS), ("tempfail", TEMPFAIL)])
+def test_store_failure_follows_on_error(on_error, action):
+    g = Greylister(load({"on_error": on_error, "store": "memory://"}, {}), BrokenStore())
+    o = g.decide(Connection("192.0.2.1"))
+    assert (o.verdict.action, o.verdict.reason) == (action, "store-error")
+    assert o.fields()["error"] == "connection refused" and o.fields()["on_error"] == on_error
+
+
+def test_a_failed_store_is_opened_again_at_the_next_decision(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")  # a file where the store's directory should be: ENOTDIR
+    g = Greylister(load({"store": f"file://{blocker}/store"}, {}))
+    assert g.decide(Connection("192.0.2.1")).verdict.reason == "store-error"
+    blocker.unlink()
+    assert g.decide(Connection("192.0.2.1")).verdict.reason == "new"
+
+
+def test_a_bug_of_ours_is_logged_as_one_and_never_passes():
+    class Buggy(BrokenStore):
+        def transaction(self):
+            raise KeyError("oops")
+
+    g = Greylister(load({"on_error": "pass", "store": "memory://"}, {}), Buggy())
+    o = g.decide(Connection("192.0.2.1"))
+    assert (o.verdict.action, o.verdict.reason) == (TEMPFAIL, "internal-error")
+    assert o.fields()["error"].startswith("internal error KeyError")
+
+
+def test_shadow_mode_records_as_enforcing_but_lets_everyone_through(store_url):
+    clock = Clock()
+    g = service(store_url, clock, mode="shadow")
+    t = clock.now
+    seen = []
+    for at in (t, t + 30, t + 61):
+        clock.now = at
+        o = g.decide(Connection("192.0.2.1"))
+        assert o.verdict.action == PASS
+        f = o.fields()
+        seen.append((f["verdict"], f["shadow"], f["reason"]))
+    assert seen == [("pass", "tempfail", "new"), ("pass", "tempfail", "too-soon"),
+                    ("pass", "pass", "passed")]
+    # the same store: shadow wrote what enforcing would have
+    enforcing = Greylister(load({"store": store_url}, {}), g._store, clock=clock)
+    clock.now += 1
+    assert enforcing.decide(Connection("192.0.2.1")).verdict.reason == "known"
+
+
+def test_shadow_mode_covers_store_errors_too():
+    g = Greylister(load({"on_error": "tempfail", "mode": "shadow", "store": "memory://"}, {}),
+                   BrokenStore())
+    o = g.decide(Connection("192.0.2.1"))
+    assert o.verdict.action == PASS and o.shadow.reason == "store-error"
+
+
+def test_per_client_settings_beat_the_service_configuration(store_url):
+    clock = Clock()
+    g = service(store_url, clock)
+    slow = Connection("192.0.2.1", settings={"GREYLIST_DELAY": "600"})
+    assert reasons(g, clock, [clock.now, clock.now + 61], slow) == [(TEMPFAIL, "new"), (TEMPFAIL, "too-soon")]
+    shadow = Connection("192.0.2.2", settings={"GREYLIST_MODE": "shadow"})
+    assert g.decide(shadow).shadow.reason == "new"
+    with pytest.raises(ConfigError, match="GREYLIST_DELAY"):
+        g.decide(Connection("192.0.2.3", settings={"GREYLIST_DELAY": "soon"}))
+
+
+def test_the_log_line_has_fixed_fields_and_cannot_be_forged():
+    g = Greylister(load({"store": "memory://"}, {}), open_store("memory://"), clock=Clock())
+    o = g.decide(Connection("192.0.2.1", "", "evil\n@x greylist-wrap: ip=1.2.3.4", "b@example.net"))
+    line = log_line("greylist-spp", o.fields())
+    assert line.count(b"\n") == 1 and line.endswith(b"\n")
+    assert line.startswith(b"greylist-spp: ip=192.0.2.1 from=\"evil\\x0a@x")
+    assert b" verdict=tempfail reason=new age=0 retry_in=60 " in line
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["192.0.2.1", "192.0.2.2", "2001:db8::1"]),
+                          st.floats(0, 7200)), max_size=12),
+       st.sampled_from(["enforce", "shadow"]))
+def test_shadow_and_enforcing_reach_the_same_verdicts(steps, mode):
+    """Property: shadow mode's would-be verdicts are enforcing's verdicts, step by step."""
+    clocks = Clock(), Clock()
+    enforcing = Greylister(load({"store": "memory://"}, {}), open_store("memory://"), clock=clocks[0])
+    other = Greylister(load({"store": "memory://", "mode": mode}, {}), open_store("memory://"),
+                       clock=clocks[1])
+    for ip, gap in steps:
+        for c in clocks:
+            c.now += gap
+        a, b = enforcing.decide(Connection(ip)), other.decide(Connection(ip))
+        assert (a.verdict.action, a.verdict.reason) == (b.enforced.action, b.enforced.reason)
+        assert mode == "enforce" or b.verdict.action == PASS
+
+
+def test_decide_does_not_read_the_real_clock(monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: (_ for _ in ()).throw(AssertionError("real clock")))
+    clock = Clock(5000.0)
+    g = Greylister(load({"store": "memory://"}, {}), open_store("memory://"), clock=clock)
+    assert g.decide(Connection("192.0.2.1")).verdict.retry_in == 60
