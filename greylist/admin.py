@@ -222,7 +222,10 @@ def cmd_policyd(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="greylist", description="Greylist store administration.")
+    parser = argparse.ArgumentParser(
+        prog="greylist", description="Greylist store administration and servers.",
+        epilog="Also: greylist serve [tcpserver's options] host port program ... (tcpserver and the "
+               "greylisting dialogue in one process; greylist serve --help).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("expire", help="remove stale entries (replaces the cron find)")
@@ -261,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # tcpserver's getopt-style command line, not argparse's
+        from greylist.adapters.serve import main as serve
+
+        return serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

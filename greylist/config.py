@@ -38,6 +38,16 @@ def parse_duration(text: str) -> float:
     return value
 
 
+def _bounded_duration(low: float, high: float):
+    """A duration parser that keeps a value within what select() and timers can use."""
+    def parse(text: str) -> float:
+        value = parse_duration(text)
+        if not low <= value <= high:
+            raise ConfigError(f"{text!r} is outside {low:g}..{high:g} seconds")
+        return value
+    return parse
+
+
 def parse_bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "yes", "true", "on"):
@@ -122,8 +132,10 @@ SETTINGS = (
      "text of the RCPT and DATA tempfail replies"),
     ("enhanced", "--enhanced-codes", "GREYLIST_ENHANCED", parse_bool, False,
      "add enhanced status code 4.7.1 and a retry hint to the tempfail replies"),
-    ("timeout", "--timeout", "GREYLIST_TIMEOUT", parse_duration, 300.0,
+    ("timeout", "--timeout", "GREYLIST_TIMEOUT", _bounded_duration(1, 3600), 300.0,
      "idle seconds before the tempfail dialogue answers 421 and closes"),
+    ("session_limit", "--session-limit", "GREYLIST_SESSION_LIMIT", _bounded_duration(1, 86400), 600.0,
+     "seconds a whole tempfail dialogue may last, however active, before it answers 421 and closes"),
     ("key", "--key", "GREYLIST_KEY", parse_key, "ip",
      "what an entry is keyed on: ip, subnet, triplet or triplet-subnet (triplets need "
      "greylist-spp or greylist policyd)"),

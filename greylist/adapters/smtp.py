@@ -12,6 +12,9 @@ from __future__ import annotations
 
 MAX_LINE = 512
 MAX_COMMANDS = 100
+#: Bytes one tempfail session may send in all: 100 commands of 512 bytes fit
+#: (a real MTA sends a few hundred bytes before it gets its 450).
+MAX_SESSION_BYTES = 64 * 1024
 
 
 def tempfail_text(message: str, enhanced: bool, retry_in: float) -> str:
@@ -52,6 +55,7 @@ class Dialogue:
         self.too_long = "500 line too long"
         self.timeout = f"421 {host} timeout"
         self.too_many = f"421 {host} too many commands, closing"
+        self.too_long_session = f"421 {host} session too long, closing"
 
     def answer(self, line: bytes) -> tuple[str, bool]:
         """The reply to one command line (without its line ending), and whether to close."""
@@ -103,3 +107,60 @@ class LineReader:
             if line.endswith(b"\r"):
                 line = line[:-1]
             lines.append(line)
+
+
+class TempfailSession:
+    """The greylisting dialogue of one connection as a state machine, with no I/O.
+
+    The wrapper drives it from a blocking loop and ``greylist serve`` from its
+    event loop, so both answer byte for byte the same. Bounded: the idle
+    timeout (the driver calls :meth:`idle`), a whole-session deadline the
+    driver enforces with :meth:`expired`, :data:`MAX_COMMANDS` lines and
+    :data:`MAX_SESSION_BYTES` bytes; past a bound the session answers 421 and
+    closes, so no client holds it longer than it allows.
+    """
+
+    __slots__ = ("dialogue", "reader", "commands", "received", "closed")
+
+    def __init__(self, dialogue: Dialogue) -> None:
+        self.dialogue = dialogue
+        self.reader = LineReader()
+        self.commands = 0
+        self.received = 0
+        self.closed = False
+
+    def greeting(self) -> bytes:
+        return encode(self.dialogue.greeting)
+
+    def feed(self, data: bytes) -> bytes:
+        """The replies to what the client sent; sets :attr:`closed` when the session ends."""
+        out = []
+        self.received += len(data)
+        if self.received > MAX_SESSION_BYTES:
+            self.closed = True
+            return encode(self.dialogue.too_many)
+        for line in self.reader.feed(data):
+            self.commands += 1
+            if self.commands > MAX_COMMANDS:
+                self.closed = True
+                out.append(encode(self.dialogue.too_many))
+                break
+            if line is None:
+                out.append(encode(self.dialogue.too_long))
+                continue
+            reply, close = self.dialogue.answer(line)
+            out.append(encode(reply))
+            if close:
+                self.closed = True
+                break
+        return b"".join(out)
+
+    def idle(self) -> bytes:
+        """The reply when the client has been silent for the idle timeout; the session ends."""
+        self.closed = True
+        return encode(self.dialogue.timeout)
+
+    def expired(self) -> bytes:
+        """The reply when the whole-session deadline has passed; the session ends."""
+        self.closed = True
+        return encode(self.dialogue.too_long_session)

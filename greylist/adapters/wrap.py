@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from greylist.config import ConfigError, load, split_flags
 from greylist.core.keys import BadAddress, parse_ip
@@ -69,34 +70,36 @@ def run_program(program: list[str], host_setting: str, fields: dict[str, object]
 
 
 def serve_tempfail(config, verdict: Verdict, rfd: int = 0, wfd: int = 1) -> None:
-    """Speak the greylisting dialogue until QUIT, EOF, the idle timeout or too many lines."""
+    """Speak the greylisting dialogue until QUIT, EOF, or a bound (idle, session, lines, bytes)."""
     import select
 
     from greylist.adapters.hostname import smtp_hostname
-    from greylist.adapters.smtp import MAX_COMMANDS, Dialogue, LineReader, encode
+    from greylist.adapters.smtp import Dialogue, TempfailSession
 
-    dialogue = Dialogue(
-        smtp_hostname(config.hostname), config.message, config.enhanced, verdict.retry_in
-    )
-    reader = LineReader()
-    commands = 0
+    session = TempfailSession(Dialogue(
+        smtp_hostname(config.hostname), config.message, config.enhanced, verdict.retry_in))
+    deadline = time.monotonic() + config.session_limit
 
-    def send(reply: str) -> bool:
+    def send(data: bytes) -> bool:
         try:
-            os.write(wfd, encode(reply))
+            os.write(wfd, data)
             return True
         except OSError:
             return False
 
-    if not send(dialogue.greeting):
+    if not send(session.greeting()):
         return
-    while True:
+    while not session.closed:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            send(session.expired())
+            return
         try:
-            ready, _, _ = select.select([rfd], [], [], config.timeout)
+            ready, _, _ = select.select([rfd], [], [], min(config.timeout, left))
         except (OSError, ValueError):
             return
         if not ready:
-            send(dialogue.timeout)
+            send(session.idle() if left > config.timeout else session.expired())
             return
         try:
             data = os.read(rfd, 4096)
@@ -104,17 +107,8 @@ def serve_tempfail(config, verdict: Verdict, rfd: int = 0, wfd: int = 1) -> None
             return
         if not data:
             return  # EOF, possibly mid-line: nothing more to say
-        for line in reader.feed(data):
-            commands += 1
-            if commands > MAX_COMMANDS:
-                send(dialogue.too_many)
-                return
-            if line is None:
-                reply, close = dialogue.too_long, False
-            else:
-                reply, close = dialogue.answer(line)
-            if not send(reply) or close:
-                return
+        if not send(session.feed(data)):
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
