@@ -662,6 +662,21 @@ def _canonical(text: str) -> str | None:
         return None
 
 
+def _import_before_dropping_privileges(config) -> None:
+    """Everything the server imports later, imported while it may still read its own
+    installation (a Python under /root is unreadable to qmaild): the store's module,
+    whitelists, host names, and the thread pool that asyncio's name lookups use."""
+    import concurrent.futures.thread  # noqa: F401
+    import greylist.adapters.hostname  # noqa: F401
+    import greylist.whitelist  # noqa: F401
+    from greylist.stores import StoreError, parse_url, store_class
+
+    try:
+        store_class(parse_url(config.store))
+    except StoreError:
+        pass  # reported per connection, as on_error says
+
+
 def _raise_descriptor_limit() -> int:
     """Sessions cost a descriptor each: take the hard limit, report the soft one we got."""
     import resource
@@ -703,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         sys.stderr.write(f"tcpserver: fatal: unable to bind: {exc.strerror or exc}\n")
         return 111
+    _import_before_dropping_privileges(config)
     try:
         drop_privileges(options.uid, options.gid)
     except OSError as exc:
