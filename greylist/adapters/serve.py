@@ -666,7 +666,7 @@ def _import_before_dropping_privileges(config) -> None:
     """Everything the server imports later, imported while it may still read its own
     installation (a Python under /root is unreadable to qmaild): the store's module,
     whitelists, host names, and the thread pool that asyncio's name lookups use."""
-    import concurrent.futures.thread  # noqa: F401
+    import concurrent.futures.thread  # noqa: F401 - imported for its side effect
     import greylist.adapters.hostname  # noqa: F401
     import greylist.whitelist  # noqa: F401
     from greylist.stores import StoreError, parse_url, store_class
