@@ -2,7 +2,9 @@
 
 The suite: wrapper start-up (pass and tempfail paths against a bare
 interpreter, pass path per store), in-process decisions per second per store,
-one simulated day per store, and live capacity per store.
+one simulated day per store, CPU per connection of greylist serve against
+tcpserver + greylist-wrap and tcpserver + /bin/true (and its memory with
+thousands of idle sessions), and live capacity per store.
 
     python benchmarks/run.py            # full run, prints the comparison table
     python benchmarks/run.py --quick    # the short run CI does
@@ -25,13 +27,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks import decisions, live_capacity, simulated_day, wrapper_startup  # noqa: E402
+from benchmarks import decisions, live_capacity, serve_cpu, simulated_day, wrapper_startup  # noqa: E402
 
 #: name -> (function, kwargs for a full run, kwargs for a quick run)
 SUITE = {
     "wrapper_startup": (wrapper_startup.measure, {"runs": 200}, {"runs": 40}),
     "decisions": (decisions.measure, {"calls": 100_000}, {"calls": 20_000}),
     "simulated_day": (simulated_day.measure, {"hours": 24.0}, {"hours": 3.0, "file_hours": 1.0}),
+    "serve_cpu": (serve_cpu.measure, {"connections": 3000, "idle": 5000}, {"connections": 1000, "idle": 2000}),
     "live_capacity": (live_capacity.measure, {"step_seconds": 5.0},
                       {"step_seconds": 2.0, "start_rate": 30.0, "max_rate": 70.0}),
 }
@@ -52,6 +55,9 @@ COMPARED = [
     ("decisions", "redis_per_second", "higher"),
     ("simulated_day", "memory_connections_per_second", "higher"),
     ("simulated_day", "file_connections_per_second", "higher"),
+    ("serve_cpu", "serve_vs_true", "lower"),
+    ("serve_cpu", "serve_vs_wrap", "lower"),
+    ("serve_cpu", "idle_rss_mb", "lower"),
     ("live_capacity", "file_max_rate_per_second", "higher"),
     ("live_capacity", "sqlite_max_rate_per_second", "higher"),
     ("live_capacity", "redis_max_rate_per_second", "higher"),
