@@ -730,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(options, config, dict(environ))
     server.start(sock)
     server.log([log_line("greylist-serve", {
-        "pid": server.pid, "started": f"{options.host}:{sock.getsockname()[1]}", "store": config.store,
+        "pid": server.pid, "started": (f"[{options.host}]" if ":" in options.host else options.host)
+        + f":{sock.getsockname()[1]}", "store": config.store,
         "mode": config.mode, "delay": config.delay, "limit": options.limit,
         "max_sessions": options.max_sessions})])
     return server.run()

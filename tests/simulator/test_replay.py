@@ -209,3 +209,15 @@ def test_replay_of_a_shadow_log_reports_live_and_predicted(tmp_path):
         [sys.executable, "-m", "simulator.cli", "replay", str(path), "--json", "-", "--quiet"],
         capture_output=True, text=True, timeout=60).stdout)
     assert report["run"]["shadow_log"]["clients_not_seen_again"] == 1
+
+
+def test_greylist_serve_lines_replay_as_our_own_log():
+    text = (f"{tai(T0)} tcpserver: status: 0/40\n"
+            f"{tai(T0)} greylist-serve: pid=9 started=0:25 store=file:///x mode=enforce delay=60\n"
+            f"{tai(T0 + 1)} tcpserver: pid 9 from 192.0.2.1\n"
+            f"{tai(T0 + 1)} tcpserver: ok 9 mx:198.51.100.1:25 :192.0.2.1::4000\n"
+            f"{tai(T0 + 1)} greylist-serve: pid=9 port=4000 ip=192.0.2.1 verdict=tempfail reason=new age=0\n"
+            f"{tai(T0 + 70)} greylist-serve: pid=77 port=4001 ip=192.0.2.1 verdict=pass reason=passed age=69\n")
+    log = parse(io.StringIO(text), "auto")
+    assert log.format == "wrapper"
+    assert log.events == [(T0 + 1, "192.0.2.1"), (T0 + 70, "192.0.2.1")]
