@@ -104,6 +104,14 @@ def parse_path(text: str) -> str:
     return parse_text(text)
 
 
+def parse_paths(text: str) -> str:
+    """One absolute path, or several separated by ':' (a repeated flag joins them so)."""
+    for part in text.split(":"):
+        if part:
+            parse_path(part)
+    return text
+
+
 def parse_store(text: str) -> str:
     if "://" not in text:
         raise ConfigError(f"store must be a URL such as file:///var/qmail/cqgreylist, not {text!r}")
@@ -145,11 +153,18 @@ SETTINGS = (
      "prefix length of an IPv6 client's network in subnet modes"),
     ("auto_whitelist", "--auto-whitelist", "GREYLIST_AUTO_WHITELIST", _integer(0, 1_000_000), 5,
      "with triplet keys: passed deliveries after which a client skips greylisting (0: off)"),
-    ("whitelist", "--whitelist", "GREYLIST_WHITELIST", parse_path, "",
-     "file of client networks (CIDR) and host name patterns that skip greylisting"),
-    ("whitelist_recipients", "--whitelist-recipients", "GREYLIST_WHITELIST_RECIPIENTS", parse_path, "",
-     "file of recipients (address, @domain or local@) who opt out of greylisting"),
+    ("whitelist", "--whitelist", "GREYLIST_WHITELIST", parse_paths, "",
+     "file of client networks (CIDR, partial addresses) and host names that skip greylisting; "
+     "repeat the flag, or separate paths with ':', for several files"),
+    ("whitelist_recipients", "--whitelist-recipients", "GREYLIST_WHITELIST_RECIPIENTS", parse_paths, "",
+     "file of recipients (address, @domain or local@) who opt out of greylisting; several as above"),
+    ("hostname_verified", "--hostname-verified", "GREYLIST_HOSTNAME_VERIFIED", parse_bool, False,
+     "TCPREMOTEHOST is a verified name (tcpserver -p): only then do host-name whitelist entries "
+     "apply (greylist serve -p and Postfix's client_name are verified by themselves)"),
 )
+
+#: settings that hold several paths: a repeated flag adds one
+LIST_SETTINGS = frozenset({"whitelist", "whitelist_recipients"})
 
 BOOLEAN_FLAGS = frozenset(flag for _, flag, _, parser, _, _ in SETTINGS if parser is parse_bool)
 
@@ -220,6 +235,9 @@ def add_setting_options(parser, names: tuple[str, ...]) -> None:
             if flag in BOOLEAN_FLAGS:
                 parser.add_argument(flag, dest=name, action="store_const", const="1",
                                     help=f"{help_text} (env {env})")
+            elif name in LIST_SETTINGS:
+                parser.add_argument(flag, dest=name, metavar="FILE", action="append",
+                                    help=f"{help_text} (env {env})")
             else:
                 parser.add_argument(flag, dest=name, metavar=name.upper(),
                                     help=f"{help_text} (env {env}; default {default!r})")
@@ -227,7 +245,12 @@ def add_setting_options(parser, names: tuple[str, ...]) -> None:
 
 def flags_of(args: object) -> dict[str, str]:
     """The settings an argparse namespace was given, keyed by setting name."""
-    return {n: getattr(args, n) for n, *_ in SETTINGS if getattr(args, n, None) is not None}
+    flags = {}
+    for name, *_ in SETTINGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            flags[name] = ":".join(value) if isinstance(value, list) else value
+    return flags
 
 
 def usage() -> str:
@@ -256,14 +279,16 @@ def split_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
         flag, eq, value = arg.partition("=")
         if flag not in by_flag:
             raise ConfigError(f"unknown option {flag}")
+        name = by_flag[flag]
         if flag in BOOLEAN_FLAGS:
-            flags[by_flag[flag]] = value if eq else "1"
-        elif eq:
-            flags[by_flag[flag]] = value
-        else:
+            value = value if eq else "1"
+        elif not eq:
             if i + 1 >= len(argv):
                 raise ConfigError(f"option {flag} needs a value")
             i += 1
-            flags[by_flag[flag]] = argv[i]
+            value = argv[i]
+        if name in LIST_SETTINGS and name in flags:
+            value = f"{flags[name]}:{value}"  # a repeated --whitelist adds a file
+        flags[name] = value
         i += 1
     return flags, argv[i:]

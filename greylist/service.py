@@ -39,6 +39,9 @@ class Connection(Value):
 
     ip: the canonical client address (:func:`~greylist.core.keys.parse_ip`).
     host: the client's host name ("" when unknown).
+    host_verified: the name was verified (forward-confirmed: tcpserver -p, Postfix's
+        client_name); an unverified name is the client's own claim (its PTR record)
+        and never whitelists, unless the hostname_verified setting says it is verified.
     sender, recipient: the envelope, where the protocol shows it (None otherwise).
     relay, whitelisted: tcprules set RELAYCLIENT or WHITELISTED for this client.
     settings: per-client GREYLIST_* variables not yet in the service's
@@ -46,13 +49,14 @@ class Connection(Value):
         they beat the run script's flags.
     """
 
-    __slots__ = ("ip", "host", "sender", "recipient", "relay", "whitelisted", "settings")
+    __slots__ = ("ip", "host", "sender", "recipient", "relay", "whitelisted", "settings", "host_verified")
 
     def __init__(self, ip: str, host: str = "", sender: str | None = None,
                  recipient: str | None = None, relay: bool = False, whitelisted: bool = False,
-                 settings: dict[str, str] | None = None) -> None:
+                 settings: dict[str, str] | None = None, host_verified: bool = False) -> None:
         self.ip = ip
         self.host = host
+        self.host_verified = host_verified
         self.sender = sender
         self.recipient = recipient
         self.relay = relay
@@ -152,10 +156,10 @@ class Greylister:
                 client = conn.ip if by_ip else keying.client(conn.ip)
                 if envelope:
                     key = keying.key_for(client, conn.sender, conn.recipient)
-                    verdict = self._check(config, policy, key, client)
+                    verdict = self._check(config, policy, key, client, extra)
                 else:
                     key = client
-                    verdict = self._check(config, policy, key, None)
+                    verdict = self._check(config, policy, key, None, extra)
         except Exception as exc:  # a failing store, or a bug of ours: never lose mail
             verdict = self._failed(config, exc, extra)
         shadow = None
@@ -173,8 +177,14 @@ class Greylister:
             return Verdict(PASS, WHITELISTED)
         if config.whitelist:
             listed = self._whitelist("clients", config.whitelist, extra)
-            if listed is not None and listed.matches(conn.ip, conn.host):
-                return Verdict(PASS, WHITELISTED)
+            if listed is not None:
+                if listed.matches(conn.ip):
+                    return Verdict(PASS, WHITELISTED)
+                if conn.host and listed.has_names and listed.matches_name(conn.host):
+                    if conn.host_verified or config.hostname_verified:
+                        return Verdict(PASS, WHITELISTED)
+                    extra["hostname_ignored"] = (f"{conn.host} is listed but not verified (run tcpserver "
+                                                 "-p and set GREYLIST_HOSTNAME_VERIFIED=1)")
         if conn.recipient is not None and config.whitelist_recipients:
             listed = self._whitelist("recipients", config.whitelist_recipients, extra)
             if listed is not None and listed.matches(conn.recipient):
@@ -194,10 +204,13 @@ class Greylister:
         except WhitelistError as exc:
             extra["whitelist_error"] = str(exc)
             return None
+        if listed.warnings:  # said once per load: lines that can never match
+            extra["whitelist_warning"] = "; ".join(listed.warnings[:5]) + (
+                f" (and {len(listed.warnings) - 5} more)" if len(listed.warnings) > 5 else "")
         self._whitelists[(kind, path)] = listed
         return listed
 
-    def _check(self, config, policy, key: str, client: str | None) -> Verdict:
+    def _check(self, config, policy, key: str, client: str | None, extra: dict) -> Verdict:
         store = self._store
         if store is None:
             from greylist.stores import open_store
@@ -206,6 +219,9 @@ class Greylister:
         try:
             return check(store, key, self.clock(), policy, client)
         finally:
+            if store.warnings:
+                extra["store_warning"] = "; ".join(store.warnings)
+                store.warnings.clear()
             if not self.keep_store and self._own_store:
                 self.close()
 

@@ -6,7 +6,18 @@ A client whitelist file holds one entry a line (``#`` starts a comment):
 - a host name, matched against the client's verified name (TCPREMOTEHOST from
   tcpserver, ``client_name`` from Postfix): ``google.com`` matches that name and
   every name below it;
-- a regular expression between slashes, as postgrey allows: ``/^mail\\d+\\.example\\.org$/``.
+- a regular expression between slashes, as postgrey allows: ``/^mail\\d+\\.example\\.org$/``,
+  matched with RE2 (google-re2), whose time is linear in the name's length: no
+  pattern can make a connection wait (Perl's backreferences and lookarounds,
+  which need backtracking, are refused with a warning for that line);
+- a partial address, as postgrey and tcprules read it: ``66.94.237.`` or
+  ``195.235.39`` is that /24, ``10.`` that /8.
+
+Several files may be given (``--whitelist`` repeated, or ``GREYLIST_WHITELIST``
+with paths separated by ``:``); all count. Files are read only if they are
+regular files of at most 16 MiB (``/dev/zero`` is refused, never read). A line
+that cannot match anything is skipped with a warning naming its file and line;
+the rest of the file still counts.
 
 A recipient whitelist holds addresses (``abuse@example.com``), local parts
 (``postmaster@``) or whole domains (``@example.net``).
@@ -24,71 +35,98 @@ import os
 
 from greylist.core.keys import BadAddress, packed_ip
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+
+
+MAX_FILE = 16 * 1024 * 1024
 
 
 class WhitelistError(ValueError):
-    """A whitelist file cannot be read; the message names the file and line."""
+    """A whitelist file cannot be read; the message names the file."""
+
+
+def _re2_options():
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # an unusable pattern is our warning, not RE2's stderr line
+    return options
+
+
+def read_regular(path: str, what: str = "whitelist") -> str:
+    """A whitelist's text: only a regular file (links to one are fine), at most MAX_FILE bytes."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise WhitelistError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise WhitelistError(f"cannot read {what} {path}: not a regular file")
+        if st.st_size > MAX_FILE:
+            raise WhitelistError(f"cannot read {what} {path}: {st.st_size} bytes, more than {MAX_FILE}")
+        chunks, size = [], 0
+        while size <= MAX_FILE:
+            data = os.read(fd, 1 << 20)
+            if not data:
+                break
+            chunks.append(data)
+            size += len(data)
+        if size > MAX_FILE:
+            raise WhitelistError(f"cannot read {what} {path}: grew past {MAX_FILE} bytes")
+    except OSError as exc:
+        raise WhitelistError(f"cannot read {what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def split_paths(value: str) -> list[str]:
+    """The files of a whitelist setting: one path, or several separated by ``:``."""
+    return [p for p in value.split(":") if p]
 
 
 class ClientWhitelist:
-    __slots__ = ("ranges", "names", "patterns", "_compiled")
+    __slots__ = ("ranges", "names", "patterns", "warnings", "_compiled")
 
-    def __init__(self, ranges: dict, names: frozenset, patterns: tuple) -> None:
+    def __init__(self, ranges: dict, names: frozenset, patterns: tuple, warnings: tuple = ()) -> None:
         self.ranges = ranges  # {4: (starts, ends), 16: (starts, ends)}, sorted and merged
         self.names = names
         self.patterns = patterns
+        self.warnings = warnings
         self._compiled = None
 
     @classmethod
     def parse(cls, text: str, source: str = "whitelist") -> "ClientWhitelist":
         spans: dict[int, list[tuple[int, int]]] = {4: [], 16: []}
-        names, patterns = set(), []
+        names, patterns, warnings = set(), [], []
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.split("#", 1)[0].strip()
             if not line:
                 continue
-            if line.startswith("/") and line.endswith("/") and len(line) > 2:
-                import re
+            problem = _add_line(line, spans, names, patterns)
+            if problem:
+                warnings.append(f"{source}:{number}: {problem}, skipped: {line[:80]!r}")
+        return cls(_merge(spans), frozenset(names), tuple(patterns), tuple(warnings))
 
-                try:
-                    re.compile(line[1:-1])
-                except re.error as exc:
-                    raise WhitelistError(f"{source}:{number}: bad pattern {line}: {exc}") from None
-                patterns.append(line[1:-1])
-                continue
-            address, slash, bits = line.partition("/")
-            try:
-                packed = packed_ip(address)
-            except BadAddress:
-                if slash or not all(c.isalnum() or c in ".-_" for c in line.lstrip(".")):
-                    raise WhitelistError(f"{source}:{number}: not an address, network or host "
-                                         f"name: {line!r}") from None
-                names.add(line.lower().strip("."))
-                continue
-            size = len(packed) * 8
-            try:
-                prefix = int(bits) if slash else size
-            except ValueError:
-                prefix = -1
-            if not 0 <= prefix <= size:
-                raise WhitelistError(f"{source}:{number}: bad prefix length in {line!r}")
-            start = int.from_bytes(packed, "big") & ~((1 << (size - prefix)) - 1)
-            spans[len(packed)].append((start, start + (1 << (size - prefix)) - 1))
-        ranges = {}
-        for family, items in spans.items():
-            items.sort()
-            merged: list[list[int]] = []
-            for start, end in items:
-                if merged and start <= merged[-1][1] + 1:
-                    merged[-1][1] = max(merged[-1][1], end)
-                else:
-                    merged.append([start, end])
-            ranges[family] = ([m[0] for m in merged], [m[1] for m in merged])
-        return cls(ranges, frozenset(names), tuple(patterns))
+    @classmethod
+    def combine(cls, lists: list["ClientWhitelist"]) -> "ClientWhitelist":
+        """Several files as one list: every network, name and pattern of each counts."""
+        if len(lists) == 1:
+            return lists[0]
+        spans: dict[int, list[tuple[int, int]]] = {4: [], 16: []}
+        for wl in lists:
+            for family in (4, 16):
+                starts, ends = wl.ranges.get(family, ((), ()))
+                spans[family].extend(zip(starts, ends))
+        return cls(_merge(spans), frozenset().union(*(wl.names for wl in lists)),
+                   tuple(p for wl in lists for p in wl.patterns),
+                   tuple(w for wl in lists for w in wl.warnings))
 
     def matches(self, ip: str, host: str = "") -> bool:
-        """True when the client address is in a listed network or its name matches."""
+        """True when the client address is in a listed network or its (verified) name matches."""
         try:
             packed = packed_ip(ip)
         except BadAddress:
@@ -102,47 +140,125 @@ class ClientWhitelist:
             if i >= 0 and number <= ends[i]:
                 return True
         if host:
-            name = host.lower().rstrip(".")
-            labels = name.split(".")
-            for i in range(len(labels)):
-                if ".".join(labels[i:]) in self.names:
-                    return True
-            if self.patterns:
-                import re
-
-                if self._compiled is None:
-                    self._compiled = [re.compile(p) for p in self.patterns]
-                return any(p.search(name) for p in self._compiled)
+            return self.matches_name(host)
         return False
 
+    def matches_name(self, host: str) -> bool:
+        name = host.lower().rstrip(".")
+        if len(name) > 253:
+            return False  # longer than any DNS name: not a name at all
+        labels = name.split(".")
+        for i in range(len(labels)):
+            if ".".join(labels[i:]) in self.names:
+                return True
+        if self.patterns:
+            if self._compiled is None:
+                import re2
+
+                options = _re2_options()
+                self._compiled = [re2.compile(p, options) for p in self.patterns]
+            return any(p.search(name) for p in self._compiled)
+        return False
+
+    @property
+    def has_names(self) -> bool:
+        return bool(self.names or self.patterns)
+
     def _dump(self) -> tuple:
-        return (self.ranges[4], self.ranges[16], sorted(self.names), list(self.patterns))
+        return (self.ranges[4], self.ranges[16], sorted(self.names), list(self.patterns), list(self.warnings))
 
 
-def load_clients(path: str) -> ClientWhitelist:
-    """The compiled whitelist of a file, from its cache when the cache is current."""
+def _add_line(line: str, spans: dict, names: set, patterns: list) -> str | None:
+    """Add one whitelist line; the reason it cannot match anything, or None."""
+    if line.startswith("/") and line.endswith("/") and len(line) > 2:
+        import re2
+
+        try:
+            re2.compile(line[1:-1], _re2_options())
+        except re2.error as exc:
+            why = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+            return f"pattern not usable by the linear-time engine ({why})"
+        patterns.append(line[1:-1])
+        return None
+    address, slash, bits = line.partition("/")
+    if not slash and _partial_ipv4(line):
+        octets = [int(o) for o in (line[:-1] if line.endswith(".") else line).split(".")]
+        prefix = 8 * len(octets)
+        start = int.from_bytes(bytes(octets + [0] * (4 - len(octets))), "big")
+        spans[4].append((start, start + (1 << (32 - prefix)) - 1))
+        return None
+    try:
+        packed = packed_ip(address)
+    except BadAddress:
+        if slash or not line.strip(".") or not all(c.isalnum() or c in ".-_" for c in line.lstrip(".")):
+            return "not an address, network, partial address or host name"
+        names.add(line.lower().strip("."))
+        return None
+    size = len(packed) * 8
+    try:
+        prefix = int(bits) if slash else size
+    except ValueError:
+        prefix = -1
+    if not 0 <= prefix <= size:
+        return "bad prefix length"
+    start = int.from_bytes(packed, "big") & ~((1 << (size - prefix)) - 1)
+    spans[len(packed)].append((start, start + (1 << (size - prefix)) - 1))
+    return None
+
+
+def _partial_ipv4(line: str) -> bool:
+    """``66.94.237.``, ``195.235.39``, ``10.``: one to three octets (a dot may end them)."""
+    dotted = line.endswith(".")
+    parts = (line[:-1] if dotted else line).split(".")
+    if not 1 <= len(parts) <= 3 or not all(p.isdigit() and len(p) <= 3 and int(p) <= 255 for p in parts):
+        return False
+    return dotted or len(parts) >= 2
+
+
+def _merge(spans: dict) -> dict:
+    ranges = {}
+    for family, items in spans.items():
+        items = sorted(items)
+        merged: list[list[int]] = []
+        for start, end in items:
+            if merged and start <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        ranges[family] = ([m[0] for m in merged], [m[1] for m in merged])
+    return ranges
+
+
+def load_clients(paths: str) -> ClientWhitelist:
+    """The compiled whitelist of one or several files (``a:b``), each from its cache when current."""
+    return ClientWhitelist.combine([_load_one(path) for path in split_paths(paths)])
+
+
+def _load_one(path: str) -> ClientWhitelist:
     try:
         st = os.stat(path)
     except OSError as exc:
         raise WhitelistError(f"cannot read whitelist {path}: {exc.strerror}") from None
-    stamp = (CACHE_VERSION, st.st_size, st.st_mtime_ns)
+    stamp = (CACHE_VERSION, st.st_size, st.st_mtime_ns, st.st_ino)
     cache = path + ".cache"
     try:
-        with open(cache, "rb") as f:
+        fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
             data = marshal.load(f)
         if data[0] == stamp:
-            v4, v6, names, patterns = data[1]
-            return ClientWhitelist({4: tuple(v4), 16: tuple(v6)}, frozenset(names), tuple(patterns))
+            v4, v6, names, patterns, warnings = data[1]
+            return ClientWhitelist({4: tuple(v4), 16: tuple(v6)}, frozenset(names), tuple(patterns),
+                                   tuple(warnings))
     except (OSError, EOFError, ValueError, TypeError, IndexError):
         pass
+    whitelist = ClientWhitelist.parse(read_regular(path), path)
+    # best effort (a read-only directory just means no cache): a new file under an
+    # unpredictable name, never through a link, renamed into place
+    tmp = f"{cache}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            whitelist = ClientWhitelist.parse(f.read(), path)
-    except OSError as exc:
-        raise WhitelistError(f"cannot read whitelist {path}: {exc.strerror}") from None
-    tmp = f"{cache}.{os.getpid()}.tmp"
-    try:  # best effort: a read-only directory just means no cache
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                     0o644)
+        with os.fdopen(fd, "wb") as f:
             marshal.dump((stamp, whitelist._dump()), f)
         os.replace(tmp, cache)
     except OSError:
@@ -154,10 +270,11 @@ def load_clients(path: str) -> ClientWhitelist:
 
 
 class RecipientWhitelist:
-    __slots__ = ("addresses", "locals", "domains")
+    __slots__ = ("addresses", "locals", "domains", "warnings")
 
     def __init__(self, text: str, source: str = "whitelist") -> None:
         self.addresses, self.locals, self.domains = set(), set(), set()
+        self.warnings: tuple = ()
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.split("#", 1)[0].strip().lower().strip("<>")
             if not line:
@@ -172,15 +289,21 @@ class RecipientWhitelist:
             else:
                 self.addresses.add(line)
 
+    def merge(self, other: "RecipientWhitelist") -> "RecipientWhitelist":
+        self.addresses |= other.addresses
+        self.locals |= other.locals
+        self.domains |= other.domains
+        return self
+
     def matches(self, recipient: str) -> bool:
         r = recipient.strip().strip("<>").lower()
         local, _, domain = r.rpartition("@")
         return r in self.addresses or local in self.locals or domain in self.domains
 
 
-def load_recipients(path: str) -> RecipientWhitelist:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return RecipientWhitelist(f.read(), path)
-    except OSError as exc:
-        raise WhitelistError(f"cannot read recipient whitelist {path}: {exc.strerror}") from None
+def load_recipients(paths: str) -> RecipientWhitelist:
+    lists = [RecipientWhitelist(read_regular(path, "recipient whitelist"), path) for path in split_paths(paths)]
+    result = lists[0] if lists else RecipientWhitelist("")
+    for other in lists[1:]:
+        result.merge(other)
+    return result

@@ -124,7 +124,7 @@ class SimulatedServer:
     def connect(self, ip: str, sender: str | None = None, recipient: str | None = None,
                 host: str = "") -> bool:
         """One SMTP connection from ``ip`` now (with its envelope for triplet keys); True when it passes."""
-        outcome = self.service.decide(Connection(ip, host, sender, recipient))
+        outcome = self.service.decide(Connection(ip, host, sender, recipient, host_verified=True))
         hour = self.hours[-1]
         hour.connections += 1
         if outcome.key is None:  # whitelisted: the store was not asked

@@ -12,7 +12,7 @@ from greylist.config import ConfigError, load
 from greylist.core.policy import PASS, TEMPFAIL
 from greylist.service import Connection, Greylister, log_line
 from greylist.stores import open_store
-from greylist.stores.base import StoreError
+from greylist.stores.base import Store, StoreError
 
 
 class Clock:
@@ -68,8 +68,15 @@ def test_client_whitelist_by_network_and_verified_name(store_url, tmp_path):
     clock = Clock()
     g = service(store_url, clock, whitelist=str(listed))
     assert g.decide(Connection("198.51.100.7")).verdict.reason == "whitelisted"
-    assert g.decide(Connection("203.0.113.9", "mail-wr1-f41.google.com")).verdict.reason == "whitelisted"
-    assert g.decide(Connection("203.0.113.9", "google.com.evil.example")).verdict.reason == "new"
+    verified = Connection("203.0.113.9", "mail-wr1-f41.google.com", host_verified=True)
+    assert g.decide(verified).verdict.reason == "whitelisted"
+    assert g.decide(Connection("203.0.113.10", "google.com.evil.example", host_verified=True)
+                    ).verdict.reason == "new"
+    # a PTR name the client controls is its own claim: ignored, and the log says why
+    claimed = g.decide(Connection("203.0.113.11", "mx.google.com"))
+    assert claimed.verdict.reason == "new" and "not verified" in claimed.fields()["hostname_ignored"]
+    trusting = service(store_url, Clock(), whitelist=str(listed), hostname_verified="1")
+    assert trusting.decide(Connection("203.0.113.12", "mx.google.com")).verdict.reason == "whitelisted"
 
 
 def test_recipient_whitelist_and_triplet_keys(store_url, tmp_path):
@@ -96,10 +103,9 @@ def test_unreadable_whitelist_is_logged_and_greylisting_still_applies(store_url,
     assert o.verdict.reason == "new" and "cannot read whitelist" in o.fields()["whitelist_error"]
 
 
-class BrokenStore:
+class BrokenStore(Store):
     """A store whose server went away: every operation raises StoreError."""
 
-    capabilities = frozenset()
     closed = 0
 
     def transaction(self):

@@ -39,10 +39,63 @@ def test_bisection_agrees_with_ipaddress(nets, probe):
     assert wl.matches(str(probe)) == any(probe in n for n in networks)
 
 
-@pytest.mark.parametrize("line", ["10.0.0.0/33", "bad name!", "/unclosed(/", "1.2.3.4/x"])
-def test_bad_lines_name_the_line(line):
-    with pytest.raises(WhitelistError, match=":2:"):
-        ClientWhitelist.parse(f"10.0.0.0/8\n{line}\n", "wl")
+@pytest.mark.parametrize("line", ["10.0.0.0/33", "bad name!", "/unclosed(/", "1.2.3.4/x", "/(a)\\1/",
+                                  "/^(?=x)/"])
+def test_a_bad_line_is_skipped_with_a_warning_naming_it_and_the_rest_counts(line):
+    wl = ClientWhitelist.parse(f"10.0.0.0/8\n{line}\n192.0.2.0/24\n", "wl")
+    assert len(wl.warnings) == 1 and wl.warnings[0].startswith("wl:2: ")
+    assert wl.matches("10.1.2.3") and wl.matches("192.0.2.9")
+
+
+@pytest.mark.parametrize("line,inside,outside", [
+    ("66.94.237.", "66.94.237.200", "66.94.238.1"),
+    ("195.235.39", "195.235.39.7", "195.235.40.7"),
+    ("10.", "10.200.1.1", "11.0.0.1"),
+    ("172.16", "172.16.99.1", "172.17.0.1"),
+])
+def test_partial_addresses_are_networks_as_postgrey_and_tcprules_read_them(line, inside, outside):
+    wl = ClientWhitelist.parse(line + "\n")
+    assert not wl.warnings and wl.matches(inside) and not wl.matches(outside)
+
+
+def test_patterns_take_linear_time_whatever_the_name():
+    """/^(a+)+$/ against 28 a's and '!' took 6 s with a backtracking engine."""
+    import time
+
+    wl = ClientWhitelist.parse("/^(a+)+$/\n")
+    started = time.perf_counter()
+    for n in (28, 200, 252):
+        assert not wl.matches("192.0.2.1", "a" * n + "!")
+    assert wl.matches("192.0.2.1", "a" * 253)
+    assert not wl.matches("192.0.2.1", "a" * 100_000)  # not a DNS name
+    assert time.perf_counter() - started < 5  # generous: a backtracking engine never finishes
+
+
+def test_only_regular_files_of_bounded_size_are_read(tmp_path):
+    with pytest.raises(WhitelistError, match="not a regular file"):
+        load_clients("/dev/zero")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(WhitelistError, match="not a regular file"):
+        load_clients(str(fifo))
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(17 * 1024 * 1024)
+    with pytest.raises(WhitelistError, match="more than"):
+        load_clients(str(big))
+
+
+def test_several_files_all_count_and_the_cache_is_never_written_through_a_link(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("192.0.2.0/24\n")
+    b.write_text("198.51.100.0/24\nexample.org\n")
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    for pid in range(os.getpid() - 20, os.getpid() + 20):
+        os.symlink(victim, tmp_path / f"a.cache.{pid}.tmp")
+    wl = load_clients(f"{a}:{b}")
+    assert wl.matches("192.0.2.1") and wl.matches("198.51.100.1") and wl.matches_name("mx.example.org")
+    assert victim.read_text() == "keep\n" and (tmp_path / "a.cache").is_file()
 
 
 def test_compiled_cache_is_used_and_refreshed(tmp_path):

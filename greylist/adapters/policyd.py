@@ -92,10 +92,12 @@ def answer(greylister, attrs: dict[str, str]) -> tuple[str, dict[str, object]]:
     except BadAddress as exc:
         return "action=DUNNO", {"verdict": "error", "error": str(exc)}
     sender, recipient = attrs.get("sender", ""), attrs.get("recipient", "")
-    host = attrs.get("reverse_client_name") or attrs.get("client_name") or ""
+    # client_name is Postfix's verified name (its PTR resolves back to the address);
+    # reverse_client_name is the unverified PTR, the client's own claim: never used
+    host = attrs.get("client_name") or ""
     if host == "unknown":
         host = ""
-    outcome = greylister.decide(Connection(ip, host, sender, recipient or "<>"))
+    outcome = greylister.decide(Connection(ip, host, sender, recipient or "<>", host_verified=True))
     return action_for(outcome.config, outcome.verdict, outcome.shadow is not None), outcome.fields()
 
 

@@ -34,7 +34,7 @@ from collections import deque
 
 from greylist.adapters.smtp import Dialogue, TempfailSession, encode, unavailable
 from greylist.adapters.tcprules import Rules, RulesError
-from greylist.config import SETTINGS, ConfigError, load, usage
+from greylist.config import LIST_SETTINGS, SETTINGS, ConfigError, load, usage
 from greylist.core.keys import BadAddress, parse_ip
 from greylist.core.policy import PASS
 from greylist.service import Connection, Greylister, log_line
@@ -103,7 +103,10 @@ def parse_args(argv: list[str], environ) -> Options:
         if opt == "--help":
             raise UsageError("help")
         if opt.startswith("--") and opt[2:] in by_flag:
-            o.flags[by_flag[opt[2:]]] = value
+            name = by_flag[opt[2:]]
+            if name in LIST_SETTINGS and name in o.flags:
+                value = f"{o.flags[name]}:{value}"  # a repeated --whitelist adds a file
+            o.flags[name] = value
         elif opt == "--max-sessions":
             o.max_sessions = _positive(value, opt)
         elif opt == "--grace":
@@ -543,7 +546,8 @@ class Server:
             self._ended()
             return
         conn = Connection(ip, peer.host or "", relay="RELAYCLIENT" in rule_env,
-                          whitelisted="WHITELISTED" in rule_env, settings=rule_env or None)
+                          whitelisted="WHITELISTED" in rule_env, settings=rule_env or None,
+                          host_verified=self.o.paranoid)
         try:
             outcome = self.greylister.decide(conn)
         except ConfigError as exc:  # a rule's GREYLIST_* variable we cannot use

@@ -91,6 +91,9 @@ class Store:
 
     def __init__(self) -> None:
         self.ops: dict[str, int] = {}
+        #: things the store found and handled that an admin should hear of (a corrupt
+        #: entry replaced, say); the service moves them into the connection's log line
+        self.warnings: list[str] = []
 
     def count(self, op: str, n: int = 1) -> None:
         ops = self.ops

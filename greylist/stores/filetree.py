@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import os
 
+from stat import S_ISREG as _S_ISREG
+
 from greylist.core.keys import BadAddress, packed_ip, parse_ip
 from greylist.core.policy import Record
 from greylist.stores.base import COUNT, DISK_USAGE, PATHS, SCAN, TEMP_FILES, Store, StoreError
 
-_O_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_O_CREATE_TMP = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-_O_READ = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+# Every file is created new (O_EXCL) and never through a link (O_NOFOLLOW): a planted
+# symlink in the store cannot make us write anywhere else. Reads never follow a link and
+# never block on a FIFO.
+_O_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 
 class FileStore(Store):
@@ -114,11 +118,16 @@ class FileStore(Store):
         """(mtime, up to ``limit`` bytes of content) of an entry, or None if it is gone."""
         self.count("stat")
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StoreError(f"cannot read {path}: {exc.strerror}") from None
+        if not _S_ISREG(st.st_mode):
+            # a symlink, FIFO, directory or device is not an entry of ours: treated as
+            # absent (so it is replaced, by a rename that never follows it) and reported
+            self.warnings.append(f"{path} is not a regular file; replaced")
+            return None
         if st.st_size == 0:
             return st.st_mtime, b""
         self.count("read")
@@ -142,8 +151,10 @@ class FileStore(Store):
 
     def put(self, key: str, record: Record, ttl: float | None = None) -> None:
         directory, path = self.path_of(key)
-        tmp = f"{directory}/.{path[len(directory) + 1:]}.{os.getpid()}.tmp"
-        self._write_file(directory, tmp, _O_CREATE_TMP, self._content(key, record), record.last_seen)
+        # an unpredictable name, created new: nothing planted in advance can be written through
+        tmp = f"{directory}/.{path[len(directory) + 1:]}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
+        if not self._write_file(directory, tmp, _O_CREATE_NEW, self._content(key, record), record.last_seen):
+            raise StoreError(f"cannot create {tmp}: it exists already")
         self.count("rename")
         try:
             os.rename(tmp, path)

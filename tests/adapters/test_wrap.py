@@ -264,10 +264,14 @@ def test_whitelist_file_networks_and_names(wrapper, store_dir, tmp_path):
     wl = tmp_path / "whitelist"
     wl.write_text("198.51.100.0/24\ngoogle.com\n")
     by_net = wrapper.run(ip="198.51.100.20", GREYLIST_WHITELIST=str(wl))
-    by_name = wrapper.run(ip="203.0.113.5", GREYLIST_WHITELIST=str(wl), TCPREMOTEHOST="mail-a.google.com")
-    other = wrapper.run(ip="203.0.113.6", GREYLIST_WHITELIST=str(wl), TCPREMOTEHOST="mail.example")
-    assert [parse_log(r.stderr)[0]["reason"] for r in (by_net, by_name, other)] == \
-        ["whitelisted", "whitelisted", "new"]
+    by_name = wrapper.run(ip="203.0.113.5", GREYLIST_WHITELIST=str(wl), TCPREMOTEHOST="mail-a.google.com",
+                          GREYLIST_HOSTNAME_VERIFIED="1")
+    other = wrapper.run(ip="203.0.113.6", GREYLIST_WHITELIST=str(wl), TCPREMOTEHOST="mail.example",
+                        GREYLIST_HOSTNAME_VERIFIED="1")
+    unverified = wrapper.run(ip="203.0.113.7", GREYLIST_WHITELIST=str(wl), TCPREMOTEHOST="mx.google.com")
+    assert [parse_log(r.stderr)[0]["reason"] for r in (by_net, by_name, other, unverified)] == \
+        ["whitelisted", "whitelisted", "new", "new"]
+    assert "not verified" in parse_log(unverified.stderr)[0]["hostname_ignored"]
     assert not (store_dir / "198").exists() and not (store_dir / "203" / "203.0.113.5").exists()
 
 

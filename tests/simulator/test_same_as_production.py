@@ -31,7 +31,8 @@ def test_simulator_and_wrapper_give_the_same_verdict_sequence(tmp_path):
     live = []
     for at, ip, host in SEQUENCE:
         time.sleep(max(0.0, start + at - time.time()))
-        result = wrapper.run(ip, GREYLIST_DELAY="1", GREYLIST_WHITELIST=str(listed), TCPREMOTEHOST=host)
+        result = wrapper.run(ip, GREYLIST_DELAY="1", GREYLIST_WHITELIST=str(listed), TCPREMOTEHOST=host,
+                            GREYLIST_HOSTNAME_VERIFIED="1")
         log = parse_log(result.stderr)[0]
         live.append((log["verdict"], log["reason"]))
 
@@ -40,7 +41,7 @@ def test_simulator_and_wrapper_give_the_same_verdict_sequence(tmp_path):
     simulated = []
     for at, ip, host in SEQUENCE:
         server.env.now = 1e9 + at
-        outcome = server.service.decide(Connection(ip, host))
+        outcome = server.service.decide(Connection(ip, host, host_verified=True))
         simulated.append((outcome.verdict.action, outcome.verdict.reason))
     assert live == simulated
     assert [r for _, r in live] == ["new", "too-soon", "whitelisted", "whitelisted", "new",

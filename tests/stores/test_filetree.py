@@ -125,3 +125,34 @@ def test_counts_its_operations(tmp_path):
     assert store.ops == {"stat": 1, "create": 2, "mkdir": 1, "utime": 1}
     check(store, "192.0.2.1", 2000.0, Policy())
     assert store.ops["rename"] == 1 and store.ops["write"] == 1
+
+
+def test_a_planted_symlink_is_never_written_through(tmp_path):
+    """Temp files and entries are created O_EXCL|O_NOFOLLOW under unpredictable names; an
+    entry that is a symlink is replaced by a rename, which never follows it."""
+    import os
+
+    from greylist.core.check import check
+    from greylist.core.policy import Policy
+    from greylist.service import Connection, Greylister
+    from greylist.config import load
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    store_dir = tmp_path / "store"
+    (store_dir / "192").mkdir(parents=True)
+    for pid in range(os.getpid() - 50, os.getpid() + 50):  # the old predictable temp names
+        os.symlink(victim, store_dir / "192" / f".192.0.2.1.{pid}.tmp")
+    os.symlink(victim, store_dir / "192" / "192.0.2.1")  # the entry itself
+    os.mkfifo(store_dir / "192" / "192.0.2.2")
+    store = FileStore(str(store_dir))
+    policy = Policy(delay=0)
+    assert check(store, "192.0.2.1", 1000.0, policy).reason == "new"
+    assert check(store, "192.0.2.1", 1001.0, policy).reason == "passed"
+    assert victim.read_text() == "precious\n"
+    entry = store_dir / "192" / "192.0.2.1"
+    assert entry.is_file() and not entry.is_symlink()
+    g = Greylister(load({"store": f"file://{store_dir}"}, {}), store, clock=lambda: 2000.0)
+    outcome = g.decide(Connection("192.0.2.2"))  # a FIFO: never opened, replaced
+    assert outcome.verdict.reason == "new" and "not a regular file" in outcome.fields()["store_warning"]
+    assert (store_dir / "192" / "192.0.2.2").is_file()
