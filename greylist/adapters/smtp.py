@@ -24,7 +24,9 @@ def tempfail_text(message: str, enhanced: bool, retry_in: float) -> str:
     """
     if not enhanced:
         return message
-    hint = f" in {max(1, int(retry_in + 0.999))} s" if retry_in > 0 else ""
+    # retry_in comes from the policy, bounded by delay + clock skew; a value that is not
+    # a finite number still gets a reply, without the hint
+    hint = f" in {max(1, int(retry_in + 0.999))} s" if 0 < retry_in < 1e9 else ""
     return f"4.7.1 {message}{hint}"
 
 

@@ -52,9 +52,27 @@ def refuse(host_setting: str, fields: dict[str, object]) -> int:
     return EX_TEMPFAIL
 
 
+def runnable(name: str) -> str | None:
+    """Why PROGRAM cannot be run (not found, not executable), or None: checked before the
+    log line, so that a connection logs one line even when its program is missing."""
+    if "/" in name:
+        candidates = [name]
+    else:
+        candidates = [f"{d or '.'}/{name}" for d in os.environ.get("PATH", os.defpath).split(":")]
+    for path in candidates:
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return None
+    return "not an executable file" if "/" in name else "not found in PATH"
+
+
 def run_program(program: list[str], host_setting: str, fields: dict[str, object]) -> int:
-    """Hand the connection to PROGRAM; only returns if exec failed."""
+    """Log the connection's line and hand the connection to PROGRAM; returns only if it cannot run."""
     import _signal
+
+    problem = runnable(program[0])
+    if problem is not None:
+        return refuse(host_setting, dict(fields, verdict="error", error=f"cannot run {program[0]}: {problem}"))
+    log(fields)
 
     # Python ignores SIGPIPE and SIGXFSZ, and ignored signals survive exec:
     # qmail-smtpd must get the default dispositions a shell would give it.
@@ -63,7 +81,7 @@ def run_program(program: list[str], host_setting: str, fields: dict[str, object]
             _signal.signal(getattr(_signal, name), _signal.SIG_DFL)
     try:
         os.execvp(program[0], program)
-    except OSError as exc:
+    except OSError as exc:  # it vanished or broke since the check: a second line, for this rare case
         fields = dict(fields, verdict="error", error=f"cannot run {program[0]}: {exc.strerror}")
         return refuse(host_setting, fields)
     return EX_TEMPFAIL  # pragma: no cover - execvp does not return
@@ -150,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     outcome = Greylister(config, keep_store=False).decide(Connection.from_environ(ip, environ))
     fields = {"pid": pid, **outcome.fields()}
     if outcome.verdict.action == PASS:
-        log(fields)
         return run_program(program, host_setting, fields)
     log(fields)
     serve_tempfail(config, outcome.verdict)

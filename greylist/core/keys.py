@@ -45,6 +45,7 @@ def packed_ip(text: str) -> bytes:
 # --- what a greylisting entry is keyed on ---------------------------------
 
 KEY_MODES = ("ip", "subnet", "triplet", "triplet-subnet")
+MAX_ADDRESS = 512
 
 
 def network_of(ip: str, v4_bits: int = 24, v6_bits: int = 64) -> str:
@@ -133,7 +134,8 @@ class Keying:
             return client
         if sender is None or recipient is None:
             raise BadAddress("triplet keys need the envelope sender and recipient")
-        return f"{client}|{normalize_sender(sender)}|{normalize_recipient(recipient)}"
+        # bounded: an address is at most 254 characters (RFC 5321), a key never much more
+        return f"{client}|{normalize_sender(sender)[:MAX_ADDRESS]}|{normalize_recipient(recipient)[:MAX_ADDRESS]}"
 
     @property
     def needs_envelope(self) -> bool:

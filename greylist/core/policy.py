@@ -9,6 +9,16 @@ early is told again to wait ("too-soon"); one that comes back after the retry
 window, or a known client silent for longer than ``max_age``, starts over as
 new. Most spam sources never retry, so they never get through.
 
+A stored record is data we did not necessarily write: another MX sharing the
+store may run a fast clock, a clock may have been stepped back, a file may
+have been touched into the future, a value may be ``inf`` or ``nan``. No
+stored value may delay a client longer than ``delay`` plus
+:data:`CLOCK_SKEW`: a record dated up to CLOCK_SKEW ahead of now counts as
+written now (an MX whose clock is a little fast); one dated further ahead,
+or holding a value that is not a finite number of seconds or a non-negative
+count, is treated as corrupt: the client starts over as new, and the record
+is overwritten. ``greylist expire`` removes such records.
+
 :func:`decide` is pure: it reads no clock and does no I/O. It takes the stored
 record and the time, and returns the verdict and the record to write. Every
 front end and the simulator call exactly this function.
@@ -27,6 +37,9 @@ PASSED = "passed"
 KNOWN = "known"
 WHITELISTED = "whitelisted"
 AUTO_WHITELISTED = "auto-whitelisted"
+
+#: How far ahead of our clock a stored time may lie and still count (seconds).
+CLOCK_SKEW = 300.0
 
 #: What the caller must write back to the store after a decision.
 WRITE_NONE = 0
@@ -124,6 +137,9 @@ class Decision(Value):
 
 def decide(record: Record | None, now: float, policy: Policy) -> Decision:
     """Decide one connection from its stored record at time ``now``."""
+    if record is not None and not sane(record, now):
+        # corrupt or from the future: the client starts over, and the record is overwritten
+        return Decision(Verdict(TEMPFAIL, NEW, 0.0, policy.delay), Record(now, now, 0), WRITE_UPDATE)
     if record is not None:
         if record.passes:
             if now - record.last_seen <= policy.max_age:
@@ -136,7 +152,7 @@ def decide(record: Record | None, now: float, policy: Policy) -> Decision:
             waited = now - record.first_seen
             if waited < policy.delay:
                 return Decision(
-                    Verdict(TEMPFAIL, TOO_SOON, waited, policy.delay - waited),
+                    Verdict(TEMPFAIL, TOO_SOON, max(waited, 0.0), policy.delay - waited),
                     record,
                     WRITE_NONE,
                 )
@@ -154,10 +170,19 @@ def decide(record: Record | None, now: float, policy: Policy) -> Decision:
     return Decision(Verdict(TEMPFAIL, NEW, 0.0, policy.delay), Record(now, now, 0), WRITE_CREATE)
 
 
+def sane(record: Record, now: float) -> bool:
+    """True when the record holds finite times no further ahead than CLOCK_SKEW and a
+    non-negative count (NaN fails every comparison, so it is never sane)."""
+    limit = now + CLOCK_SKEW
+    first, last, passes = record.first_seen, record.last_seen, record.passes
+    return (-1e12 < first <= limit and -1e12 < last <= limit
+            and type(passes) is int and 0 <= passes < 1 << 62)
+
+
 def decide_auto_whitelist(client: Record | None, now: float, policy: Policy) -> Decision | None:
     """A pass for a client with ``auto_whitelist`` passed deliveries seen within max_age, else None."""
-    if (client is None or not policy.auto_whitelist or client.passes < policy.auto_whitelist
-            or now - client.last_seen > policy.max_age):
+    if (client is None or not policy.auto_whitelist or not sane(client, now)
+            or client.passes < policy.auto_whitelist or now - client.last_seen > policy.max_age):
         return None
     return Decision(Verdict(PASS, AUTO_WHITELISTED, now - client.first_seen),
                     Record(client.first_seen, now, client.passes + 1), WRITE_UPDATE)
@@ -165,7 +190,7 @@ def decide_auto_whitelist(client: Record | None, now: float, policy: Policy) -> 
 
 def count_pass(client: Record | None, now: float, policy: Policy) -> Record:
     """The client's tally of passed deliveries after one more (restarting if it went quiet)."""
-    if client is None or now - client.last_seen > policy.max_age:
+    if client is None or not sane(client, now) or now - client.last_seen > policy.max_age:
         return Record(now, now, 1)
     return Record(client.first_seen, now, client.passes + 1)
 
@@ -184,6 +209,8 @@ def expires_at(record: Record, policy: Policy) -> float:
 
 def is_expired(record: Record, now: float, policy: Policy) -> bool:
     """True when :func:`decide` would treat the record as new: safe to delete."""
+    if not sane(record, now):
+        return True
     if record.passes:
         return now - record.last_seen > policy.max_age
     return now - record.first_seen > policy.retry_window

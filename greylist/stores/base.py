@@ -25,6 +25,24 @@ class _NoTransaction:
 _NO_TRANSACTION = _NoTransaction()
 
 
+def text_key(key: str) -> str:
+    """A key that any text column or protocol takes: keys built from the environment
+    may carry undecodable bytes (as surrogates, from os.environ); they are written as
+    backslash escapes, the same for the same bytes, so the key is stable."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def record_of(first: object, last: object, passes: object) -> Record | None:
+    """A record from stored values, or None when they are not numbers (a garbage row)."""
+    if (type(first) not in (int, float) or type(last) not in (int, float) or type(passes) is not int):
+        return None
+    return Record(float(first), float(last), passes)
+
+
 class StoreError(Exception):
     """The store cannot be read or written (permissions, full disk, server down)."""
 

@@ -122,7 +122,7 @@ class Address:
 def _encode(args: tuple) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8", "surrogateescape")
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
 
@@ -283,6 +283,7 @@ class RedisPyConnection:
             raise StoreError(f"redis at {address}: cannot connect: {exc}") from None
 
     def execute(self, *args: object):
+        args = _bytes_safe(args)
         try:
             self.conn.send_command(*args)
             self._drain()
@@ -294,6 +295,7 @@ class RedisPyConnection:
             raise StoreError(f"redis at {self.address}: {exc}") from None
 
     def send(self, *args: object) -> None:
+        args = _bytes_safe(args)
         try:
             self.conn.send_command(*args)
         except (self.redis.RedisError, OSError) as exc:
@@ -324,6 +326,11 @@ def _reason(exc: OSError) -> str:
     if isinstance(exc, TimeoutError) or "timed out" in str(exc):
         return "timed out"
     return exc.strerror or str(exc)
+
+
+def _bytes_safe(args: tuple) -> tuple:
+    """Keys may hold undecodable bytes (surrogates from os.environ): sent as those bytes."""
+    return tuple(a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a for a in args)
 
 
 def _value(record: Record) -> bytes:
@@ -425,8 +432,12 @@ class RedisStore(Store):
     def _fetch(self, keys: list[bytes]):
         for key, value in zip(keys, self._do("MGET", *keys)):
             record = _record(value)
-            if record is not None:
-                yield (key.decode() if isinstance(key, bytes) else key)[len(PREFIX):], record
+            if record is None:
+                if value is not None:
+                    self.count("unreadable")
+                continue
+            name = key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key
+            yield name[len(PREFIX):], record
 
     def size(self) -> int:
         return sum(1 for _ in self._keys())

@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - a Python without the C module's privat
     import sqlite3 as sqlite
 
 from greylist.core.policy import Record
-from greylist.stores.base import COUNT, DISK_USAGE, SCAN, Store, StoreError
+from greylist.stores.base import COUNT, DISK_USAGE, SCAN, Store, StoreError, record_of, text_key
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS greylist (
     key TEXT PRIMARY KEY,
@@ -141,31 +141,35 @@ class SqliteStore(Store):
 
     def get(self, key: str) -> Record | None:
         row = self._execute("SELECT first_seen, last_seen, passes FROM greylist WHERE key = ?",
-                            (key,)).fetchone()
-        return None if row is None else Record(row[0], row[1], row[2])
+                            (text_key(key),)).fetchone()
+        return None if row is None else record_of(*row)  # a garbage row counts as absent: replaced
 
     def add(self, key: str, record: Record, ttl: float | None = None) -> bool:
         cursor = self._execute("INSERT OR IGNORE INTO greylist VALUES (?, ?, ?, ?)",
-                               (key, record.first_seen, record.last_seen, record.passes))
+                               (text_key(key), record.first_seen, record.last_seen, record.passes))
         return cursor.rowcount == 1
 
     def put(self, key: str, record: Record, ttl: float | None = None) -> None:
         self._execute("INSERT OR REPLACE INTO greylist VALUES (?, ?, ?, ?)",
-                      (key, record.first_seen, record.last_seen, record.passes))
+                      (text_key(key), record.first_seen, record.last_seen, record.passes))
 
     def delete(self, key: str, expected: Record | None = None) -> bool:
         if expected is None:
-            cursor = self._execute("DELETE FROM greylist WHERE key = ?", (key,))
+            cursor = self._execute("DELETE FROM greylist WHERE key = ?", (text_key(key),))
         else:
             cursor = self._execute(
                 "DELETE FROM greylist WHERE key = ? AND first_seen = ? AND last_seen = ? AND passes = ?",
-                (key, expected.first_seen, expected.last_seen, expected.passes))
+                (text_key(key), expected.first_seen, expected.last_seen, expected.passes))
         return cursor.rowcount == 1
 
     def scan(self):
         rows = self._execute("SELECT key, first_seen, last_seen, passes FROM greylist ORDER BY key").fetchall()
         for key, first, last, passes in rows:
-            yield key, Record(first, last, passes)
+            record = record_of(first, last, passes)
+            if record is None or not isinstance(key, str):
+                self.count("unreadable")  # skipped and counted: admin commands report it
+                continue
+            yield key, record
 
     def size(self) -> int:
         return self._execute("SELECT COUNT(*) FROM greylist").fetchone()[0]
