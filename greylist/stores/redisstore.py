@@ -27,6 +27,8 @@ Both return the same raw replies, so :class:`RedisStore` has one code path.
 
 from __future__ import annotations
 
+from time import monotonic
+
 from greylist.core.policy import Record
 from greylist.stores.base import SCAN, SHARED, TTL, Store, StoreError
 
@@ -127,11 +129,24 @@ def _encode(args: tuple) -> bytes:
     return b"".join(out)
 
 
+#: Bounds on what a server may send us: our values are tens of bytes, a SCAN batch 1,000 keys.
+MAX_BULK = 1 << 20
+MAX_ARRAY = 100_000
+MAX_LINE = 64 * 1024
+
+
 class RespConnection:
-    """RESP2 over a plain socket: just enough protocol for one store, no dependencies."""
+    """RESP2 over a plain socket: just enough protocol for one store, no dependencies.
+
+    Each command has one deadline (the URL's timeout) for all its reads, so a server
+    that trickles a byte at a time cannot hold a connection longer than that; a reply
+    that is not well-formed RESP, or larger than a greylist store ever sends, is an
+    error of the store, never taken for an answer.
+    """
 
     def __init__(self, address: Address) -> None:
         self.pending = 0  # replies of send-only commands not read yet
+        self.deadline = 0.0
         self._open(address)
 
     def _open(self, address: Address) -> None:
@@ -166,6 +181,7 @@ class RespConnection:
 
     def execute(self, *args: object, follow: bool = True):
         self._reconnect()
+        self.deadline = monotonic() + self.address.timeout
         try:
             self.sock.sendall(_encode(args))
             self._drain()
@@ -218,9 +234,15 @@ class RespConnection:
             if end >= 0:
                 line, self.buffer = self.buffer[:end], self.buffer[end + 2 :]
                 return line
+            if len(self.buffer) > MAX_LINE:
+                raise OSError(71, "protocol error: a reply line without end")
             self._fill()
 
     def _fill(self) -> None:
+        left = self.deadline - monotonic()
+        if left <= 0:
+            raise OSError(110, f"no whole reply within {self.address.timeout:g} s")
+        self.sock.settimeout(left)
         data = self.sock.recv(65536)
         if not data:
             raise OSError(104, "connection closed by the server")
@@ -237,21 +259,28 @@ class RespConnection:
                 raise MovedError(text.split()[-1])
             raise ReplyError(f"redis at {self.address}: {text}")
         if kind == b":":
-            return int(rest)
+            return _number(rest, line)
         if kind == b"$":
-            size = int(rest)
-            if size < 0:
+            size = _number(rest, line)
+            if size == -1:
                 return None
+            if not 0 <= size <= MAX_BULK:
+                raise OSError(71, f"protocol error: bulk length {size}")
             while len(self.buffer) < size + 2:
                 self._fill()
             data, self.buffer = self.buffer[:size], self.buffer[size + 2 :]
             return data
         if kind == b"*":
-            count = int(rest)
-            return None if count < 0 else [self._reply() for _ in range(count)]
+            count = _number(rest, line)
+            if count == -1:
+                return None
+            if not 0 <= count <= MAX_ARRAY:
+                raise OSError(71, f"protocol error: array length {count}")
+            return [self._reply() for _ in range(count)]
         raise OSError(71, f"protocol error: unexpected reply {line[:40]!r}")
 
     def close(self) -> None:
+        self.deadline = monotonic() + self.address.timeout
         try:
             self._drain()  # a write sent last is confirmed before we go
         except OSError:
@@ -326,6 +355,12 @@ def _reason(exc: OSError) -> str:
     if isinstance(exc, TimeoutError) or "timed out" in str(exc):
         return "timed out"
     return exc.strerror or str(exc)
+
+
+def _number(text: bytes, line: bytes) -> int:
+    if not text or not (text.isdigit() or (text[:1] == b"-" and text[1:].isdigit())) or len(text) > 20:
+        raise OSError(71, f"protocol error: not a number in {line[:40]!r}")
+    return int(text)
 
 
 def _bytes_safe(args: tuple) -> tuple:
