@@ -215,7 +215,7 @@ def cmd_policyd(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     try:
-        return serve(args.listen, config)
+        return serve(args.listen, config, args.max_connections)
     except (OSError, ValueError) as exc:
         print(f"greylist policyd: cannot listen on {args.listen}: {exc}", file=sys.stderr)
         return 2
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policyd", help="a Postfix policy server (check_policy_service)")
     p.add_argument("--listen", default="127.0.0.1:10023",
                    help="HOST:PORT or unix:/path (default 127.0.0.1:10023)")
+    p.add_argument("--max-connections", type=int, default=4000,
+                   help="Postfix connections at once (default 4000, kept below the descriptor limit); "
+                        "at the bound the connection idle the longest is closed")
     add_setting_options(p, tuple(name for name, *_ in SETTINGS))
     p.set_defaults(func=cmd_policyd)
 

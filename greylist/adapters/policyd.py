@@ -1,4 +1,4 @@
-"""``greylist policyd``: a Postfix policy server on the same core.
+"""``greylist policyd``: a Postfix policy server on the same service.
 
 Postfix asks it once per recipient (``check_policy_service`` in
 ``smtpd_recipient_restrictions``) with the policy delegation protocol:
@@ -8,62 +8,105 @@ an empty line, several requests per connection. A tempfail is
 restriction rejects anyway); anything else is ``action=DUNNO``, and a client
 that passed after waiting gets an ``X-Greylist`` header, as postgrey adds.
 
-Requests are bounded (line and request size, attribute count); a garbage or
-incomplete request is answered DUNNO and logged, never with a crash. Each
-connection gets its own thread and its own service (and store connection),
-closed when the connection ends.
+One process, one event loop, one service with its store opened once: a
+connection costs a socket, not a thread. Everything a client controls is
+bounded: an attribute is cut to 512 characters (as postgrey does, and the
+request is still decided: a long HELO name is no way around greylisting),
+a request to 32 KiB and 100 attributes, an idle connection to 300 s. The
+number of connections is bounded below the descriptor limit; at the bound
+the connection idle the longest is closed to make room (Postfix reconnects
+when it needs to), with a log line, so a new client is always answered and
+the accept loop never spins. A garbage or incomplete request is answered
+DUNNO and logged, never with a crash.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
-import socketserver
 import sys
-import threading
 import time
 
-from greylist.service import Connection, Greylister, log
+from greylist.adapters.smtp import tempfail_text
 from greylist.core.keys import BadAddress, parse_ip
 from greylist.core.policy import PASSED, TEMPFAIL, Verdict
-from greylist.adapters.smtp import tempfail_text
+from greylist.service import Connection, Greylister, log_line
 
-MAX_LINE = 2048
+MAX_LINE = 2048          # longer lines are read to their end and their value cut
+MAX_VALUE = 512          # postgrey's cut
 MAX_REQUEST = 32 * 1024
 MAX_ATTRIBUTES = 100
 IDLE_TIMEOUT = 300.0
+DEFAULT_MAX_CONNECTIONS = 4000
 
 
 class RequestError(ValueError):
     """The request cannot be read; the connection is answered and closed."""
 
 
-def read_request(rfile) -> dict[str, str] | None:
-    """One request's attributes, or None at a clean end of the connection."""
-    attrs: dict[str, str] = {}
-    size = 0
-    while True:
-        line = rfile.readline(MAX_LINE + 1)
-        if not line:
-            if attrs or size:
-                raise RequestError("connection closed in the middle of a request")
-            return None
-        size += len(line)
-        if len(line) > MAX_LINE or (not line.endswith(b"\n") and len(line) == MAX_LINE + 1):
-            raise RequestError(f"a line longer than {MAX_LINE} bytes")
-        if size > MAX_REQUEST:
+class RequestReader:
+    """Policy requests from a byte stream: ``feed`` returns the complete ones (sans-IO)."""
+
+    __slots__ = ("buffer", "attrs", "size", "skipping", "garbage", "truncated")
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.attrs: dict[str, str] = {}
+        self.size = 0
+        self.skipping = False  # inside an over-long line, after its first MAX_LINE bytes
+        self.garbage = ""
+        self.truncated: list[str] = []
+
+    def feed(self, data: bytes) -> list[dict[str, str]]:
+        """Complete requests (attributes; ``_garbage`` and ``_truncated`` note what was odd)."""
+        self.size += len(data)
+        if self.size > MAX_REQUEST:
             raise RequestError(f"a request larger than {MAX_REQUEST} bytes")
-        text = line.rstrip(b"\r\n").decode("utf-8", "replace")
-        if not text:
-            return attrs
+        self.buffer += data
+        done = []
+        while True:
+            end = self.buffer.find(b"\n")
+            if end < 0:
+                if len(self.buffer) > MAX_LINE:
+                    if not self.skipping:
+                        self._line(self.buffer)  # keep its name and the start of its value
+                    self.skipping = True
+                    self.buffer = b""
+                return done
+            line, self.buffer = self.buffer[:end], self.buffer[end + 1:]
+            if self.skipping:
+                self.skipping = False
+                continue
+            if not line.rstrip(b"\r"):
+                request = self.attrs
+                if self.garbage:
+                    request["_garbage"] = self.garbage
+                if self.truncated:
+                    request["_truncated"] = ",".join(self.truncated)
+                done.append(request)
+                self.attrs, self.garbage, self.truncated = {}, "", []
+                self.size = len(self.buffer)
+                continue
+            self._line(line)
+
+    def _line(self, raw: bytes) -> None:
+        text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
         name, eq, value = text.partition("=")
         if not eq:
-            attrs.setdefault("_garbage", text[:60])
-            continue
-        if len(attrs) >= MAX_ATTRIBUTES:
+            self.garbage = self.garbage or text[:60]
+            return
+        if len(self.attrs) >= MAX_ATTRIBUTES:
             raise RequestError(f"more than {MAX_ATTRIBUTES} attributes")
-        attrs[name.strip()] = value
+        if len(value) > MAX_VALUE:
+            value = value[:MAX_VALUE]
+            self.truncated.append(name.strip()[:40])
+        self.attrs[name.strip()[:100]] = value
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.attrs or self.buffer or self.garbage)
 
 
 def action_for(config, verdict: Verdict, shadow: bool = False) -> str:
@@ -87,8 +130,10 @@ def answer(greylister, attrs: dict[str, str]) -> tuple[str, dict[str, object]]:
     state = attrs.get("protocol_state", "RCPT").upper()
     if state != "RCPT":
         return "action=DUNNO", {"verdict": "pass", "reason": f"not at RCPT ({state})"}
+    if not attrs.get("client_address"):
+        return "action=DUNNO", {"verdict": "error", "error": "no client_address in the request"}
     try:
-        ip = parse_ip(attrs.get("client_address", ""))
+        ip = parse_ip(attrs["client_address"])
     except BadAddress as exc:
         return "action=DUNNO", {"verdict": "error", "error": str(exc)}
     sender, recipient = attrs.get("sender", ""), attrs.get("recipient", "")
@@ -101,99 +146,230 @@ def answer(greylister, attrs: dict[str, str]) -> tuple[str, dict[str, object]]:
     return action_for(outcome.config, outcome.verdict, outcome.shadow is not None), outcome.fields()
 
 
-class Handler(socketserver.StreamRequestHandler):
-    def handle(self) -> None:
-        server: PolicyServer = self.server  # type: ignore[assignment]
-        self.connection.settimeout(server.idle_timeout)
-        # One service per client connection (its thread): the store is opened at the
-        # first request and closed when the connection ends, not left to the collector.
-        with Greylister(server.config) as greylister:
-            self._serve(server, greylister)
+class Client:
+    """One Postfix connection on the event loop."""
 
-    def _serve(self, server: "PolicyServer", greylister: Greylister) -> None:
-        while True:
-            try:
-                attrs = read_request(self.rfile)
-            except RequestError as exc:
-                server.log({"verdict": "error", "error": str(exc)})
-                self._send("action=DUNNO")
-                return
-            except (OSError, socket.timeout):
-                return
-            if attrs is None:
-                return
-            try:
-                reply, fields = answer(greylister, attrs)
-            except Exception as exc:  # noqa: BLE001 - a bug of ours must not stop mail
-                reply, fields = "action=DUNNO", {"verdict": "error",
-                                                 "error": f"internal error {type(exc).__name__}: {exc}"}
-            server.log(fields)
-            if not self._send(reply):
-                return
+    __slots__ = ("server", "sock", "fd", "reader", "last", "timer", "closed")
 
-    def _send(self, reply: str) -> bool:
+    def __init__(self, server: "PolicyServer", sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.reader = RequestReader()
+        self.closed = False
+        loop = server.loop
+        self.last = loop.time()
+        loop.add_reader(self.fd, self.readable)
+        self.timer = loop.call_at(self.last + server.idle_timeout, self.tick)
+
+    def readable(self) -> None:
         try:
-            self.wfile.write(reply.encode("utf-8", "replace") + b"\n\n")
-            self.wfile.flush()
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if self.reader.partial:
+                self.server.log({"verdict": "error", "error": "connection closed in the middle of a request"})
+            self.close()
+            return
+        self.last = self.server.loop.time()
+        try:
+            requests = self.reader.feed(data)
+        except RequestError as exc:
+            self.server.log({"verdict": "error", "error": str(exc)})
+            self.send("action=DUNNO")
+            self.close()
+            return
+        for attrs in requests:
+            reply, fields = self.server.answer(attrs)
+            self.server.log(fields)
+            if not self.send(reply):
+                self.close()
+                return
+
+    def send(self, reply: str) -> bool:
+        data = reply.encode("utf-8", "replace") + b"\n\n"
+        try:
+            self.sock.setblocking(True)  # a reply is a few hundred bytes: never waits in practice
+            self.sock.settimeout(5.0)
+            self.sock.sendall(data)
+            self.sock.setblocking(False)
             return True
         except OSError:
             return False
 
+    def tick(self) -> None:
+        now = self.server.loop.time()
+        if now >= self.last + self.server.idle_timeout:
+            self.close()
+        else:
+            self.timer = self.server.loop.call_at(self.last + self.server.idle_timeout, self.tick)
 
-class PolicyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.loop.remove_reader(self.fd)
+        self.timer.cancel()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.server.clients.pop(self, None)
+        self.server.room()
 
-    def setup(self, config, idle_timeout: float) -> None:
+
+class PolicyServer:
+    """The listening socket, the clients, and the one greylisting service."""
+
+    def __init__(self, listener: socket.socket, config, where: str, idle_timeout: float = IDLE_TIMEOUT,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+        self.listener = listener
         self.config = config
+        self.where = where
         self.idle_timeout = idle_timeout
-        self.log_lock = threading.Lock()
+        self.max_connections = max_connections
+        self.greylister = Greylister(config)
+        self.clients: dict[Client, None] = {}  # in order of arrival
+        self.loop = asyncio.new_event_loop()
+        self.accepting = False
+        self.evicted = 0
 
     def log(self, fields: dict[str, object]) -> None:
-        with self.log_lock:
-            log("greylist-policyd", fields)
+        try:
+            os.write(2, log_line("greylist-policyd", fields))
+        except OSError:
+            pass
+
+    def answer(self, attrs: dict[str, str]) -> tuple[str, dict[str, object]]:
+        try:
+            reply, fields = answer(self.greylister, attrs)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours is logged as one, and mail goes on
+            return "action=DUNNO", {"verdict": "error", "error": f"internal error {type(exc).__name__}: {exc}"}
+        if "_truncated" in attrs:
+            fields["truncated"] = attrs["_truncated"]
+        return reply, fields
+
+    def start(self) -> None:
+        loop = self.loop
+        loop.add_signal_handler(signal.SIGTERM, loop.stop)
+        loop.add_signal_handler(signal.SIGINT, loop.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.resume()
+
+    def reload(self) -> None:
+        self.greylister.reload()
+        self.log({"reloaded": "whitelists and store"})
+
+    def resume(self) -> None:
+        if not self.accepting:
+            self.loop.add_reader(self.listener.fileno(), self.accept)
+            self.accepting = True
+
+    def pause(self) -> None:
+        if self.accepting:
+            self.loop.remove_reader(self.listener.fileno())
+            self.accepting = False
+
+    def room(self) -> None:
+        if not self.accepting and len(self.clients) < self.max_connections:
+            self.resume()
+
+    def accept(self) -> None:
+        for _ in range(64):
+            if len(self.clients) >= self.max_connections:
+                self.make_room()
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors: wait a little, never spin
+                self.log({"error": f"accept: {exc.strerror}", "connections": len(self.clients)})
+                self.pause()
+                self.loop.call_later(0.1, self.resume)
+                return
+            sock.setblocking(False)
+            self.clients[Client(self, sock)] = None
+
+    def make_room(self) -> None:
+        """At the bound: close the connection idle the longest (Postfix reconnects)."""
+        oldest = min(self.clients, key=lambda c: c.last)
+        self.evicted += 1
+        if self.evicted == 1 or self.evicted % 1000 == 0:
+            self.log({"refused": "connection limit", "limit": self.max_connections,
+                      "action": "closed the connection idle the longest", "times": self.evicted})
+        oldest.close()
+
+    def serve(self) -> None:
+        try:
+            self.loop.run_forever()
+        finally:
+            for client in list(self.clients):
+                client.close()
+            self.greylister.close()
+            self.listener.close()
+            self.loop.close()
 
 
-class UnixPolicyServer(PolicyServer, socketserver.UnixStreamServer):
-    address_family = socket.AF_UNIX
+def _descriptor_limit() -> int:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
-def make_server(listen: str, config, idle_timeout: float = IDLE_TIMEOUT) -> PolicyServer:
-    """A server on ``HOST:PORT``, ``[IPv6]:PORT`` or ``unix:/path``."""
+def make_listener(listen: str) -> tuple[socket.socket, str]:
+    """A listening socket on ``HOST:PORT``, ``[IPv6]:PORT`` or ``unix:/path``, and its name."""
+    backlog = socket.SOMAXCONN
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            backlog = max(backlog, int(f.read()))
+    except (OSError, ValueError):
+        pass
     if listen.startswith("unix:"):
         path = listen[len("unix:"):]
         if os.path.exists(path):
             os.unlink(path)  # a stale socket of an earlier run
-        server: PolicyServer = UnixPolicyServer(path, Handler)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
         os.chmod(path, 0o660)
+        where = listen
     else:
         host, _, port = listen.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
         if not port.isdigit():
             raise ValueError(f"--listen {listen!r}: use HOST:PORT or unix:/path")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_class = type("PolicyServer6", (PolicyServer,), {"address_family": family})
-        server = server_class((host, int(port)), Handler)
-    server.setup(config, idle_timeout)
-    return server
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        where = "%s:%d" % sock.getsockname()[:2]
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock, where
 
 
-def serve(listen: str, config) -> int:
-    server = make_server(listen, config)
-
-    def stop(signum, frame):
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    where = listen if listen.startswith("unix:") else "%s:%d" % server.server_address[:2]
-    server.log({"started": where, "store": config.store, "key": config.key, "delay": config.delay})
+def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> int:
+    limit = _descriptor_limit()
+    max_connections = max(1, min(max_connections, limit - 64))
+    sock, where = make_listener(listen)
+    server = PolicyServer(sock, config, where, max_connections=max_connections)
+    server.start()
+    server.log({"started": where, "store": config.store, "key": config.key, "delay": config.delay,
+                "max_connections": max_connections})
     print(f"greylist policyd: listening on {where}", file=sys.stderr, flush=True)
     try:
-        server.serve_forever(poll_interval=0.5)
-    except (KeyboardInterrupt, SystemExit):
+        server.serve()
+    except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
         if listen.startswith("unix:"):
             try:
                 os.unlink(listen[len("unix:"):])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import threading
@@ -151,3 +152,68 @@ def test_shadow_mode_answers_dunno_and_logs_the_would_be_verdict(policyd):
     lines = [proc.stderr.readline() for _ in range(2)]
     assert "verdict=pass shadow=tempfail reason=new" in lines[0]
     assert "verdict=pass shadow=tempfail reason=too-soon" in lines[1]
+
+
+def test_more_connections_than_descriptors_and_a_new_client_is_still_answered(tmp_path):
+    """2,000 idle connections against a server limited to 1,024 descriptors: it closes the
+    longest-idle ones to make room, says so once, never spins, and answers a new client."""
+    import resource
+
+    from benchmarks.redis_server import free_port
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2300:
+        pytest.skip(f"the test itself needs 2,300 descriptors (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2300), hard))
+    port = free_port()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    proc = subprocess.Popen([*command("greylist"), "policyd", "--listen", f"127.0.0.1:{port}",
+                             "--store", f"file://{tmp_path}/store"], env=base_env(),
+                            stderr=subprocess.PIPE, text=True, preexec_fn=limit)
+    idle = []
+    try:
+        proc.stderr.readline()
+        proc.stderr.readline()
+        for _ in range(2000):
+            s = socket.socket()
+            s.settimeout(10)
+            s.connect(("127.0.0.1", port))
+            idle.append(s)
+        time.sleep(0.5)
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def cpu() -> float:
+            fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks
+
+        before = cpu()
+        time.sleep(1.0)
+        assert cpu() - before < 0.5  # no busy loop
+        started = time.monotonic()
+        c = Client(("127.0.0.1", port))
+        reply = c.ask(request(client_address="192.0.2.200", sender="a@b", recipient="c@d"))
+        assert reply == "action=DEFER_IF_PERMIT you are greylisted try again"
+        assert time.monotonic() - started < 5
+        c.close()
+    finally:
+        for s in idle:
+            s.close()
+        proc.terminate()
+        log = proc.stderr.read()
+        proc.wait(timeout=10)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert "refused=\"connection limit\"" in log and "limit=960" in log
+
+
+def test_a_long_attribute_is_cut_and_the_request_still_decided(policyd):
+    """A HELO name of 2,040 characters (Postfix passes it on) must not bypass greylisting."""
+    _, address = policyd("--delay", "60")
+    c = Client(address)
+    reply = c.ask(request(client_address="192.0.2.31", helo_name="h" * 5000, sender="a@example.org",
+                          recipient="b@example.net"))
+    assert reply.startswith("action=DEFER_IF_PERMIT")
+    assert c.ask(request(sender="a@b", recipient="c@d")) == "action=DUNNO"  # no client address
+    c.close()
