@@ -29,7 +29,24 @@ TEMP_FILE_GRACE = 3600.0  # a wrapper's temp file older than this was left by a 
 
 
 def config_from(args: argparse.Namespace):
-    return load(flags_of(args), dict(os.environ))
+    """Settings for a command a person types: a flag typed on the command line beats an
+    exported GREYLIST_* variable (the wrapper and the plugin do the opposite: there the
+    variable is tcprules' per-client setting)."""
+    flags = flags_of(args)
+    typed = {env for name, _flag, env, *_ in SETTINGS if name in flags}
+    return load(flags, {k: v for k, v in os.environ.items() if k not in typed})
+
+
+def open_existing(url: str):
+    """A store an admin command reads: an error if it is not there (a cron typo must not
+    pass silently, and a read must not create a store owned by the wrong user)."""
+    from greylist.stores import parse_url, store_class
+
+    where = parse_url(url)
+    why = store_class(where).missing(where)
+    if why:
+        raise StoreError(f"no store at {url}: {why}")
+    return open_store(where, lean=False)
 
 
 def iso(ts: float) -> str:
@@ -54,9 +71,10 @@ def cmd_expire(args: argparse.Namespace) -> int:
             what = "removed" if removed else "would remove"
             print(f"{what} {key} (last seen {iso(record.last_seen)})")
 
-    with open_store(config.store, lean=False) as store:
+    with open_existing(config.store) as store:
         counts = expire(store, now, policy, dry_run=args.dry_run, on_removed=say)
         counts["temp_files_removed"] = 0
+        counts["unreadable"] = store.ops.get("unreadable", 0)
         if TEMP_FILES in store.capabilities and not args.dry_run:
             for path in list(store.stale_temp_files(now - TEMP_FILE_GRACE)):
                 try:
@@ -76,6 +94,17 @@ def cmd_expire(args: argparse.Namespace) -> int:
             print(f"kept {counts['changed_meanwhile']} that a connection renewed during the scan")
         if counts["temp_files_removed"]:
             print(f"removed {counts['temp_files_removed']} stale temporary files")
+        if counts["unreadable"]:
+            print(f"skipped {counts['unreadable']} entries that are not records (garbage rows or files)")
+    return nothing_read(counts["scanned"], counts["unreadable"])
+
+
+def nothing_read(read: int, unreadable: int) -> int:
+    """Exit status: bad entries are skipped and reported; only a store of nothing but bad
+    entries is a failure (a cron job notices that)."""
+    if unreadable and not read:
+        print(f"greylist: none of the {unreadable} entries could be read", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -100,7 +129,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     except BadAddress as exc:
         print(f"greylist show: {exc}", file=sys.stderr)
         return 2
-    with open_store(config.store, lean=False) as store:
+    with open_existing(config.store) as store:
         record = store.get(key)
         info = describe(key, record, time.time(), config.policy)
         if PATHS in store.capabilities:
@@ -131,7 +160,8 @@ def gather_stats(store, now: float, policy: Policy) -> dict:
         totals[state] += 1
         totals["expired"] += is_expired(record, now, policy)
         hist[bucket_of(now - record.first_seen)][state] += 1
-    stats: dict = {"store": store.url, **totals, "age_histogram": hist}
+    stats: dict = {"store": store.url, **totals, "unreadable": store.ops.get("unreadable", 0),
+                   "age_histogram": hist}
     if DISK_USAGE in store.capabilities:
         stats["disk"] = store.disk_usage()
     return stats
@@ -139,17 +169,18 @@ def gather_stats(store, now: float, policy: Policy) -> dict:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     config = config_from(args)
-    with open_store(config.store, lean=False) as store:
+    with open_existing(config.store) as store:
         stats = gather_stats(store, time.time(), config.policy)
     if args.json:
         print(json.dumps(stats, indent=2))
-        return 0
+        return nothing_read(stats["entries"], stats["unreadable"])
     from tabulate import tabulate
 
     summary = [["store", stats["store"]], ["entries", stats["entries"]],
                ["pending (waiting for a retry)", stats["pending"]],
                ["known (passed at least once)", stats["known"]],
-               ["expired (greylist expire would remove)", stats["expired"]]]
+               ["expired (greylist expire would remove)", stats["expired"]],
+               ["unreadable (skipped: not records)", stats["unreadable"]]]
     if "disk" in stats:
         summary += [["files", stats["disk"]["files"]], ["directories", stats["disk"]["directories"]],
                     ["bytes on disk", stats["disk"]["bytes"]]]
@@ -159,7 +190,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             for label, c in stats["age_histogram"].items()]
     print(tabulate(rows, headers=["age since first seen", "pending", "known", "total"],
                    tablefmt="simple"))
-    return 0
+    return nothing_read(stats["entries"], stats["unreadable"])
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -169,7 +200,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     now = time.time()
     counts = {"read": 0, "copied": 0, "updated": 0, "skipped_same_or_newer": 0, "skipped_expired": 0}
     show_progress = sys.stderr.isatty() and not args.quiet
-    with open_store(args.src, lean=False) as src, open_store(args.dst, lean=False) as dst:
+    with open_existing(args.src) as src, open_store(args.dst, lean=False) as dst:
         for key, record in src.scan():
             counts["read"] += 1
             if is_expired(record, now, policy):
@@ -180,6 +211,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 print(f"\rmigrated {counts['read']:,} entries ...", end="", file=sys.stderr, flush=True)
         if show_progress:
             print("\r" + " " * 40 + "\r", end="", file=sys.stderr)
+        counts["unreadable"] = src.ops.get("unreadable", 0)
     if args.json:
         print(json.dumps({"src": args.src, "dst": args.dst, "dry_run": args.dry_run, **counts}, indent=2))
     else:
@@ -190,8 +222,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         print(tabulate([["entries read", counts["read"]], [f"{verb} (new in destination)", counts["copied"]],
                         ["updated (source more recent)", counts["updated"]],
                         ["skipped (destination same or more recent)", counts["skipped_same_or_newer"]],
-                        ["skipped (expired)", counts["skipped_expired"]]], tablefmt="simple"))
-    return 0
+                        ["skipped (expired)", counts["skipped_expired"]],
+                        ["skipped (unreadable in the source)", counts["unreadable"]]], tablefmt="simple"))
+    return nothing_read(counts["read"], counts["unreadable"])
 
 
 def migrate_one(dst, key: str, record: Record, now: float, policy: Policy, dry_run: bool) -> str:

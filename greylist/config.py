@@ -223,7 +223,7 @@ def override(config: Config, environ: dict[str, str]) -> Config:
     return result
 
 
-def add_setting_options(parser, names: tuple[str, ...]) -> None:
+def add_setting_options(parser, names: tuple[str, ...], environment: bool = True) -> None:
     """argparse options for the named settings, from the one settings table.
 
     Used by the admin commands and the simulator (never by the wrapper, which
@@ -232,15 +232,16 @@ def add_setting_options(parser, names: tuple[str, ...]) -> None:
     """
     for name, flag, env, _parser, default, help_text in SETTINGS:
         if name in names:
+            also = f"env {env}; " if environment else ""
             if flag in BOOLEAN_FLAGS:
                 parser.add_argument(flag, dest=name, action="store_const", const="1",
-                                    help=f"{help_text} (env {env})")
+                                    help=f"{help_text} ({also}default off)")
             elif name in LIST_SETTINGS:
                 parser.add_argument(flag, dest=name, metavar="FILE", action="append",
-                                    help=f"{help_text} (env {env})")
+                                    help=f"{help_text} ({also}default none)")
             else:
                 parser.add_argument(flag, dest=name, metavar=name.upper(),
-                                    help=f"{help_text} (env {env}; default {default!r})")
+                                    help=f"{help_text} ({also}default {default!r})")
 
 
 def flags_of(args: object) -> dict[str, str]:

@@ -17,7 +17,7 @@ from greylist.config import ConfigError, parse_duration
 from greylist.stores import StoreError
 from simulator import report as reports
 from simulator.errors import SimulateError
-from simulator.runs import Progress, StoreFactory, add_common, emit, parse_compare, policies_for, check_whitelist
+from simulator.runs import check_outputs, Progress, StoreFactory, add_common, emit, parse_compare, policies_for, check_whitelist
 from simulator.scenario import ScenarioError, load as load_scenario, parse_rate
 from simulator.simulation import RunOptions, simulate
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_synthetic(args: argparse.Namespace) -> int:
+    check_outputs(args)
     try:
         duration = parse_duration(args.duration)
         expire_every = parse_duration(args.expire_every)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from greylist.config import ConfigError, parse_duration
 from simulator.errors import SimulateError
+from simulator.runs import check_outputs
 from simulator.live import MAX_DURATION, MAX_RATE, LiveOptions, capacity, run_live
 from simulator.scenario import load as load_scenario, parse_rate
 
@@ -106,6 +107,7 @@ def live_table(s: dict) -> str:
 
 def run_live_command(argv: list[str]) -> int:
     args = live_parser().parse_args(argv)
+    check_outputs(args)
     try:
         rate, delay = _rate(args.rate), parse_duration(args.delay)
     except ConfigError as exc:
@@ -129,6 +131,7 @@ def run_live_command(argv: list[str]) -> int:
 
 def run_capacity_command(argv: list[str]) -> int:
     args = capacity_parser().parse_args(argv)
+    check_outputs(args)
     try:
         bound = parse_duration(args.p99.removesuffix("ms")) / 1000 if args.p99.endswith("ms") \
             else parse_duration(args.p99)

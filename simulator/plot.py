@@ -22,6 +22,17 @@ def _pyplot():
     return plt
 
 
+#: File types matplotlib writes without extra software.
+PLOT_TYPES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def check_plot_target(path: str) -> None:
+    """Refuse, before any work, a plot that could not be written at the end."""
+    if not path.lower().endswith(PLOT_TYPES):
+        raise SimulateError(f"--plot {path}: give a file ending in {', '.join(PLOT_TYPES)}")
+    _pyplot()
+
+
 def report_plot(reports: list[dict], path: str) -> None:
     plt = _pyplot()
     fig, (ax_ratio, ax_cdf) = plt.subplots(1, 2, figsize=(13, 4.8))

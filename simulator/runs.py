@@ -22,7 +22,7 @@ POLICY_SETTINGS = ("delay", "retry_window", "max_age", "key", "subnet_v4", "subn
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
-    add_setting_options(parser, POLICY_SETTINGS)
+    add_setting_options(parser, POLICY_SETTINGS, environment=False)  # a plan reads no GREYLIST_* variable
     parser.add_argument("--store", default="memory://",
                         help="store to drive: memory:// (default); file:// or sqlite:// for scratch "
                              "space; file:///EMPTY_DIR, sqlite:///NEW.db, or redis://HOST:PORT/DB "
@@ -173,6 +173,29 @@ class Progress:
     def close(self) -> None:
         if self.enabled:
             sys.stderr.write("\r" + " " * 60 + "\r")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output a run will write can be written: checked before the run, not after it."""
+    for option, target in (("--json", getattr(args, "json", None)), ("--plot", getattr(args, "plot", None))):
+        if target and target != "-":
+            check_writable(option, target)
+    if getattr(args, "plot", None):
+        from simulator.plot import check_plot_target
+
+        check_plot_target(args.plot)
+
+
+def check_writable(option: str, target: str) -> None:
+    import os
+
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(parent):
+        raise SimulateError(f"{option} {target}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        raise SimulateError(f"{option} {target}: not writable")
+    if os.path.isdir(target):
+        raise SimulateError(f"{option} {target}: is a directory")
 
 
 def emit(args: argparse.Namespace, results: list[dict], compare) -> None:

@@ -119,3 +119,47 @@ def test_show_in_subnet_mode_finds_the_network_entry(tmp_path, capsys):
     assert main(["show", "192.0.2.200", "--store", f"file://{tmp_path}", "--key", "subnet", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["client"] == "192.0.2.0/24" and info["reason"] == "too-soon"
+
+
+def test_garbage_sqlite_rows_are_skipped_counted_and_reported(tmp_path, capsys):
+    import sqlite3
+
+    from greylist.stores import open_store
+
+    url = f"sqlite://{tmp_path}/g.db"
+    with open_store(url) as store:
+        store.put("192.0.2.1", Record(time.time() - 10, time.time() - 10, 0))
+    db = sqlite3.connect(tmp_path / "g.db")
+    db.execute("INSERT INTO greylist VALUES ('192.0.2.9', 'garbage', x'00ff', 'x')")
+    db.execute("INSERT INTO greylist VALUES ('192.0.2.8', 1.0, 'x', 2.5)")
+    db.commit()
+    db.close()
+    for command in (["expire"], ["stats"], ["migrate", url, f"sqlite://{tmp_path}/copy.db"]):
+        args = command + (["--store", url] if command[0] != "migrate" else [])
+        assert main(args) == 0, command
+        out = capsys.readouterr().out
+        assert "2" in out and ("unreadable" in out or "not records" in out), (command, out)
+
+
+def test_a_corrupt_database_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    path = tmp_path / "g.db"
+    path.write_bytes(b"SQLite format 3\0" + b"\xff" * 4000)
+    assert main(["stats", "--store", f"sqlite://{path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("greylist stats: ") and "Traceback" not in err
+
+
+def test_a_typed_flag_beats_an_exported_variable(tmp_path, capsys, monkeypatch):
+    fill(tmp_path / "typed")
+    (tmp_path / "exported").mkdir()
+    monkeypatch.setenv("GREYLIST_STORE", f"file://{tmp_path}/exported")
+    assert main(["stats", "--json", "--store", f"file://{tmp_path}/typed"]) == 0
+    assert json.loads(capsys.readouterr().out)["entries"] == 4
+
+
+def test_read_only_commands_never_create_a_store_and_a_missing_one_is_an_error(tmp_path, capsys):
+    for command in (["stats"], ["show", "192.0.2.1"], ["expire"]):
+        for url in (f"file://{tmp_path}/nonexistent", f"sqlite://{tmp_path}/nonexistent.db"):
+            assert main(command + ["--store", url]) == 2, (command, url)
+            assert "no store at" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

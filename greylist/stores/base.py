@@ -86,6 +86,11 @@ class Store:
         return where.url
 
     @classmethod
+    def missing(cls, where) -> str | None:
+        """Why there is no store at the URL yet, or None (a server store is always there)."""
+        return None
+
+    @classmethod
     def in_use(cls, where) -> str | None:
         """Why the place a URL names holds data already (a simulation must not mix
         with real entries), or None. The default opens it and counts entries."""

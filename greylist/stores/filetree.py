@@ -55,6 +55,10 @@ class FileStore(Store):
         return cls(where.location)
 
     @classmethod
+    def missing(cls, where) -> str | None:
+        return None if os.path.isdir(where.location or "/nonexistent") else "no such directory"
+
+    @classmethod
     def in_use(cls, where) -> str | None:
         if where.location and os.path.isdir(where.location) and os.listdir(where.location):
             return "the directory is not empty"
@@ -198,8 +202,12 @@ class FileStore(Store):
             raise StoreError(f"cannot write {path}: {exc.strerror}") from None
 
     def _mkdir(self, directory: str) -> None:
-        """mkdir -p, mode 0700 as cqgreylist made its directories."""
+        """mkdir -p, mode 0700 as cqgreylist made its directories; making the store's own
+        directory is reported (a typo in GREYLIST_STORE, or a run as the wrong user)."""
         self.count("mkdir")
+        if not os.path.isdir(self.base):
+            self.warnings.append(f"created the missing store directory {self.base} "
+                                 f"(mode 700, owner uid {os.geteuid()})")
         try:
             os.makedirs(directory, 0o700, exist_ok=True)
         except OSError as exc:
@@ -267,6 +275,7 @@ class FileStore(Store):
                 try:
                     raw = self._read_raw(f"{directory}/{name}", 4096)
                 except StoreError:
+                    self.count("unreadable")
                     continue
                 parts = raw[1].split(b" ", 2) if raw is not None else []
                 if len(parts) == 3:

@@ -101,6 +101,12 @@ class SqliteStore(Store):
         return cls(where.location, timeout, lean)
 
     @classmethod
+    def missing(cls, where) -> str | None:
+        import os
+
+        return None if os.path.isfile(where.location) else "no such database file"
+
+    @classmethod
     def in_use(cls, where) -> str | None:
         import os
 
@@ -122,6 +128,8 @@ class SqliteStore(Store):
         except sqlite.OperationalError as exc:
             if "no such table" not in str(exc):
                 raise StoreError(f"{self.path}: {exc}") from None
+        except sqlite.Error as exc:  # a corrupt page, say: the store's failure, not ours
+            raise StoreError(f"{self.path}: {exc}") from None
         # A new database: WAL mode and the table. The journal mode cannot change
         # inside a transaction, so leave the one we are in and enter it again.
         try:

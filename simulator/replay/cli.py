@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_replay(argv: list[str]) -> int:
-    from simulator.runs import StoreFactory, emit, parse_compare, policies_for, check_whitelist
+    from simulator.runs import check_outputs, StoreFactory, emit, parse_compare, policies_for, check_whitelist
 
     args = build_parser().parse_args(argv)
+    check_outputs(args)
     try:
         if args.logfile == "-":
             log = parse(sys.stdin, args.format, args.year)

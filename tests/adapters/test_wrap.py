@@ -366,3 +366,22 @@ def test_shadow_mode_lets_a_new_client_through_and_logs_what_enforcing_would_do(
     assert (log["verdict"], log["shadow"], log["reason"]) == ("pass", "tempfail", "too-soon")
     log = parse_log(wrapper.run(GREYLIST_MODE="shadow", GREYLIST_DELAY="0").stderr)[0]
     assert (log["verdict"], log["shadow"], log["reason"]) == ("pass", "pass", "passed")
+
+
+def test_whitelist_given_twice_counts_both_files(wrapper, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("192.0.2.0/24\n")
+    b.write_text("198.51.100.\n")  # a partial address, as postgrey and tcprules write it
+    args = ["--whitelist", str(a), "--whitelist", str(b)]
+    reasons = [parse_log(wrapper.run(ip=ip, args=args).stderr)[0]["reason"]
+               for ip in ("192.0.2.5", "198.51.100.5", "203.0.113.5")]
+    assert reasons == ["whitelisted", "whitelisted", "new"]
+
+
+def test_creating_a_missing_store_directory_is_logged(tmp_path):
+    from conftest import Wrapper
+
+    w = Wrapper(f"file://{tmp_path}/new/store", tmp_path)
+    first = parse_log(w.run().stderr)[0]
+    assert "created the missing store directory" in first["store_warning"]
+    assert "store_warning" not in parse_log(w.run(ip="192.0.2.11").stderr)[0]
