@@ -29,6 +29,7 @@ import socket
 import sys
 import time
 
+from greylist.adapters.acceptor import Acceptor, raise_descriptor_limit
 from greylist.adapters.smtp import tempfail_text
 from greylist.core.keys import BadAddress, parse_ip
 from greylist.core.policy import PASSED, TEMPFAIL, Verdict
@@ -234,7 +235,7 @@ class PolicyServer:
         self.greylister = Greylister(config)
         self.clients: dict[Client, None] = {}  # in order of arrival
         self.loop = asyncio.new_event_loop()
-        self.accepting = False
+        self.acceptor = Acceptor(self.loop, listener, self.accepted, self.at_bound, self.accept_failed)
         self.evicted = 0
 
     def log(self, fields: dict[str, object]) -> None:
@@ -257,41 +258,28 @@ class PolicyServer:
         loop.add_signal_handler(signal.SIGTERM, loop.stop)
         loop.add_signal_handler(signal.SIGINT, loop.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self.resume()
+        self.acceptor.resume()
 
     def reload(self) -> None:
         self.greylister.reload()
         self.log({"reloaded": "whitelists and store"})
 
-    def resume(self) -> None:
-        if not self.accepting:
-            self.loop.add_reader(self.listener.fileno(), self.accept)
-            self.accepting = True
-
-    def pause(self) -> None:
-        if self.accepting:
-            self.loop.remove_reader(self.listener.fileno())
-            self.accepting = False
-
     def room(self) -> None:
-        if not self.accepting and len(self.clients) < self.max_connections:
-            self.resume()
+        if not self.acceptor.accepting and len(self.clients) < self.max_connections:
+            self.acceptor.resume()
 
-    def accept(self) -> None:
-        for _ in range(64):
-            if len(self.clients) >= self.max_connections:
-                self.make_room()
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # out of descriptors: wait a little, never spin
-                self.log({"error": f"accept: {exc.strerror}", "connections": len(self.clients)})
-                self.pause()
-                self.loop.call_later(0.1, self.resume)
-                return
-            sock.setblocking(False)
-            self.clients[Client(self, sock)] = None
+    def at_bound(self) -> bool:
+        """Never full for long: at the bound, the connection idle the longest makes room."""
+        if len(self.clients) >= self.max_connections:
+            self.make_room()
+        return False
+
+    def accept_failed(self, exc: OSError) -> None:
+        self.log({"error": f"accept: {exc.strerror}", "connections": len(self.clients)})
+
+    def accepted(self, sock: socket.socket, _address) -> None:
+        sock.setblocking(False)
+        self.clients[Client(self, sock)] = None
 
     def make_room(self) -> None:
         """At the bound: close the connection idle the longest (Postfix reconnects)."""
@@ -309,21 +297,8 @@ class PolicyServer:
             for client in list(self.clients):
                 client.close()
             self.greylister.close()
-            self.listener.close()
+            self.acceptor.close()
             self.loop.close()
-
-
-def _descriptor_limit() -> int:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def make_listener(listen: str) -> tuple[socket.socket, str]:
@@ -357,7 +332,7 @@ def make_listener(listen: str) -> tuple[socket.socket, str]:
 
 
 def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> int:
-    limit = _descriptor_limit()
+    limit = raise_descriptor_limit()
     max_connections = max(1, min(max_connections, limit - 64))
     sock, where = make_listener(listen)
     server = PolicyServer(sock, config, where, max_connections=max_connections)

@@ -32,6 +32,7 @@ import socket
 import sys
 from collections import deque
 
+from greylist.adapters.acceptor import Acceptor, raise_descriptor_limit
 from greylist.adapters.smtp import Dialogue, TempfailSession, encode, unavailable
 from greylist.adapters.tcprules import Rules, RulesError
 from greylist.config import LIST_SETTINGS, SETTINGS, ConfigError, load, usage
@@ -333,7 +334,7 @@ class Server:
         self.waiting: deque = deque()  # passes waiting for a child slot: (peer, env, fields)
         self.sessions: set[Session] = set()
         self.pending = 0  # connections accepted and not yet answered or handed over
-        self.accepting = False
+        self.acceptor: Acceptor | None = None
         self.stopping = False
         self.listener: socket.socket | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -360,10 +361,11 @@ class Server:
         self.listener = sock
         self.loop = asyncio.new_event_loop()
         loop = self.loop
+        self.acceptor = Acceptor(loop, sock, self.accepted, self.at_bound, self.accept_failed)
         for signum, handler in ((signal.SIGCHLD, self.reap), (signal.SIGTERM, self.stop),
                                 (signal.SIGHUP, self.reload), (signal.SIGINT, self.stop)):
             loop.add_signal_handler(signum, handler)
-        self.resume()
+        self.acceptor.resume()
         if self.o.verbosity >= 2:
             self.log([self.status_line()])
 
@@ -381,9 +383,7 @@ class Server:
         if self.stopping:
             return
         self.stopping = True
-        self.pause()
-        if self.listener is not None:
-            self.listener.close()
+        self.acceptor.close()
         for peer, _env, _fields in self.waiting:  # they keep their mail and retry
             self._refuse(peer.sock)
         self.waiting.clear()
@@ -408,42 +408,26 @@ class Server:
         self.log([log_line("greylist-serve", {"pid": self.pid, "reloaded": "whitelists and store"})])
 
     # -- accepting ------------------------------------------------------------------
-    def resume(self) -> None:
-        if not self.accepting and not self.stopping:
-            self.loop.add_reader(self.listener.fileno(), self.accept)
-            self.accepting = True
-
-    def pause(self) -> None:
-        if self.accepting:
-            self.loop.remove_reader(self.listener.fileno())
-            self.accepting = False
-
     def busy(self) -> int:
         return len(self.sessions) + self.pending + len(self.waiting)
 
-    def accept(self) -> None:
-        for _ in range(64):
-            if self.busy() >= self.max_sessions:
-                self.pause()  # resumed when a session ends: the kernel's backlog holds the rest
-                return
-            try:
-                sock, remote = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # out of descriptors, say: wait a little, never spin
-                self.log([log_line("greylist-serve", {"pid": self.pid, "error": f"accept: {exc.strerror}",
-                                                      "sessions": len(self.sessions)})])
-                self.pause()
-                self.loop.call_later(0.1, self.resume)
-                return
-            self.pending += 1
-            try:
-                self.connected(sock, remote)
-            except Exception as exc:  # noqa: BLE001 - one client must never stop the server
-                self.pending -= 1  # (raised before decide(), which handles its own errors)
-                self.log([log_line("greylist-serve", {"pid": self.pid, "verdict": "error",
-                                                      "error": f"internal error {type(exc).__name__}: {exc}"})])
-                self._refuse(sock)
+    def at_bound(self) -> bool:
+        """Full: accepting pauses, and resumes when a session ends (the backlog holds the rest)."""
+        return self.busy() >= self.max_sessions
+
+    def accept_failed(self, exc: OSError) -> None:
+        self.log([log_line("greylist-serve", {"pid": self.pid, "error": f"accept: {exc.strerror}",
+                                              "sessions": len(self.sessions)})])
+
+    def accepted(self, sock: socket.socket, remote) -> None:
+        self.pending += 1
+        try:
+            self.connected(sock, remote)
+        except Exception as exc:  # noqa: BLE001 - one client must never stop the server
+            self.pending -= 1  # (raised before decide(), which handles its own errors)
+            self.log([log_line("greylist-serve", {"pid": self.pid, "verdict": "error",
+                                                  "error": f"internal error {type(exc).__name__}: {exc}"})])
+            self._refuse(sock)
 
     def connected(self, sock: socket.socket, remote) -> None:
         sock.setblocking(False)
@@ -655,8 +639,8 @@ class Server:
         if self.stopping:
             if not self.sessions and not self.pending:
                 self.loop.stop()
-        elif not self.accepting and self.busy() < self.max_sessions:
-            self.resume()
+        elif not self.acceptor.accepting and self.busy() < self.max_sessions:
+            self.acceptor.resume()
 
 
 def _canonical(text: str) -> str | None:
@@ -681,20 +665,6 @@ def _import_before_dropping_privileges(config) -> None:
         pass  # reported per connection, as on_error says
 
 
-def _raise_descriptor_limit() -> int:
-    """Sessions cost a descriptor each: take the hard limit, report the soft one we got."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ
@@ -714,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"greylist serve: GREYLIST_KEY={config.key} needs the envelope, which is "
                          "decided at RCPT time: use greylist-spp or key on ip or subnet\n")
         return 100
-    descriptors = _raise_descriptor_limit()
+    descriptors = raise_descriptor_limit()
     # leave room for children's sockets, the store, the log and the rules
     options.max_sessions = max(1, min(options.max_sessions, descriptors - options.limit - 32))
     try:
