@@ -78,3 +78,91 @@ class Acceptor:
                 self.loop.call_later(RETRY_AFTER_EMFILE, self.resume)
                 return
             self.on_socket(sock, address)
+
+
+class SocketSession:
+    """One accepted connection on the loop: data as it comes, one lazy timer, closed once.
+
+    The timer covers both the idle timeout and a whole-session deadline; it is
+    moved only when it fires (not at every read), so a busy connection costs no
+    timer work. Subclasses say what data, silence, the deadline and the end mean:
+    :meth:`received`, :meth:`idled`, :meth:`expired`, :meth:`ended`.
+    """
+
+    __slots__ = ("loop", "sock", "fd", "last", "idle", "deadline", "timer", "closed")
+
+    def __init__(self, loop, sock: socket.socket, idle: float, deadline: float = float("inf")) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.closed = False
+        self.last = loop.time()
+        self.idle = idle
+        self.deadline = self.last + deadline
+        self.timer = None
+
+    def start(self) -> None:
+        """Listen for data and start the clock (after a greeting, say)."""
+        self.loop.add_reader(self.fd, self._readable)
+        self.timer = self.loop.call_at(min(self.last + self.idle, self.deadline), self._tick)
+
+    def send(self, data: bytes) -> bool:
+        """Replies are a few hundred bytes at most; a client that does not read them is dropped."""
+        try:
+            return self.sock.send(data) == len(data)
+        except OSError:
+            return False
+
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.ended()
+            self.close()
+            return
+        self.last = self.loop.time()
+        self.received(data)
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        if now >= self.deadline:
+            self.expired()
+            self.close()
+        elif now >= self.last + self.idle:
+            self.idled()
+            self.close()
+        else:
+            self.timer = self.loop.call_at(min(self.last + self.idle, self.deadline), self._tick)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.loop.remove_reader(self.fd)
+            self.timer.cancel()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.closing()
+
+    # -- what a subclass says --------------------------------------------------
+    def received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def idled(self) -> None:
+        """Silent for ``idle`` seconds; the session closes after this."""
+
+    def expired(self) -> None:
+        """The whole-session deadline passed; the session closes after this."""
+
+    def ended(self) -> None:
+        """The client closed (or broke) the connection; the session closes after this."""
+
+    def closing(self) -> None:
+        """The session is closed: tell the server."""

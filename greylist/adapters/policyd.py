@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 
-from greylist.adapters.acceptor import Acceptor, raise_descriptor_limit
+from greylist.adapters.acceptor import Acceptor, SocketSession, raise_descriptor_limit
 from greylist.adapters.smtp import tempfail_text
 from greylist.core.keys import BadAddress, parse_ip
 from greylist.core.policy import PASSED, TEMPFAIL, Verdict
@@ -147,77 +147,40 @@ def answer(greylister, attrs: dict[str, str]) -> tuple[str, dict[str, object]]:
     return action_for(outcome.config, outcome.verdict, outcome.shadow is not None), outcome.fields()
 
 
-class Client:
+class Client(SocketSession):
     """One Postfix connection on the event loop."""
 
-    __slots__ = ("server", "sock", "fd", "reader", "last", "timer", "closed")
+    __slots__ = ("server", "reader")
 
     def __init__(self, server: "PolicyServer", sock: socket.socket) -> None:
+        super().__init__(server.loop, sock, server.idle_timeout)
         self.server = server
-        self.sock = sock
-        self.fd = sock.fileno()
         self.reader = RequestReader()
-        self.closed = False
-        loop = server.loop
-        self.last = loop.time()
-        loop.add_reader(self.fd, self.readable)
-        self.timer = loop.call_at(self.last + server.idle_timeout, self.tick)
+        self.start()
 
-    def readable(self) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            if self.reader.partial:
-                self.server.log({"verdict": "error", "error": "connection closed in the middle of a request"})
-            self.close()
-            return
-        self.last = self.server.loop.time()
+    def received(self, data: bytes) -> None:
         try:
             requests = self.reader.feed(data)
         except RequestError as exc:
             self.server.log({"verdict": "error", "error": str(exc)})
-            self.send("action=DUNNO")
+            self.reply("action=DUNNO")
             self.close()
             return
         for attrs in requests:
-            reply, fields = self.server.answer(attrs)
+            answer_line, fields = self.server.answer(attrs)
             self.server.log(fields)
-            if not self.send(reply):
+            if not self.reply(answer_line):
                 self.close()
                 return
 
-    def send(self, reply: str) -> bool:
-        data = reply.encode("utf-8", "replace") + b"\n\n"
-        try:
-            self.sock.setblocking(True)  # a reply is a few hundred bytes: never waits in practice
-            self.sock.settimeout(5.0)
-            self.sock.sendall(data)
-            self.sock.setblocking(False)
-            return True
-        except OSError:
-            return False
+    def reply(self, line: str) -> bool:
+        return self.send(line.encode("utf-8", "replace") + b"\n\n")
 
-    def tick(self) -> None:
-        now = self.server.loop.time()
-        if now >= self.last + self.server.idle_timeout:
-            self.close()
-        else:
-            self.timer = self.server.loop.call_at(self.last + self.server.idle_timeout, self.tick)
+    def ended(self) -> None:
+        if self.reader.partial:
+            self.server.log({"verdict": "error", "error": "connection closed in the middle of a request"})
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.server.loop.remove_reader(self.fd)
-        self.timer.cancel()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+    def closing(self) -> None:
         self.server.clients.pop(self, None)
         self.server.room()
 

@@ -32,7 +32,7 @@ import socket
 import sys
 from collections import deque
 
-from greylist.adapters.acceptor import Acceptor, raise_descriptor_limit
+from greylist.adapters.acceptor import Acceptor, SocketSession, raise_descriptor_limit
 from greylist.adapters.smtp import Dialogue, TempfailSession, encode, unavailable
 from greylist.adapters.tcprules import Rules, RulesError
 from greylist.config import LIST_SETTINGS, SETTINGS, ConfigError, load, usage
@@ -248,75 +248,32 @@ def _safe(text: str | None) -> str:
     return out + ("..." if len(text) > 100 else "")
 
 
-class Session:
+class Session(SocketSession):
     """An in-process tempfail dialogue on a non-blocking socket."""
 
-    __slots__ = ("server", "sock", "fd", "session", "last", "deadline", "timeout", "timer", "done")
+    __slots__ = ("server", "session")
 
     def __init__(self, server: "Server", sock: socket.socket, session: TempfailSession, config) -> None:
+        super().__init__(server.loop, sock, config.timeout, config.session_limit)
         self.server = server
-        self.sock = sock
-        self.fd = sock.fileno()
         self.session = session
-        self.done = False
-        loop = server.loop
-        self.last = loop.time()
-        self.timeout = config.timeout
-        self.deadline = self.last + config.session_limit
-        if not self.send(session.greeting()):
-            self.timer = None
+        if self.send(session.greeting()):
+            self.start()
+        else:
             self.close()
-            return
-        loop.add_reader(self.fd, self.readable)
-        self.timer = loop.call_at(min(self.last + self.timeout, self.deadline), self.tick)
 
-    def send(self, data: bytes) -> bool:
-        """Replies are a few hundred bytes at most; a client that does not read them is dropped."""
-        try:
-            return self.sock.send(data) == len(data)
-        except OSError:
-            return False
-
-    def readable(self) -> None:
-        try:
-            data = self.sock.recv(4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
-            return
-        self.last = self.server.loop.time()
+    def received(self, data: bytes) -> None:
         reply = self.session.feed(data)
         if (reply and not self.send(reply)) or self.session.closed:
             self.close()
 
-    def tick(self) -> None:
-        """The idle timeout or the session deadline, whichever comes first (checked lazily:
-        one timer per session, moved only when it fires)."""
-        now = self.server.loop.time()
-        if now >= self.deadline:
-            self.send(self.session.expired())
-            self.close()
-        elif now >= self.last + self.timeout:
-            self.send(self.session.idle())
-            self.close()
-        else:
-            self.timer = self.server.loop.call_at(min(self.last + self.timeout, self.deadline), self.tick)
+    def idled(self) -> None:
+        self.send(self.session.idle())
 
-    def close(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        loop = self.server.loop
-        loop.remove_reader(self.fd)
-        if self.timer is not None:
-            self.timer.cancel()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+    def expired(self) -> None:
+        self.send(self.session.expired())
+
+    def closing(self) -> None:
         self.server.session_ended(self)
 
 
@@ -553,7 +510,7 @@ class Server:
         dialogue = Dialogue(self._hostname(config), config.message, config.enhanced,
                             outcome.verdict.retry_in)
         session = Session(self, sock, TempfailSession(dialogue), config)
-        if not session.done:
+        if not session.closed:
             self.sessions.add(session)
 
     def _ends(self, peer: Peer) -> str:
