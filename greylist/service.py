@@ -156,7 +156,8 @@ class Greylister:
                 client = conn.ip if by_ip else keying.client(conn.ip)
                 if envelope:
                     key = keying.key_for(client, conn.sender, conn.recipient)
-                    verdict = self._check(config, policy, key, client, extra)
+                    # the auto-whitelist counts the client address, as postgrey does
+                    verdict = self._check(config, policy, key, conn.ip, extra)
                 else:
                     key = client
                     verdict = self._check(config, policy, key, None, extra)

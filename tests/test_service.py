@@ -87,10 +87,14 @@ def test_recipient_whitelist_and_triplet_keys(store_url, tmp_path):
     o = g.decide(Connection("192.0.2.1", "", "a@example.org", "Postmaster@example.net"))
     assert o.verdict.reason == "whitelisted-recipient" and o.key is None
     steps = []
-    for i, rcpt in enumerate(["b@example.net", "c@example.net"]):
+    for i, rcpt in enumerate(["b@example.net", "c@example.net", "d@example.net"]):
         conn = Connection("192.0.2.1", "", "a@example.org", rcpt)
-        steps += reasons(g, clock, [clock.now + 1, clock.now + 100], conn)
-    assert steps == [(TEMPFAIL, "new"), (PASS, "passed")] * 2
+        # passes after waiting count at most once an hour, as postgrey counts them
+        steps += reasons(g, clock, [clock.now + 1, clock.now + 100, clock.now + 200], conn)
+        clock.now += 1800
+    # counted at the first pass (t+100) and at the third (an hour later): whitelisted from then on
+    assert steps == [(TEMPFAIL, "new"), (PASS, "passed"), (PASS, "known")] * 2 + [
+        (TEMPFAIL, "new"), (PASS, "passed"), (PASS, "auto-whitelisted")]
     clock.now += 1
     o = g.decide(Connection("192.0.2.1", "", "z@example.org", "d@example.net"))
     assert o.verdict.reason == "auto-whitelisted"

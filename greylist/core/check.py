@@ -13,8 +13,8 @@ Redis that is one round trip (``SET NX GET``) for every new client.
 
 from __future__ import annotations
 
-from greylist.core.policy import (PASS, WRITE_CREATE, WRITE_UPDATE, Policy, Verdict, count_pass, decide,
-                             decide_auto_whitelist, expires_at)
+from greylist.core.policy import (PASSED, WRITE_CREATE, WRITE_UPDATE, Policy, Verdict, count_pass,
+                             decide, decide_auto_whitelist, expires_at)
 from greylist.stores.base import Store
 
 #: Store key prefix of a client's tally of passed deliveries (triplet keys only).
@@ -24,8 +24,8 @@ AWL_PREFIX = "awl|"
 def check(store: Store, key: str, now: float, policy: Policy, client: str | None = None) -> Verdict:
     """Decide for ``key`` at ``now`` and record the outcome. Raises StoreError.
 
-    ``client``: with triplet keys, the client (address or network) whose passed
-    deliveries count towards the auto-whitelist.
+    ``client``: with triplet keys, the client address whose passes after waiting
+    count towards the auto-whitelist.
     """
     if client is None or not policy.auto_whitelist:
         with store.transaction():
@@ -35,12 +35,14 @@ def check(store: Store, key: str, now: float, policy: Policy, client: str | None
         tally = store.get(awl_key)
         auto = decide_auto_whitelist(tally, now, policy)
         if auto is not None:
-            store.put(awl_key, auto.record, expires_at(auto.record, policy) - now)
+            if auto.write == WRITE_UPDATE:
+                store.put(awl_key, auto.record, expires_at(auto.record, policy) - now)
             return auto.verdict
         verdict = _check(store, key, now, policy)
-        if verdict.action == PASS:
+        if verdict.reason == PASSED:  # a triplet's first pass after its wait
             tally = count_pass(tally, now, policy)
-            store.put(awl_key, tally, expires_at(tally, policy) - now)
+            if tally is not None:
+                store.put(awl_key, tally, expires_at(tally, policy) - now)
         return verdict
 
 

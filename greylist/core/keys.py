@@ -73,7 +73,13 @@ def normalize_sender(address: str) -> str:
     local, at, domain = a.rpartition("@")
     if not at:
         local, domain = a, ""
-    if local.startswith(("prvs=", "btv1==", "msprvs1=")):  # BATV and its variants
+    if local.startswith("prvs=") and local.count("=") == 2:
+        # BATV, prvs=TAG=user, also seen reversed as prvs=user=TAG: the tag is the part
+        # that looks like one (ten digits or letters at its start), as postgrey decides
+        _, a, b = local.split("=")
+        tag_a, tag_b = _looks_like_tag(a), _looks_like_tag(b)
+        local = a if (tag_b and not tag_a) else b
+    elif local.startswith(("prvs=", "btv1==", "msprvs1=")):  # BATV variants
         tag_end = local.find("=", local.index("=") + 1 if not local.startswith("btv1==") else 6)
         if tag_end > 0:
             local = local[tag_end + 1:]
@@ -96,6 +102,10 @@ def normalize_sender(address: str) -> str:
             digits = False
     local = "".join(out)
     return f"{local}@{domain}" if domain else local
+
+
+def _looks_like_tag(text: str) -> bool:
+    return len(text) >= 10 and all(c.isdigit() or "a" <= c <= "z" for c in text[:10])
 
 
 def normalize_recipient(address: str) -> str:

@@ -54,10 +54,14 @@ class Policy(Value):
     retry_window: how long a first-seen entry waits for its retry before it
         counts as new again (postgrey: 2 days).
     max_age: how long a client that passed stays known after its last pass.
-    auto_whitelist: with triplet keys, after this many passed deliveries a
-        client skips greylisting for every triplet until it has been unseen for
-        max_age (postgrey: 5; 0 turns it off). With ip or subnet keys a known
-        client already skips greylisting, so it changes nothing there.
+    auto_whitelist: with triplet keys, after this many deliveries that passed
+        after waiting a client address skips greylisting for every triplet until
+        it has been unseen for max_age (postgrey: 5; 0 turns it off). As
+        postgrey counts: per client address (not per network), only a triplet's
+        first pass after its wait (not every delivery of a known triplet), and at
+        most once an hour, so one busy hour of one sender is not a reputation.
+        With ip or subnet keys a known client already skips greylisting, so it
+        changes nothing there.
     """
 
     __slots__ = ("delay", "retry_window", "max_age", "auto_whitelist")
@@ -179,19 +183,31 @@ def sane(record: Record, now: float) -> bool:
             and type(passes) is int and 0 <= passes < 1 << 62)
 
 
+#: The auto-whitelist counts a client at most once in this many seconds (postgrey's hour).
+AWL_INTERVAL = 3600.0
+
+
 def decide_auto_whitelist(client: Record | None, now: float, policy: Policy) -> Decision | None:
-    """A pass for a client with ``auto_whitelist`` passed deliveries seen within max_age, else None."""
+    """A pass for a client with ``auto_whitelist`` counted passes seen within max_age, else None.
+
+    Its tally is refreshed (written) at most once an hour, as postgrey does.
+    """
     if (client is None or not policy.auto_whitelist or not sane(client, now)
             or client.passes < policy.auto_whitelist or now - client.last_seen > policy.max_age):
         return None
-    return Decision(Verdict(PASS, AUTO_WHITELISTED, now - client.first_seen),
-                    Record(client.first_seen, now, client.passes + 1), WRITE_UPDATE)
+    verdict = Verdict(PASS, AUTO_WHITELISTED, max(now - client.first_seen, 0.0))
+    if now < client.last_seen + AWL_INTERVAL:
+        return Decision(verdict, client, WRITE_NONE)
+    return Decision(verdict, Record(client.first_seen, now, client.passes + 1), WRITE_UPDATE)
 
 
-def count_pass(client: Record | None, now: float, policy: Policy) -> Record:
-    """The client's tally of passed deliveries after one more (restarting if it went quiet)."""
+def count_pass(client: Record | None, now: float, policy: Policy) -> Record | None:
+    """The client's tally after a triplet passed after waiting: one more, at most once an
+    hour (restarting if it went quiet); None when there is nothing to write."""
     if client is None or not sane(client, now) or now - client.last_seen > policy.max_age:
         return Record(now, now, 1)
+    if now < client.last_seen + AWL_INTERVAL:
+        return None
     return Record(client.first_seen, now, client.passes + 1)
 
 

@@ -37,3 +37,11 @@ def test_malformed_addresses(text):
 def test_ipv4_mapped_is_the_ipv4_client():
     assert parse_ip("::ffff:66.94.237.12") == "66.94.237.12"
     assert parse_ip("2001:0DB8:0000:0000:0000:0000:0000:0001") == "2001:db8::1"
+
+
+def test_both_batv_forms_keep_the_user_whatever_the_tag():
+    from greylist.core.keys import normalize_sender
+
+    standard = [normalize_sender(f"prvs=0{t}cafe=news@example.org") for t in ("123abcde", "987fedcb")]
+    reversed_ = [normalize_sender(f"prvs=news=0{t}cafe@example.org") for t in ("123abcde", "987fedcb")]
+    assert standard == reversed_ == ["news@example.org"] * 2

@@ -113,3 +113,28 @@ def test_bad_policies_are_refused_with_a_reason():
         Policy(delay=-1)
     with pytest.raises(ValueError, match="retry window"):
         Policy(delay=600, retry_window=60)
+
+
+def test_auto_whitelist_counts_as_postgrey_first_passes_once_an_hour_per_address():
+    from greylist.core.check import check
+    from greylist.core.keys import Keying
+    from greylist.stores.memory import MemoryStore
+
+    policy = Policy(delay=60, auto_whitelist=2)
+    store, keying, t = MemoryStore(), Keying("triplet-subnet"), 1_000_000.0
+
+    def deliver(ip: str, rcpt: str, at: float) -> str:
+        key = keying.key_for(keying.client(ip), "a@example.org", rcpt)
+        return check(store, key, at, policy, ip).reason
+
+    # two triplets pass after waiting within one hour: one count
+    assert [deliver("192.0.2.1", "b@x", t), deliver("192.0.2.1", "b@x", t + 61)] == ["new", "passed"]
+    assert [deliver("192.0.2.1", "c@x", t + 100), deliver("192.0.2.1", "c@x", t + 200)] == ["new", "passed"]
+    assert [deliver("192.0.2.1", "b@x", t + 300 + i) for i in range(5)] == ["known"] * 5  # not counted
+    assert deliver("192.0.2.1", "d@x", t + 400) == "new"
+    # another host of the same /24 has its own tally: a network is not a reputation
+    assert [deliver("192.0.2.2", "e@x", t + 500), deliver("192.0.2.2", "e@x", t + 600)] == ["new", "passed"]
+    # an hour later, the first address's second pass after waiting counts: whitelisted
+    assert [deliver("192.0.2.1", "f@x", t + 3700), deliver("192.0.2.1", "f@x", t + 3800)] == ["new", "passed"]
+    assert deliver("192.0.2.1", "g@x", t + 3900) == "auto-whitelisted"
+    assert deliver("192.0.2.2", "g@x", t + 3900) == "new"
