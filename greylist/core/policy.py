@@ -110,7 +110,9 @@ class Record(Value):
 class Verdict(Value):
     """The answer for one connection, as data.
 
-    action: PASS or TEMPFAIL. reason: NEW, TOO_SOON, PASSED, KNOWN or WHITELISTED.
+    action: PASS or TEMPFAIL. reason: the policy's NEW, TOO_SOON, PASSED, KNOWN or
+    AUTO_WHITELISTED, or the service's (greylist.service): whitelisted,
+    whitelisted-recipient, relayclient, store-error, internal-error.
     age: seconds since the entry was first seen (0 for a new one).
     retry_in: for a tempfail, seconds until a retry would pass.
     """

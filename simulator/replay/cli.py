@@ -8,7 +8,7 @@ from pathlib import Path
 
 from simulator import report as reports
 from simulator.errors import SimulateError
-from simulator.replay.formats import FORMATS, LogError, parse
+from simulator.replay.formats import FORMATS, LogError, parse, time_zone
 from simulator.replay.replay import replay, rescale, retry_model
 from simulator.replay.shadow import summarize
 from simulator.scenario import load as load_scenario, parse_rate
@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "what would greylisting have done to this traffic?")
     parser.add_argument("logfile", help="the log (- for standard input)")
     parser.add_argument("--format", default="auto", choices=("auto",) + FORMATS)
+    parser.add_argument("--tz", default="local",
+                        help="time zone of stamps without one (tai64nlocal, syslog): local (default, as "
+                             "tai64nlocal and syslog write them), UTC, or a name such as Europe/Berlin")
     parser.add_argument("--year", type=int, help="year of yearless syslog stamps (Postfix; default: this year)")
     parser.add_argument("--rate", help="rescale the log's timing to this mean rate (300k/day, 3.5/s)")
     parser.add_argument("--retry-model", default=None,
@@ -45,10 +48,10 @@ def run_replay(argv: list[str]) -> int:
     check_outputs(args)
     try:
         if args.logfile == "-":
-            log = parse(sys.stdin, args.format, args.year)
+            log = parse(sys.stdin, args.format, args.year, time_zone(args.tz))
         else:
             with open(args.logfile, encoding="utf-8", errors="replace") as f:
-                log = parse(f, args.format, args.year)
+                log = parse(f, args.format, args.year, time_zone(args.tz))
     except OSError as exc:
         raise SimulateError(f"cannot read {args.logfile}: {exc.strerror}") from None
     except LogError as exc:

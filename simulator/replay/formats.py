@@ -66,18 +66,35 @@ def tai64n(label: str) -> float:
     return seconds + int(label[16:24], 16) / 1e9
 
 
-def _iso(text: str) -> float:
+def _iso(text: str, tz=None) -> float:
+    """Unix time of an ISO 8601 stamp; one without an offset is in ``tz`` (None: this
+    machine's local time, as tai64nlocal and syslog write it)."""
     value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.timestamp()
+    if value.tzinfo is None and tz is not None:
+        value = value.replace(tzinfo=tz)
+    return value.timestamp()  # a naive value is local time
+
+
+def time_zone(name: str | None):
+    """``--tz``: None or ``local`` for this machine's zone, ``UTC``, or an IANA name."""
+    if name is None or name == "local":
+        return None
+    if name.upper() == "UTC":
+        return timezone.utc
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise LogError(f"unknown time zone {name!r} (use local, UTC or a name such as Europe/Berlin)") from None
 
 
 class _Stamps:
     """Timestamp prefixes: TAI64N, ISO 8601, or yearless syslog (with a year that wraps)."""
 
-    def __init__(self, year: int) -> None:
+    def __init__(self, year: int, tz=None) -> None:
         self.year = year
+        self.tz = tz
         self.last_month = 0
 
     def split(self, line: str) -> tuple[float, str] | None:
@@ -87,7 +104,7 @@ class _Stamps:
         m = _ISO.match(line)
         if m:
             try:
-                return _iso(m.group(1)), m.group(2)
+                return _iso(m.group(1), self.tz), m.group(2)
             except ValueError:
                 return None
         m = _SYSLOG.match(line)
@@ -98,7 +115,7 @@ class _Stamps:
             self.last_month = month
             try:
                 t = datetime(self.year, month, int(m.group(2)), int(m.group(3)), int(m.group(4)),
-                             int(m.group(5)), tzinfo=timezone.utc).timestamp()
+                             int(m.group(5)), tzinfo=self.tz).timestamp()
             except ValueError:
                 return None
             return t + (float(m.group(6)) if m.group(6) else 0.0), m.group(7)
@@ -137,7 +154,7 @@ def detect(sample: list[str]) -> str:
     return best
 
 
-def parse(stream: io.TextIOBase, fmt: str = "auto", year: int | None = None) -> ParsedLog:
+def parse(stream: io.TextIOBase, fmt: str = "auto", year: int | None = None, tz=None) -> ParsedLog:
     """Read a whole log; raise LogError when most of it cannot be read."""
     lines = list(stream)
     if fmt == "auto":
@@ -145,7 +162,7 @@ def parse(stream: io.TextIOBase, fmt: str = "auto", year: int | None = None) -> 
     if fmt not in FORMATS:
         raise LogError(f"unknown log format {fmt!r} (use {', '.join(FORMATS)} or auto)")
     out = ParsedLog(format=fmt)
-    stamps = _Stamps(year or datetime.now(timezone.utc).year)
+    stamps = _Stamps(year or datetime.now(timezone.utc).year, tz)
     reader = {"tcpserver": _tcpserver, "postfix": _postfix, "wrapper": _wrapper,
               "jsonl": _jsonl, "csv": _csv}[fmt]
     reader(lines, out, stamps)
@@ -279,7 +296,7 @@ def _time_field(value) -> float | None:
         else:
             return number if number == number and abs(number) < 1e11 else None
         try:
-            return _iso(text)
+            return _iso(text, timezone.utc)  # JSON and CSV stamps without an offset are UTC
         except ValueError:
             return None
     return None

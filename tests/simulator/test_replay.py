@@ -221,3 +221,33 @@ def test_greylist_serve_lines_replay_as_our_own_log():
     log = parse(io.StringIO(text), "auto")
     assert log.format == "wrapper"
     assert log.events == [(T0 + 1, "192.0.2.1"), (T0 + 70, "192.0.2.1")]
+
+
+TAI64NLOCAL = ("2026-03-02 10:00:00.123456789 tcpserver: status: 1/40\n"
+               "2026-03-02 10:00:00.123456789 tcpserver: pid 101 from 192.0.2.1\n"
+               "2026-03-02 10:00:01.500000000 tcpserver: pid 102 from 192.0.2.2\n")
+
+
+def test_tai64nlocal_output_is_read_in_local_time_or_the_zone_given():
+    from simulator.replay.formats import time_zone
+
+    berlin = parse(io.StringIO(TAI64NLOCAL), "auto", tz=time_zone("Europe/Berlin"))
+    assert berlin.format == "tcpserver" and [ip for _, ip in berlin.events] == ["192.0.2.1", "192.0.2.2"]
+    assert berlin.events[0][0] == pytest.approx(T0 + 0.123456)  # 10:00 in Berlin is 09:00 UTC
+    utc = parse(io.StringIO(TAI64NLOCAL), "auto", tz=time_zone("UTC"))
+    assert utc.events[0][0] == pytest.approx(T0 + 3600.123456)
+
+
+def test_replay_reads_tai64nlocal_in_the_machines_zone_by_default(tmp_path):
+    import os
+
+    log = tmp_path / "current.txt"
+    log.write_text(TAI64NLOCAL)
+    env = dict(os.environ, TZ="Europe/Berlin")
+    report = json.loads(subprocess.run(
+        [sys.executable, "-m", "simulator.cli", "replay", str(log), "--json", "-", "--quiet"],
+        capture_output=True, text=True, timeout=60, env=env).stdout)
+    assert report["run"]["logged_connections"] == 2 and report["run"]["format"] == "tcpserver"
+    bad = subprocess.run([sys.executable, "-m", "simulator.cli", "replay", str(log), "--tz", "Mars/Olympus"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown time zone" in bad.stderr
