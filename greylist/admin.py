@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="greylist", description="Greylist store administration and servers.",
         epilog="Also: greylist serve [tcpserver's options] host port program ... (tcpserver and the "
-               "greylisting dialogue in one process; greylist serve --help).")
+               "greylisting dialogue in one process; greylist serve --help), and greylist postgrey "
+               "[postgrey's options] (greylist policyd with postgrey's command line).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("expire", help="remove stale entries (replaces the cron find)")
@@ -305,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         from greylist.adapters.serve import main as serve
 
         return serve(argv[1:])
+    if argv[:1] == ["postgrey"]:  # postgrey's command line
+        from greylist.adapters.postgrey import main as postgrey
+
+        return postgrey(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

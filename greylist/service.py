@@ -255,6 +255,26 @@ class Greylister:
             entry = self._configs[items] = _prepared(override(self.config, dict(items)))
         return entry
 
+    def prepare(self) -> None:
+        """Import and read now what decisions would import or read later: a server calls
+        this before it drops privileges, after which it may no longer read its own
+        installation (a Python under /root is unreadable to qmaild or postgrey)."""
+        import _bisect  # noqa: F401 - whitelists' network lookup
+
+        from greylist.stores import StoreError, parse_url, store_class
+
+        try:
+            store_class(parse_url(self.config.store))
+        except StoreError:
+            pass  # reported per connection, as on_error says
+        extra: dict[str, object] = {}
+        if self.config.whitelist:
+            listed = self._whitelist("clients", self.config.whitelist, extra)
+            if listed is not None and listed.patterns:
+                listed.matches_name("prepare.invalid")  # compiles the patterns (imports re2)
+        if self.config.whitelist_recipients:
+            self._whitelist("recipients", self.config.whitelist_recipients, extra)
+
     # -- lifetime ---------------------------------------------------------------
     def reload(self) -> None:
         """Read whitelists again and reopen the store at the next decision (SIGHUP)."""

@@ -110,20 +110,58 @@ class RequestReader:
         return bool(self.attrs or self.buffer or self.garbage)
 
 
-def action_for(config, verdict: Verdict, shadow: bool = False) -> str:
+class Replies:
+    """What the server answers, as data: the action for a tempfail, its text and the
+    header of mail that passed after waiting. Ours by default; ``greylist postgrey``
+    gives postgrey's (``--greylist-action``, ``--greylist-text`` with ``%s`` seconds
+    left and ``%r`` the recipient's domain, ``--x-greylist-header`` with ``%t``
+    seconds waited, ``%v`` version, ``%d`` date, ``%h`` host name, and 4.2.0 in
+    front of the text for clients that give ``etrn_domain``, postgrey's work-around
+    for Exchange)."""
+
+    def __init__(self, action: str = "DEFER_IF_PERMIT", text: str | None = None,
+                 header: str | None = None, version: str = "") -> None:
+        self.action = action
+        self.text = text
+        self.header = header
+        self.version = version
+
+    def tempfail(self, config, verdict: Verdict, attrs: dict[str, str]) -> str:
+        if self.text is None:
+            # Postfix puts 450 4.7.1 in front itself: the text only, with the hint if asked for.
+            text = tempfail_text(config.message, config.enhanced, verdict.retry_in).removeprefix("4.7.1 ")
+        else:
+            text = self.text
+            if "etrn_domain" in attrs and not text[:1].isdigit():
+                text = "4.2.0 " + text
+            text = text.replace("%s", str(max(0, int(verdict.retry_in + 0.999))), 1)
+            text = text.replace("%r", attrs.get("recipient", "").rpartition("@")[2], 1)
+        return f"action={self.action} {text}"
+
+    def passed(self, config, verdict: Verdict) -> str:
+        host = config.hostname or os.uname().nodename
+        if self.header is None:
+            return (f"action=PREPEND X-Greylist: delayed {int(verdict.age)} seconds by greylist at {host}; "
+                    f"{time.strftime('%a, %d %b %Y %H:%M:%S %z')}")
+        header = self.header.replace("%t", str(int(verdict.age)), 1).replace("%v", self.version, 1)
+        header = header.replace("%d", time.strftime("%a, %d %b %Y %H:%M:%S %Z"), 1).replace("%h", host, 1)
+        return f"action=PREPEND {header}"
+
+
+OUR_REPLIES = Replies()
+
+
+def action_for(config, verdict: Verdict, shadow: bool = False, attrs: dict[str, str] | None = None,
+               replies: Replies = OUR_REPLIES) -> str:
     """The action line; in shadow mode nobody was delayed, so no X-Greylist header."""
     if verdict.action == TEMPFAIL:
-        # Postfix puts 450 4.7.1 in front itself: the text only, with the hint if asked for.
-        text = tempfail_text(config.message, config.enhanced, verdict.retry_in)
-        return f"action=DEFER_IF_PERMIT {text.removeprefix('4.7.1 ')}"
+        return replies.tempfail(config, verdict, attrs or {})
     if verdict.reason == PASSED and not shadow:
-        host = config.hostname or os.uname().nodename
-        return (f"action=PREPEND X-Greylist: delayed {int(verdict.age)} seconds by greylist at {host}; "
-                f"{time.strftime('%a, %d %b %Y %H:%M:%S %z')}")
+        return replies.passed(config, verdict)
     return "action=DUNNO"
 
 
-def answer(greylister, attrs: dict[str, str]) -> tuple[str, dict[str, object]]:
+def answer(greylister, attrs: dict[str, str], replies: Replies = OUR_REPLIES) -> tuple[str, dict[str, object]]:
     """The reply line for one request, and its log fields."""
     if attrs.get("request") != "smtpd_access_policy":
         return "action=DUNNO", {"verdict": "error", "error": "not an smtpd_access_policy request"
@@ -144,7 +182,8 @@ def answer(greylister, attrs: dict[str, str]) -> tuple[str, dict[str, object]]:
     if host == "unknown":
         host = ""
     outcome = greylister.decide(Connection(ip, host, sender, recipient or "<>", host_verified=True))
-    return action_for(outcome.config, outcome.verdict, outcome.shadow is not None), outcome.fields()
+    reply = action_for(outcome.config, outcome.verdict, outcome.shadow is not None, attrs, replies)
+    return reply, outcome.fields()
 
 
 class Client(SocketSession):
@@ -189,27 +228,45 @@ class PolicyServer:
     """The listening socket, the clients, and the one greylisting service."""
 
     def __init__(self, listener: socket.socket, config, where: str, idle_timeout: float = IDLE_TIMEOUT,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, replies: Replies = OUR_REPLIES,
+                 quiet: bool = False, test_time: bool = False) -> None:
+        self.replies = replies
+        self.quiet = quiet
+        # postgrey's policy_test_time attribute, for differential tests only: a client that
+        # could set our clock could pass any triplet, so it is off unless asked for
+        self.test_time = test_time
+        self.now: float | None = None
         self.listener = listener
         self.config = config
         self.where = where
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
-        self.greylister = Greylister(config)
+        self.greylister = Greylister(config, clock=self.clock)
         self.clients: dict[Client, None] = {}  # in order of arrival
         self.loop = asyncio.new_event_loop()
         self.acceptor = Acceptor(self.loop, listener, self.accepted, self.at_bound, self.accept_failed)
         self.evicted = 0
 
     def log(self, fields: dict[str, object]) -> None:
+        if self.quiet and fields.get("verdict") == "pass":
+            return  # -q: greylisting and errors only
         try:
             os.write(2, log_line("greylist-policyd", fields))
         except OSError:
             pass
 
+    def clock(self) -> float:
+        return time.time() if self.now is None else self.now
+
     def answer(self, attrs: dict[str, str]) -> tuple[str, dict[str, object]]:
+        self.now = None
+        if self.test_time and "policy_test_time" in attrs:
+            try:
+                self.now = float(attrs["policy_test_time"])
+            except ValueError:
+                pass
         try:
-            reply, fields = answer(self.greylister, attrs)
+            reply, fields = answer(self.greylister, attrs, self.replies)
         except Exception as exc:  # noqa: BLE001 - a bug of ours is logged as one, and mail goes on
             return "action=DUNNO", {"verdict": "error", "error": f"internal error {type(exc).__name__}: {exc}"}
         if "_truncated" in attrs:
@@ -264,21 +321,31 @@ class PolicyServer:
             self.loop.close()
 
 
-def make_listener(listen: str) -> tuple[socket.socket, str]:
-    """A listening socket on ``HOST:PORT``, ``[IPv6]:PORT`` or ``unix:/path``, and its name."""
+def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o660) -> tuple[socket.socket, str]:
+    """A listening socket on ``HOST:PORT``, ``[IPv6]:PORT`` or ``unix:/path``, and its name.
+
+    The listen queue is as long as the system allows unless ``backlog`` says
+    otherwise (postgrey's ``--listen-queue-size``): a full queue makes Postfix's
+    connection attempts wait a SYN retransmit, a second each."""
+    if backlog is not None:
+        return _listener(listen, backlog, socket_mode)
     backlog = socket.SOMAXCONN
     try:
         with open("/proc/sys/net/core/somaxconn") as f:
             backlog = max(backlog, int(f.read()))
     except (OSError, ValueError):
         pass
+    return _listener(listen, backlog, socket_mode)
+
+
+def _listener(listen: str, backlog: int, socket_mode: int) -> tuple[socket.socket, str]:
     if listen.startswith("unix:"):
         path = listen[len("unix:"):]
         if os.path.exists(path):
             os.unlink(path)  # a stale socket of an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(path)
-        os.chmod(path, 0o660)
+        os.chmod(path, socket_mode)
         where = listen
     else:
         host, _, port = listen.rpartition(":")
@@ -294,15 +361,22 @@ def make_listener(listen: str) -> tuple[socket.socket, str]:
     return sock, where
 
 
-def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> int:
+def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, replies: Replies = OUR_REPLIES,
+          backlog: int | None = None, socket_mode: int = 0o660, quiet: bool = False, after_bind=None,
+          program: str = "greylist-policyd", test_time: bool = False) -> int:
+    """Listen, then (``after_bind``: drop privileges, daemonize) serve until SIGTERM."""
     limit = raise_descriptor_limit()
     max_connections = max(1, min(max_connections, limit - 64))
-    sock, where = make_listener(listen)
-    server = PolicyServer(sock, config, where, max_connections=max_connections)
+    sock, where = make_listener(listen, backlog, socket_mode)
+    server = PolicyServer(sock, config, where, max_connections=max_connections, replies=replies, quiet=quiet,
+                          test_time=test_time)
+    server.greylister.prepare()  # before after_bind() may drop privileges
+    if after_bind is not None:
+        after_bind()
     server.start()
     server.log({"started": where, "store": config.store, "key": config.key, "delay": config.delay,
                 "max_connections": max_connections})
-    print(f"greylist policyd: listening on {where}", file=sys.stderr, flush=True)
+    print(f"{program.replace('-', ' ')}: listening on {where}", file=sys.stderr, flush=True)
     try:
         server.serve()
     except KeyboardInterrupt:

@@ -607,21 +607,6 @@ def _canonical(text: str) -> str | None:
         return None
 
 
-def _import_before_dropping_privileges(config) -> None:
-    """Everything the server imports later, imported while it may still read its own
-    installation (a Python under /root is unreadable to qmaild): the store's module,
-    whitelists, host names, and the thread pool that asyncio's name lookups use."""
-    import concurrent.futures.thread  # noqa: F401 - imported for its side effect
-    import greylist.adapters.hostname  # noqa: F401
-    import greylist.whitelist  # noqa: F401
-    from greylist.stores import StoreError, parse_url, store_class
-
-    try:
-        store_class(parse_url(config.store))
-    except StoreError:
-        pass  # reported per connection, as on_error says
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ
@@ -649,7 +634,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         sys.stderr.write(f"tcpserver: fatal: unable to bind: {exc.strerror or exc}\n")
         return 111
-    _import_before_dropping_privileges(config)
+    server = Server(options, config, dict(environ))
+    # Everything imported later, imported while we may still read our own installation:
+    # the service's store module and whitelists, host names, asyncio's lookup threads.
+    import concurrent.futures.thread  # noqa: F401
+    import greylist.adapters.hostname  # noqa: F401
+
+    server.greylister.prepare()
     try:
         drop_privileges(options.uid, options.gid)
     except OSError as exc:
@@ -658,7 +649,6 @@ def main(argv: list[str] | None = None) -> int:
     if options.print_port:
         sys.stdout.write(f"{sock.getsockname()[1]}\n")
         sys.stdout.flush()
-    server = Server(options, config, dict(environ))
     server.start(sock)
     server.log([log_line("greylist-serve", {
         "pid": server.pid, "started": (f"[{options.host}]" if ":" in options.host else options.host)

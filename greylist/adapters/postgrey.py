@@ -1,0 +1,328 @@
+"""``greylist postgrey [postgrey's options]``: greylist policyd with postgrey's command line.
+
+A Debian site swaps the binary and keeps ``POSTGREY_OPTS``: every option of
+postgrey 1.37 is read with postgrey's units and defaults (``--delay`` in
+seconds, 300; ``--max-age`` in days, 35; ``--retry-window`` in days or
+``Nh``, 2 days; ``--inet=PORT`` binds localhost, as postgrey does; the
+whitelists default to /etc/postgrey/whitelist_clients and
+whitelist_recipients and their ``.local`` companions), and postgrey's
+replies (``--greylist-action``, ``--greylist-text`` with ``%s`` and ``%r``,
+``--x-greylist-header``, 4.2.0 for Exchange clients) come from
+:class:`~greylist.adapters.policyd.Replies`. Triplets by /24 (``--ipv4cidr``)
+or /64 (``--ipv6cidr``), or by host with ``--lookup-by-host``; the client
+auto-whitelist counts as postgrey counts. Our settings (``--store``, ``--mode
+shadow``, GREYLIST_* variables) may be added.
+
+The database is ours, one SQLite file in ``--dbdir`` (``greylist.sqlite``);
+postgrey's own Berkeley DB files are not read (``--privacy`` and ``--exim``,
+which change what is stored and spoken, are refused with a message rather than
+accepted and ignored).
+"""
+
+from __future__ import annotations
+
+import getopt
+import os
+import sys
+
+from greylist import __version__
+from greylist.config import ConfigError, load
+
+POSTGREY_VERSION = "1.37"
+CONFIG_DIR = "/etc/postgrey"
+DEFAULT_DBDIR = "/var/lib/postgrey"
+DEFAULT_TEXT = "Greylisted, see http://postgrey.schweikert.ch/help/%r.html"
+DEFAULT_HEADER = "X-Greylist: delayed %t seconds by postgrey-%v at %h; %d"
+
+LONG = ["help", "man", "version", "noaction", "no-action", "verbose", "quiet", "daemonize", "unix=", "inet=",
+        "socketmode=", "user=", "group=", "dbdir=", "pidfile=", "delay=", "max-age=", "lookup-by-subnet",
+        "lookup-by-host", "ipv4cidr=", "ipv6cidr=", "auto-whitelist-clients=", "whitelist-clients=",
+        "whitelist-recipients=", "syslogfacility=", "syslog-facility=", "facility=", "retry-window=",
+        "greylist-action=", "greylist-text=", "privacy", "hostname=", "exim", "listen-queue-size=",
+        "x-greylist-header=",
+        # ours
+        "store=", "mode=", "accept-test-time"]
+SHORT = "hnvqdu:i:"
+ALIASES = {"-h": "--help", "-n": "--noaction", "-v": "--verbose", "-q": "--quiet", "-d": "--daemonize",
+           "-u": "--unix", "-i": "--inet", "--no-action": "--noaction", "--syslogfacility": "--syslog-facility",
+           "--facility": "--syslog-facility"}
+REFUSED = {"--privacy": "stores hashed triplets", "--exim": "answers in Exim's syntax",
+           "--noaction": "is refused by postgrey itself"}
+
+
+class PostgreyError(ValueError):
+    """A postgrey option we cannot honour; the message says which and why."""
+
+
+class Plan:
+    """What the options ask for: our settings, the listener and the server's behaviour."""
+
+    def __init__(self) -> None:
+        self.flags: dict[str, str] = {}
+        self.listen = ""
+        self.socket_mode = 0o666  # postgrey's default for --unix
+        self.backlog: int | None = None
+        self.user = "postgrey"
+        self.group: str | None = None
+        self.user_given = False
+        self.pidfile: str | None = None
+        self.daemonize = False
+        self.facility = "mail"
+        self.quiet = False
+        self.action = "DEFER_IF_PERMIT"
+        self.text = DEFAULT_TEXT
+        self.header = DEFAULT_HEADER
+        self.version_only = False
+        self.test_time = False  # honour policy_test_time (differential tests against postgrey only)
+        self.help = False
+
+
+def _whole(value: str, option: str) -> int:
+    if not value.strip().isdigit():
+        raise PostgreyError(f"{option} takes a whole number, not {value!r}")
+    return int(value)
+
+
+def _existing(paths: list[str], warn) -> str:
+    """The whitelist files that exist, joined; a missing file given by hand is warned about
+    (as postgrey does), a missing ``.local`` companion is not."""
+    found = []
+    for path in paths:
+        if os.path.isfile(path):
+            found.append(path)
+        elif not path.endswith(".local"):
+            warn(f"can't open {path}: No such file or directory")
+    return ":".join(found)
+
+
+def _optional_values(argv: list[str]) -> list[str]:
+    """--auto-whitelist-clients takes an optional value (Getopt::Long's ``:s``): a bare one
+    means 5, and a following number is its value."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--auto-whitelist-clients":
+            if i + 1 < len(argv) and argv[i + 1].isdigit():
+                arg, i = f"{arg}={argv[i + 1]}", i + 1
+            else:
+                arg = f"{arg}="
+        out.append(arg)
+        i += 1
+    return out
+
+
+def parse(argv: list[str], warn=lambda text: None) -> Plan:
+    argv = _optional_values(argv)
+    try:
+        pairs, rest = getopt.gnu_getopt(argv, SHORT, LONG)
+    except getopt.GetoptError as exc:
+        raise PostgreyError(str(exc)) from None
+    if rest:
+        raise PostgreyError(f"unexpected argument {rest[0]!r}")
+    plan = Plan()
+    clients: list[str] = []
+    recipients: list[str] = []
+    seen = set()
+    for opt, value in pairs:
+        opt = ALIASES.get(opt, opt)
+        seen.add(opt)
+        if opt in REFUSED:
+            raise PostgreyError(f"{opt} ({REFUSED[opt]}) is not supported by greylist postgrey")
+        if opt in ("--help", "--man"):
+            plan.help = True
+        elif opt == "--version":
+            plan.version_only = True
+        elif opt == "--verbose":
+            plan.quiet = False
+        elif opt == "--quiet":
+            plan.quiet = True
+        elif opt == "--daemonize":
+            plan.daemonize = True
+        elif opt == "--unix":
+            plan.listen = f"unix:{value}"
+        elif opt == "--inet":
+            host, _, port = value.rpartition(":")
+            if not port.isdigit():
+                raise PostgreyError(f"--inet takes [HOST:]PORT, not {value!r}")
+            plan.listen = f"{host or 'localhost'}:{port}"  # postgrey binds localhost by default
+        elif opt == "--socketmode":
+            try:
+                plan.socket_mode = int(value, 8)
+            except ValueError:
+                raise PostgreyError(f"--socketmode takes an octal mode such as 0660, not {value!r}") from None
+        elif opt == "--user":
+            plan.user, plan.user_given = value, True
+        elif opt == "--group":
+            plan.group = value
+        elif opt == "--dbdir":
+            plan.flags.setdefault("store", f"sqlite://{os.path.abspath(value)}/greylist.sqlite")
+        elif opt == "--pidfile":
+            plan.pidfile = value
+        elif opt == "--delay":
+            plan.flags["delay"] = str(_whole(value, opt))
+        elif opt == "--max-age":
+            plan.flags["max_age"] = f"{_whole(value, opt)}d"
+        elif opt == "--retry-window":
+            text = value.strip().lower()
+            if text.endswith("h") and text[:-1].isdigit():
+                plan.flags["retry_window"] = f"{int(text[:-1])}h"
+            elif text.isdigit():
+                plan.flags["retry_window"] = f"{int(text)}d"
+            else:
+                raise PostgreyError("--retry-window must be either a number of days or a number followed "
+                                    "by 'h' for hours ('6h' for example)")
+        elif opt == "--lookup-by-host":
+            plan.flags["key"] = "triplet"
+        elif opt == "--lookup-by-subnet":
+            pass  # postgrey's default
+        elif opt == "--ipv4cidr":
+            plan.flags["subnet_v4"] = str(_whole(value, opt))
+        elif opt == "--ipv6cidr":
+            plan.flags["subnet_v6"] = str(_whole(value, opt))
+        elif opt == "--auto-whitelist-clients":
+            plan.flags["auto_whitelist"] = str(_whole(value, opt)) if value != "" else "5"
+        elif opt == "--whitelist-clients":
+            clients.append(value)
+        elif opt == "--whitelist-recipients":
+            recipients.append(value)
+        elif opt == "--syslog-facility":
+            plan.facility = value
+        elif opt == "--greylist-action":
+            plan.action = value
+        elif opt == "--greylist-text":
+            plan.text = value
+        elif opt == "--x-greylist-header":
+            plan.header = value
+        elif opt == "--hostname":
+            plan.flags["hostname"] = value
+        elif opt == "--listen-queue-size":
+            plan.backlog = _whole(value, opt)
+        elif opt == "--store":
+            plan.flags["store"] = value
+        elif opt == "--mode":
+            plan.flags["mode"] = value
+        elif opt == "--accept-test-time":
+            plan.test_time = True
+    if plan.help or plan.version_only:
+        return plan
+    if not plan.listen:
+        raise PostgreyError("--unix or --inet must be specified")
+    plan.flags.setdefault("store", f"sqlite://{DEFAULT_DBDIR}/greylist.sqlite")
+    plan.flags.setdefault("delay", "300")
+    plan.flags.setdefault("max_age", "35d")
+    plan.flags.setdefault("key", "triplet-subnet")
+    plan.flags.setdefault("auto_whitelist", "5")
+    clients = clients or [f"{CONFIG_DIR}/whitelist_clients", f"{CONFIG_DIR}/whitelist_clients.local"]
+    plan.flags["whitelist"] = _existing(clients, warn)
+    recipients = recipients or [f"{CONFIG_DIR}/whitelist_recipients", f"{CONFIG_DIR}/whitelist_recipients.local"]
+    plan.flags["whitelist_recipients"] = _existing(recipients, warn)
+    return plan
+
+
+def _ids(plan: Plan) -> tuple[int | None, int | None]:
+    """The uid and gid to run as: postgrey's --user (default postgrey) and --group (default
+    the user's group). Only root can switch; anybody else runs as itself."""
+    import grp
+    import pwd
+
+    if os.geteuid() != 0:
+        if plan.user_given or plan.group:
+            raise PostgreyError("--user and --group need root")
+        return None, None
+    try:
+        entry = pwd.getpwnam(plan.user) if not plan.user.isdigit() else pwd.getpwuid(int(plan.user))
+    except KeyError:
+        if not plan.user_given:
+            return None, None  # no postgrey user on this machine: stay as we are
+        raise PostgreyError(f"--user {plan.user}: no such user") from None
+    gid = entry.pw_gid
+    if plan.group:
+        try:
+            gid = grp.getgrnam(plan.group).gr_gid if not plan.group.isdigit() else int(plan.group)
+        except KeyError:
+            raise PostgreyError(f"--group {plan.group}: no such group") from None
+    return entry.pw_uid, gid
+
+
+def write_pidfile(path: str) -> None:
+    """The pid file, created new beside its place and renamed over it (never through a link)."""
+    tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def daemonize(facility: str) -> None:
+    """Detach as postgrey --daemonize does; from then on log lines go to syslog."""
+    import syslog
+
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(null, fd)
+    read, write = os.pipe()
+    if os.fork() == 0:  # the log forwarder: stderr lines to syslog
+        os.close(write)
+        code = getattr(syslog, f"LOG_{facility.upper()}", syslog.LOG_MAIL)
+        syslog.openlog("postgrey", syslog.LOG_PID, code)
+        with os.fdopen(read, "rb") as lines:
+            for line in lines:
+                syslog.syslog(syslog.LOG_INFO, line.decode("ascii", "replace").rstrip("\n"))
+        os._exit(0)
+    os.close(read)
+    os.dup2(write, 2)
+    os.close(write)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+
+    def warn(text: str) -> None:
+        sys.stderr.write(f"greylist postgrey: WARNING: {text}\n")
+
+    try:
+        plan = parse(argv, warn)
+    except PostgreyError as exc:
+        sys.stderr.write(f"greylist postgrey: ERROR: {exc}\n")
+        return 1
+    if plan.version_only:
+        sys.stdout.write(f"postgrey {POSTGREY_VERSION} (greylist {__version__})\n")
+        return 0
+    if plan.help:
+        sys.stdout.write(__doc__ + "\noptions: " + " ".join(f"--{o.rstrip('=')}" for o in LONG) + "\n")
+        return 0
+    try:
+        config = load(plan.flags, os.environ)  # GREYLIST_* variables may add to postgrey's options
+        uid, gid = _ids(plan)
+    except (ConfigError, PostgreyError) as exc:
+        sys.stderr.write(f"greylist postgrey: ERROR: {exc}\n")
+        return 1
+    from greylist.adapters.policyd import Replies, serve
+    from greylist.adapters.serve import drop_privileges
+
+    def after_bind() -> None:
+        if plan.daemonize:
+            daemonize(plan.facility)
+        if plan.pidfile:
+            write_pidfile(plan.pidfile)
+        drop_privileges(uid, gid)
+
+    replies = Replies(plan.action, plan.text, plan.header, f"{POSTGREY_VERSION}-greylist-{__version__}")
+    try:
+        return serve(plan.listen, config, replies=replies, backlog=plan.backlog, socket_mode=plan.socket_mode,
+                     quiet=plan.quiet, after_bind=after_bind, program="greylist-postgrey",
+                     test_time=plan.test_time)
+    except OSError as exc:
+        sys.stderr.write(f"greylist postgrey: ERROR: cannot listen on {plan.listen}: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

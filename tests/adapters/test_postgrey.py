@@ -1,0 +1,181 @@
+"""greylist postgrey: postgrey's command line, replies and whitelists, and the real postgrey beside it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.redis_server import free_port
+from conftest import base_env
+from greylist.adapters.postgrey import PostgreyError, parse
+from simulator.commands import command
+
+POSTGREY = "/usr/sbin/postgrey"
+DEBIAN_WHITELIST = Path("/etc/postgrey/whitelist_clients")
+
+
+def test_postgreys_units_and_defaults():
+    warnings: list[str] = []
+    plan = parse(["--inet=10023", "--dbdir=/var/lib/postgrey", "--retry-window=6h", "--max-age=10",
+                  "--auto-whitelist-clients", "--whitelist-clients=/nonexistent/wl"], warnings.append)
+    assert plan.listen == "localhost:10023"  # postgrey binds localhost when only a port is given
+    assert plan.flags["store"] == "sqlite:///var/lib/postgrey/greylist.sqlite"
+    assert (plan.flags["delay"], plan.flags["max_age"], plan.flags["retry_window"]) == ("300", "10d", "6h")
+    assert plan.flags["key"] == "triplet-subnet" and plan.flags["auto_whitelist"] == "5"
+    assert plan.flags["whitelist"] == "" and "can't open /nonexistent/wl" in warnings[0]
+    assert parse(["-u", "/run/pg.sock", "--retry-window=3", "--lookup-by-host", "--auto-whitelist-clients",
+                  "0"]).flags["retry_window"] == "3d"
+    assert parse(["--unix=/run/pg.sock", "--lookup-by-host"]).flags["key"] == "triplet"
+    assert parse(["--inet=10023", "--auto-whitelist-clients=0"]).flags["auto_whitelist"] == "0"
+    for bad, message in ((["--inet=10023", "--privacy"], "not supported"), ([], "--unix or --inet"),
+                         (["--inet=10023", "--retry-window=2w"], "number of days"),
+                         (["--inet=10023", "--delay=soon"], "whole number"), (["--bogus"], "not recognized")):
+        with pytest.raises(PostgreyError, match=message):
+            parse(bad)
+
+
+@pytest.mark.skipif(not DEBIAN_WHITELIST.exists(), reason="needs Debian's postgrey package (its whitelists)")
+def test_debians_whitelist_files_read_with_no_unreadable_line():
+    from greylist.whitelist import ClientWhitelist, load_recipients
+
+    listed = ClientWhitelist.parse(DEBIAN_WHITELIST.read_text(), str(DEBIAN_WHITELIST))
+    assert listed.warnings == ()
+    assert listed.matches_name("mail-wr1-f41.google.com") or listed.has_names
+    assert load_recipients("/etc/postgrey/whitelist_recipients").matches("postmaster@example.org")
+
+
+def ask(sock: socket.socket, t: float | None = None, **attrs: str) -> str:
+    attrs = {"request": "smtpd_access_policy", "protocol_state": "RCPT", "client_name": "mx.example.org",
+             "sender": "a@example.org", "recipient": "b@example.net", **attrs}
+    if t is not None:
+        attrs.update(policy_test_time=str(int(t)), instance=f"i{int(t)}")
+    sock.sendall("".join(f"{k}={v}\n" for k, v in attrs.items()).encode() + b"\n")
+    data = b""
+    while not data.endswith(b"\n\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+def start(cmd: list[str], port: int, env=None) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env=env or base_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"{cmd[0]} did not start: {proc.stderr.read()}")
+
+
+def ours(tmp_path: Path, port: int, *extra: str) -> subprocess.Popen:
+    user = ["--user", "root"] if os.geteuid() == 0 else []
+    return start([*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={tmp_path}", *user,
+                  *extra], port)
+
+
+def test_debian_default_options_and_postgreys_replies(tmp_path):
+    port = free_port()
+    proc = ours(tmp_path, port, "--delay=1", "--greylist-text=Wait %s s for %r",
+                "--x-greylist-header=X-Greylist: %t s at %h")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert ask(s, client_address="192.0.2.5") == "action=DEFER_IF_PERMIT Wait 1 s for example.net"
+            assert ask(s, client_address="192.0.2.6", etrn_domain="") == \
+                "action=DEFER_IF_PERMIT 4.2.0 Wait 1 s for example.net"  # Exchange's work-around
+            time.sleep(1.1)
+            # the same /24 after the delay: passes, with postgrey's header format
+            assert ask(s, client_address="192.0.2.77") == "action=PREPEND X-Greylist: 1 s at mx.test"
+            assert ask(s, client_address="192.0.2.5", helo_name="h" * 3000) == "action=DUNNO"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    with pytest.raises(PostgreyError):
+        parse(["--inet=1", "--exim"])
+
+
+def test_version_and_refusals_on_the_command_line():
+    out = subprocess.run([*command("greylist"), "postgrey", "--version"], capture_output=True, text=True,
+                         timeout=20)
+    assert out.returncode == 0 and out.stdout.startswith("postgrey 1.37")
+    bad = subprocess.run([*command("greylist"), "postgrey", "--inet=1", "--privacy"], capture_output=True,
+                         text=True, timeout=20)
+    assert bad.returncode == 1 and "--privacy" in bad.stderr and "not supported" in bad.stderr
+
+
+STREAM = [  # (seconds after T, client, sender, recipient)
+    (0, "192.0.2.5", "a@example.org", "b@example.net"),
+    (10, "192.0.2.5", "a@example.org", "b@example.net"),            # too soon
+    (400, "192.0.2.9", "a@example.org", "b@example.net"),           # same /24, after the delay: passes
+    (500, "192.0.2.5", "a@example.org", "b@example.net"),           # known
+    (600, "192.0.2.5", "prvs=news=0123abcdef@example.org", "b@example.net"),
+    (1000, "192.0.2.5", "prvs=news=0987fedcba@example.org", "b@example.net"),  # reversed BATV: the same
+    (1100, "198.51.100.1", "list-bounces-123-x=y@lists.example", "c@example.net"),
+    (1500, "198.51.100.1", "list-bounces-456-x=y@lists.example", "c@example.net"),  # VERP digits
+    (1600, "203.0.113.7", "<>", "d@example.net"),
+    (1610, "203.0.113.7", "", "d@example.net"),
+    (2000, "203.0.113.7", "", "d@example.net"),
+    (3 * 86400, "203.0.113.8", "a@example.org", "e@example.net"),
+    (3 * 86400 + 300, "203.0.113.8", "a@example.org", "e@example.net"),  # exactly the delay
+]
+
+
+#: Differences from postgrey that are ours on purpose, by the stream's index.
+DELIBERATE = {
+    # the null sender written "<>" and "" is one sender to us (Postfix sends ""), two
+    # triplets to postgrey, so its first-seen time, and the header's seconds, differ
+    10: "the null sender as <> and as the empty string is one sender",
+}
+
+
+def normalise(reply: str) -> str:
+    """The header's version and date differ by design; the seconds and the action must not."""
+    if reply.startswith("action=PREPEND X-Greylist: delayed "):
+        return " ".join(reply.split()[:5])
+    return reply
+
+
+@pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
+def test_the_same_request_stream_gets_the_same_answers_as_the_real_postgrey(tmp_path):
+    """Differential: both servers on one stream, their clocks moved by policy_test_time."""
+    if os.geteuid() != 0:
+        pytest.skip("postgrey runs as its own user: needs root to start it here")
+    import tempfile
+
+    t0 = 1_800_000_000
+    answers = {}
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # the postgrey user must reach it: pytest's tree is 0700
+    os.chmod(base, 0o755)
+    for name in ("postgrey", "ours"):
+        directory = base / name
+        directory.mkdir()
+        shutil.chown(directory, "postgrey")
+        port = free_port()
+        if name == "postgrey":
+            proc = start([POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"], port)
+        else:
+            proc = start([*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={directory}",
+                          "--accept-test-time"], port)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                answers[name] = [normalise(ask(s, t0 + dt, client_address=ip, sender=sender, recipient=rcpt))
+                                 for dt, ip, sender, rcpt in STREAM]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    shutil.rmtree(base, ignore_errors=True)
+    differences = {i: (STREAM[i], a, b) for i, (a, b) in enumerate(zip(answers["postgrey"], answers["ours"]))
+                   if a != b}
+    assert set(differences) == set(DELIBERATE), differences
+    # every action (greylist or pass) is the same; only the header's seconds differ, where deliberate
+    assert all(a.split(":")[0] == b.split(":")[0] for _, a, b in differences.values())
