@@ -23,6 +23,7 @@ SCHEMES = {
     "sqlite": ("greylist.stores.sqlite", "SqliteStore"),
     "redis": ("greylist.stores.redisstore", "RedisStore"),
     "redis+unix": ("greylist.stores.redisstore", "RedisStore"),
+    "postgrey": ("greylist.stores.postgrey", "PostgreyStore"),  # read-only: a source for migrate
 }
 
 
