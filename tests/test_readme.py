@@ -21,3 +21,15 @@ def test_readme_starts_with_two_make_commands():
     makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
     for line in block:
         assert f"\n{line.split()[1]}:" in makefile
+
+
+def test_contrib_run_scripts_are_valid_shell_and_name_real_commands():
+    import subprocess
+    from pathlib import Path
+
+    contrib = Path(__file__).resolve().parent.parent / "contrib"
+    for script in contrib.glob("*.run"):
+        assert subprocess.run(["sh", "-n", str(script)]).returncode == 0, script
+    units = {p.name: p.read_text() for p in contrib.glob("*.service")}
+    assert "greylist serve" in units["greylist-smtpd.service"]
+    assert "greylist postgrey $POSTGREY_OPTS" in units["greylist-postgrey.service"]
