@@ -217,3 +217,17 @@ def test_a_long_attribute_is_cut_and_the_request_still_decided(policyd):
     assert reply.startswith("action=DEFER_IF_PERMIT")
     assert c.ask(request(sender="a@b", recipient="c@d")) == "action=DUNNO"  # no client address
     c.close()
+
+
+def test_only_postfixs_verified_client_name_is_matched_never_the_ptr_claim(policyd, tmp_path):
+    listed = tmp_path / "clients"
+    listed.write_text("google.com\n")
+    _, address = policyd("--whitelist", str(listed))
+    c = Client(address)
+    claim = c.ask(request(client_address="203.0.113.9", client_name="unknown",
+                          reverse_client_name="mx.google.com", sender="a@b", recipient="c@d"))
+    assert claim.startswith("action=DEFER_IF_PERMIT")  # the PTR says google: its own claim
+    verified = c.ask(request(client_address="203.0.113.10", client_name="mail-wr1-f41.google.com",
+                             sender="a@b", recipient="c@d"))
+    assert verified == "action=DUNNO"
+    c.close()

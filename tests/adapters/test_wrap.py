@@ -385,3 +385,16 @@ def test_creating_a_missing_store_directory_is_logged(tmp_path):
     first = parse_log(w.run().stderr)[0]
     assert "created the missing store directory" in first["store_warning"]
     assert "store_warning" not in parse_log(w.run(ip="192.0.2.11").stderr)[0]
+
+
+@pytest.mark.parametrize("content", [b"inf 0", b"1e308 0", b"nan 0", b"-5 -1"])
+def test_an_absurd_entry_never_crashes_a_reply_and_delays_at_most_delay_plus_skew(wrapper, store_dir, content):
+    entry = store_dir / "192" / "192.0.2.10"
+    entry.parent.mkdir()
+    entry.write_bytes(content)
+    future = time.time() + 30 * 86400  # touch -d '+30 days'
+    os.utime(entry, (future, future))
+    result = wrapper.run(stdin=b"RCPT TO:<a@b>\r\nQUIT\r\n", GREYLIST_ENHANCED="1")
+    assert result.stdout.startswith(b"220 mx.test cqgreylist")
+    assert b"450 4.7.1 Rcpt to <> - you are greylisted try again in 60 s" in result.stdout
+    assert parse_log(result.stderr)[0]["reason"] == "new"
