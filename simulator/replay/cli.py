@@ -68,7 +68,9 @@ def run_replay(argv: list[str]) -> int:
     if args.retry_model is None:
         # Our own enforcing log holds the real retries; a shadow log holds none (every
         # client got through at once), so its tempfailed clients retry like Postfix.
-        args.retry_model = "none" if log.format == "wrapper" and not log.shadow else "postfix"
+        # postgrey's log is of a server that greylists too: its retries are in it.
+        args.retry_model = "none" if (log.format == "wrapper" and not log.shadow) or \
+            log.format == "postgrey" else "postfix"
     model = retry_model(scenario, args.retry_model)
     events, factor = rescale(log.events, parse_rate(args.rate) if args.rate else None)
     span = max(events[-1][0] - events[0][0], 1.0)
@@ -77,8 +79,9 @@ def run_replay(argv: list[str]) -> int:
     results = []
     try:
         for i, (label, config) in enumerate(policies_for(args)):
-            if config.keying.needs_envelope:
-                raise SimulateError("logs of connections carry no envelope: replay with --key ip or subnet")
+            if config.keying.needs_envelope and len(events[0]) < 4:
+                raise SimulateError("logs of connections carry no envelope: replay with --key ip or subnet "
+                                    "(postgrey's log carries it: --format postgrey)")
             with factory.open(i) as store:
                 check_whitelist(config)  # an unreadable whitelist stops the replay before it runs
                 server = replay(events, config, store, model, drain=not args.no_drain)

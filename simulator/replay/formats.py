@@ -10,6 +10,10 @@ Formats (``--format``, or ``auto`` to detect from the first lines):
 - ``wrapper``: our own ``greylist-wrap: ... ip=IP verdict=...`` lines (and
   ``greylist serve``'s), stamped as tcpserver's; in shadow mode they also
   carry ``shadow=tempfail|pass``, kept in :attr:`ParsedLog.shadow`.
+- ``postgrey``: postgrey's own ``action=greylist, reason=new, client_name=...,
+  client_address=..., sender=..., recipient=...`` lines, one a request: the
+  envelope is there, so triplet keys can be replayed, and the log already
+  holds the real retries (the retry model defaults to none).
 - ``jsonl``: one JSON object a line, ``{"time": 1767571200.5, "ip": "192.0.2.1"}``;
   time is unix seconds or an ISO 8601 string; other fields are ignored.
 - ``csv``: a header line naming ``time`` and ``ip`` columns, then rows.
@@ -30,7 +34,7 @@ from datetime import datetime, timezone
 
 from greylist.core.keys import BadAddress, parse_ip
 
-FORMATS = ("tcpserver", "postfix", "wrapper", "jsonl", "csv")
+FORMATS = ("tcpserver", "postfix", "wrapper", "postgrey", "jsonl", "csv")
 MAX_BAD_SHARE = 0.5
 _MONTHS = {m: i + 1 for i, m in enumerate(
     ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"))}
@@ -43,6 +47,7 @@ _TCP_DENY = re.compile(r"tcpserver: deny (\d+) ")
 _TCP_OTHER = re.compile(r"tcpserver: (status|ok|end|deny|fatal|warning|pid)\b")
 _POSTFIX = re.compile(r"postfix(?:/[\w.-]+)*/smtpd\[\d+\]: connect from [^\[\s]*\[([^\]]+)\]")
 _WRAPPER = re.compile(r"greylist-(?:wrap|serve): (.*)$")
+_POSTGREY = re.compile(r"postgrey(?:\[\d+\])?: action=(greylist|pass), (.*)$")
 
 
 class LogError(ValueError):
@@ -51,7 +56,8 @@ class LogError(ValueError):
 
 @dataclass
 class ParsedLog:
-    events: list[tuple[float, str]] = field(default_factory=list)  # (unix time, canonical IP)
+    # (unix time, canonical IP), or with the envelope (time, IP, sender, recipient)
+    events: list[tuple] = field(default_factory=list)
     lines: int = 0
     ignored: int = 0
     bad: list[tuple[int, str]] = field(default_factory=list)  # (line number, why)
@@ -144,6 +150,8 @@ def detect(sample: list[str]) -> str:
             scores["postfix"] += 1
         if ("greylist-wrap:" in s or "greylist-serve:" in s) and " ip=" in s:
             scores["wrapper"] += 2  # beats tcpserver when both appear in one log
+        if "postgrey" in s and "action=" in s and "client_address=" in s:
+            scores["postgrey"] += 2
     first = next((line for line in sample if line.strip()), "")
     if "," in first and {"time", "ip"} <= {c.strip().lower() for c in first.split(",")}:
         return "csv"
@@ -163,7 +171,7 @@ def parse(stream: io.TextIOBase, fmt: str = "auto", year: int | None = None, tz=
         raise LogError(f"unknown log format {fmt!r} (use {', '.join(FORMATS)} or auto)")
     out = ParsedLog(format=fmt)
     stamps = _Stamps(year or datetime.now(timezone.utc).year, tz)
-    reader = {"tcpserver": _tcpserver, "postfix": _postfix, "wrapper": _wrapper,
+    reader = {"tcpserver": _tcpserver, "postfix": _postfix, "wrapper": _wrapper, "postgrey": _postgrey,
               "jsonl": _jsonl, "csv": _csv}[fmt]
     reader(lines, out, stamps)
     considered = out.lines
@@ -241,6 +249,25 @@ def _wrapper(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
             out.bad[-1] = (number, "no valid ip= field")
         elif "shadow" in fields:
             out.shadow.append((t, out.events[-1][1], fields["shadow"], fields.get("reason", "")))
+
+
+def _postgrey(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+    for number, t, rest in _stamped(lines, out, stamps, "no syslog timestamp"):
+        m = _POSTGREY.search(rest)
+        if not m:
+            out.ignored += 1  # its start-up lines, other programs
+            continue
+        fields = {}
+        for part in m.group(2).split(", "):
+            name, eq, value = part.partition("=")
+            if eq:
+                fields[name] = value
+        if "client_address" not in fields or "recipient" not in fields:
+            out.bad.append((number, "a postgrey line without client_address or recipient"))
+            continue
+        if _event(out, number, t, fields["client_address"]):
+            t_, ip = out.events[-1]
+            out.events[-1] = (t_, ip, fields.get("sender", ""), fields["recipient"])
 
 
 def _jsonl(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:

@@ -30,7 +30,7 @@ def retry_model(scenario: Scenario, name: str) -> SenderClass | None:
     raise ScenarioError(f"unknown retry model {name!r}: use one of {names}")
 
 
-def rescale(events: list[tuple[float, str]], rate: float | None) -> tuple[list[tuple[float, str]], float]:
+def rescale(events: list[tuple], rate: float | None) -> tuple[list[tuple], float]:
     """Events moved so that their mean rate is ``rate`` per second (None: as logged)."""
     if not events:
         return events, 1.0
@@ -39,45 +39,55 @@ def rescale(events: list[tuple[float, str]], rate: float | None) -> tuple[list[t
         return events, 1.0
     factor = (len(events) / span) / rate  # >1 stretches time, <1 compresses it
     t0 = events[0][0]
-    return [(t0 + (t - t0) * factor, ip) for t, ip in events], factor
+    return [(t0 + (e[0] - t0) * factor, *e[1:]) for e in events], factor
 
 
 class Replay:
-    def __init__(self, server: SimulatedServer, events: list[tuple[float, str]],
-                 model: SenderClass | None) -> None:
+    """Logged events: ``(time, ip)``, or ``(time, ip, sender, recipient)`` where the log
+    shows the envelope (postgrey's): then the client that comes back is the triplet."""
+
+    def __init__(self, server: SimulatedServer, events: list[tuple], model: SenderClass | None) -> None:
         self.server = server
         self.events = events
         self.model = model
         self.stats = server.class_stats("logged clients", "legit")
-        self.future: dict[str, deque[float]] = defaultdict(deque)
-        for t, ip in events:
-            self.future[ip].append(t)
-        self.waiting: dict[str, list[Message]] = defaultdict(list)
+        self.future: dict[tuple, deque[float]] = defaultdict(deque)
+        for event in events:
+            self.future[event[1:]].append(event[0])
+        self.waiting: dict[tuple, list[Message]] = defaultdict(list)
         server.retry_hook = self._needs_synthetic_retry
 
     def start(self) -> None:
         env = self.server.env
-        for t, ip in self.events:
-            env.schedule(t, self._logged, ip)
+        for event in self.events:
+            env.schedule(event[0], self._logged, event[1:])
+
+    @staticmethod
+    def _who(msg: Message) -> tuple:
+        return (msg.ip,) if msg.sender is None else (msg.ip, msg.sender, msg.recipient)
 
     def _needs_synthetic_retry(self, msg: Message, at: float) -> bool:
-        upcoming = self.future.get(msg.ip)
+        who = self._who(msg)
+        upcoming = self.future.get(who)
         if upcoming and upcoming[0] <= at:
-            self.waiting[msg.ip].append(msg)  # the log shows it back first: that is the retry
+            self.waiting[who].append(msg)  # the log shows it back first: that is the retry
             return False
         return True
 
-    def _logged(self, ip: str) -> None:
+    def _logged(self, who: tuple) -> None:
         server = self.server
         now = server.env.now
-        self.future[ip].popleft()
-        carried = self.waiting.pop(ip, [])
+        self.future[who].popleft()
+        carried = self.waiting.pop(who, [])
         offsets = self.model.offsets if self.model else []
         lifetime = self.model.lifetime if self.model else 0.0
+        ip = who[0]
         msg = Message(now, self.stats, ip, offsets, lifetime)
+        if len(who) == 3:
+            msg.sender, msg.recipient = who[1], who[2]
         self.stats.messages += 1
         self.stats.connections += 1
-        if server.connect(ip):
+        if server.connect(ip, msg.sender, msg.recipient):
             for m in [msg] + carried:
                 server.delivered(m, now)
             return
@@ -85,13 +95,13 @@ class Replay:
         for m in [msg] + carried:
             if self.model is not None:
                 server.retry_later(m)
-            elif self.future[ip]:
-                self.waiting[ip].append(m)  # only the log's own returns count
+            elif self.future[who]:
+                self.waiting[who].append(m)  # only the log's own returns count
             else:
                 m.stats.given_up += 1
 
 
-def replay(events: list[tuple[float, str]], config, store: Store, model: SenderClass | None,
+def replay(events: list[tuple], config, store: Store, model: SenderClass | None,
            drain: bool = True, expire_every: float = 86400.0, progress=None) -> SimulatedServer:
     start = math.floor(events[0][0] / HOUR) * HOUR if events else 0.0
     end = events[-1][0] + 1.0 if events else start + 1.0

@@ -251,3 +251,33 @@ def test_replay_reads_tai64nlocal_in_the_machines_zone_by_default(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "simulator.cli", "replay", str(log), "--tz", "Mars/Olympus"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown time zone" in bad.stderr
+
+
+POSTGREY_LOG = "\n".join([
+    "Mar  2 09:00:00 mx postgrey[812]: Process Backgrounded",
+    "Mar  2 09:00:00 mx postgrey[812]: action=greylist, reason=new, client_name=mx.example.org, "
+    "client_address=192.0.2.5, sender=a@example.org, recipient=b@example.net",
+    "Mar  2 09:00:05 mx postgrey[812]: action=greylist, reason=new, client_name=mx.example.org, "
+    "client_address=192.0.2.5, sender=a@example.org, recipient=c@example.net",
+    "Mar  2 09:06:00 mx postgrey[812]: action=pass, reason=triplet found, delay=360, client_name=mx.example.org, "
+    "client_address=192.0.2.5, sender=a@example.org, recipient=b@example.net",
+    "Mar  2 09:07:00 mx postgrey[812]: action=greylist, reason=new, client_name=unknown, "
+    "client_address=203.0.113.9, sender=x@spam.example, recipient=b@example.net",
+    "Mar  2 09:07:00 mx postgrey[812]: action=greylist, bogus line",
+]) + "\n"
+
+
+def test_postgreys_log_replays_with_its_envelope_and_its_own_retries(tmp_path):
+    log = parse(io.StringIO(POSTGREY_LOG), "auto", year=2026)
+    assert log.format == "postgrey" and len(log.events) == 4 and len(log.bad) == 1
+    assert log.events[0] == (T0, "192.0.2.5", "a@example.org", "b@example.net")
+    path = tmp_path / "mail.log"
+    path.write_text(POSTGREY_LOG)
+    report = json.loads(subprocess.run(
+        [sys.executable, "-m", "simulator.cli", "replay", str(path), "--year", "2026", "--tz", "UTC",
+         "--key", "triplet", "--delay", "300", "--json", "-", "--quiet"],
+        capture_output=True, text=True, timeout=60).stdout)
+    assert report["run"]["retry_model"] == "none"  # the log holds the real retries
+    cls = report["classes"][0]
+    # b@ came back after 6 min and passes; c@ and the spammer never came back
+    assert (cls["messages"], cls["delivered"], cls["lost"]) == (4, 2, 2)
