@@ -27,7 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks import decisions, live_capacity, serve_cpu, simulated_day, wrapper_startup  # noqa: E402
+from benchmarks import (decisions, live_capacity, policy_servers, serve_cpu, simulated_day,  # noqa: E402
+                        wrapper_startup)
 
 #: name -> (function, kwargs for a full run, kwargs for a quick run)
 SUITE = {
@@ -35,6 +36,8 @@ SUITE = {
     "decisions": (decisions.measure, {"calls": 100_000}, {"calls": 20_000}),
     "simulated_day": (simulated_day.measure, {"hours": 24.0}, {"hours": 3.0, "file_hours": 1.0}),
     "serve_cpu": (serve_cpu.measure, {"connections": 3000, "idle": 5000}, {"connections": 1000, "idle": 2000}),
+    "policy_servers": (policy_servers.measure, {"requests": 4000},
+                       {"requests": 1000, "idle": 300, "settings": ((10, True), (10, False))}),
     "live_capacity": (live_capacity.measure, {"step_seconds": 5.0},
                       {"step_seconds": 2.0, "start_rate": 30.0, "max_rate": 70.0}),
 }
@@ -58,6 +61,8 @@ COMPARED = [
     ("serve_cpu", "serve_vs_true", "lower"),
     ("serve_cpu", "serve_vs_wrap", "lower"),
     ("serve_cpu", "idle_rss_mb", "lower"),
+    ("policy_servers", "cpu_ratio_persistent_10", "lower"),
+    ("policy_servers", "cpu_ratio_new_10", "lower"),
     ("live_capacity", "file_max_rate_per_second", "higher"),
     ("live_capacity", "sqlite_max_rate_per_second", "higher"),
     ("live_capacity", "redis_max_rate_per_second", "higher"),
