@@ -122,10 +122,8 @@ def parse(argv: list[str], warn=lambda text: None) -> Plan:
     plan = Plan()
     clients: list[str] = []
     recipients: list[str] = []
-    seen = set()
     for opt, value in pairs:
         opt = ALIASES.get(opt, opt)
-        seen.add(opt)
         if opt in REFUSED:
             raise PostgreyError(f"{opt} ({REFUSED[opt]}) is not supported by greylist postgrey")
         if opt in ("--help", "--man"):
