@@ -9,6 +9,7 @@ the rest) or makes room, as the server decides.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Callable
 
@@ -28,6 +29,15 @@ def raise_descriptor_limit() -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+def drop_privileges(uid: int | None, gid: int | None) -> None:
+    """tcpserver's -g and -u, postgrey's --user and --group: after binding, as run scripts expect."""
+    if gid is not None:
+        os.setgroups([gid])
+        os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
 
 
 class Acceptor:
@@ -114,6 +124,8 @@ class SocketSession:
             return False
 
     def _readable(self) -> None:
+        if self.closed:
+            return  # closed by another callback of the same round
         try:
             data = self.sock.recv(65536)
         except BlockingIOError:

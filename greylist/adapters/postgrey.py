@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, PostgreyError) as exc:
         sys.stderr.write(f"greylist postgrey: ERROR: {exc}\n")
         return 1
+    from greylist.adapters.acceptor import drop_privileges
     from greylist.adapters.policyd import Replies, serve
-    from greylist.adapters.serve import drop_privileges
 
     def after_bind() -> None:
         if plan.daemonize:

@@ -32,7 +32,7 @@ import socket
 import sys
 from collections import deque
 
-from greylist.adapters.acceptor import Acceptor, SocketSession, raise_descriptor_limit
+from greylist.adapters.acceptor import Acceptor, SocketSession, drop_privileges, raise_descriptor_limit
 from greylist.adapters.smtp import Dialogue, TempfailSession, encode, unavailable
 from greylist.adapters.tcprules import Rules, RulesError
 from greylist.config import LIST_SETTINGS, SETTINGS, ConfigError, load, usage
@@ -195,15 +195,6 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
-
-
-def drop_privileges(uid: int | None, gid: int | None) -> None:
-    """tcpserver's -g and -u: after binding, as the admin's run script expects."""
-    if gid is not None:
-        os.setgroups([gid])
-        os.setgid(gid)
-    if uid is not None:
-        os.setuid(uid)
 
 
 class Peer:
