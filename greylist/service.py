@@ -320,6 +320,9 @@ def write(fd: int, data: bytes) -> None:
         pass
 
 
+_PLAIN = frozenset(' "=\\')  # characters that make a value need quotes
+
+
 def log_line(program: str, fields: dict[str, object]) -> bytes:
     """One key=value line; values quoted when they hold spaces, quotes or odd bytes."""
     parts = [f"{program}:"]
@@ -328,7 +331,7 @@ def log_line(program: str, fields: dict[str, object]) -> bytes:
             text = f"{value:.3f}".rstrip("0").rstrip(".") if value else "0"
         else:
             text = str(value)
-        if not text or any(c in text for c in ' "=\\') or not text.isascii() or not text.isprintable():
+        if not text or not _PLAIN.isdisjoint(text) or not text.isascii() or not text.isprintable():
             text = '"' + "".join(_escape(c) for c in text) + '"'
         parts.append(f"{key}={text}")
     return (" ".join(parts) + "\n").encode("ascii", "backslashreplace")
