@@ -230,3 +230,48 @@ def test_postgreys_database_migrates_and_known_triplets_are_not_greylisted_again
             assert ask(s, t0 + 902, client_address="203.0.113.1").startswith("action=DEFER_IF_PERMIT")
     finally:
         stop(proc)
+
+
+@pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
+def test_a_random_stream_of_300_requests_gets_postgreys_answers(tmp_path):
+    """Seeded traffic over IPv4 and IPv6 clients, case, +tags, both BATV forms, SRS, VERP
+    and the null sender, at gaps around the delay and the hour: not one answer differs."""
+    import random
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("postgrey runs as its own user: needs root to start it here")
+    rng = random.Random(5)
+    senders = ["a@example.org", "News@Example.org", "prvs=0123abcdef=bob@example.org",
+               "prvs=bob=0987fedcba@example.org", "SRS0=ab12=TT=orig.example=u@fwd.example",
+               "list-bounces-123-x=y@lists.example", "user+tag@example.org", ""]
+    recipients = ["b@example.net", "C@Example.net", "postmaster@example.net", "d+x@example.net"]
+    clients = ["192.0.2.5", "192.0.2.9", "198.51.100.7", "2001:db8::5", "2001:db8::6", "203.0.113.4"]
+    t, stream = 1_800_000_000, []
+    for _ in range(300):
+        t += rng.choice([1, 30, 200, 301, 900, 4000])
+        stream.append((t, rng.choice(clients), rng.choice(senders), rng.choice(recipients)))
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    os.chmod(base, 0o755)
+    answers = {}
+    try:
+        for name in ("postgrey", "ours"):
+            directory = base / name
+            directory.mkdir()
+            shutil.chown(directory, "postgrey")
+            port = free_port()
+            argv = [POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"] if name == "postgrey" else \
+                [*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={directory}",
+                 "--accept-test-time"]
+            proc = start(argv, port)
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    answers[name] = [normalise(ask(s, at, client_address=ip, sender=sender, recipient=rcpt))
+                                     for at, ip, sender, rcpt in stream]
+            finally:
+                stop(proc)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert answers["ours"] == answers["postgrey"]
+    assert sum(a.startswith("action=DEFER_IF_PERMIT") for a in answers["ours"]) > 20  # both kinds seen
+    assert sum(a.startswith("action=PREPEND") for a in answers["ours"]) > 5
