@@ -328,18 +328,13 @@ def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o
     The listen queue is as long as the system allows unless ``backlog`` says
     otherwise (postgrey's ``--listen-queue-size``): a full queue makes Postfix's
     connection attempts wait a SYN retransmit, a second each."""
-    if backlog is not None:
-        return _listener(listen, backlog, socket_mode)
-    backlog = socket.SOMAXCONN
-    try:
-        with open("/proc/sys/net/core/somaxconn") as f:
-            backlog = max(backlog, int(f.read()))
-    except (OSError, ValueError):
-        pass
-    return _listener(listen, backlog, socket_mode)
-
-
-def _listener(listen: str, backlog: int, socket_mode: int) -> tuple[socket.socket, str]:
+    if backlog is None:
+        backlog = socket.SOMAXCONN
+        try:
+            with open("/proc/sys/net/core/somaxconn") as f:
+                backlog = max(backlog, int(f.read()))
+        except (OSError, ValueError):
+            pass
     if listen.startswith("unix:"):
         path = listen[len("unix:"):]
         if os.path.exists(path):

@@ -14,9 +14,10 @@ auto-whitelist counts as postgrey counts. Our settings (``--store``, ``--mode
 shadow``, GREYLIST_* variables) may be added.
 
 The database is ours, one SQLite file in ``--dbdir`` (``greylist.sqlite``);
-postgrey's own Berkeley DB files are not read (``--privacy`` and ``--exim``,
-which change what is stored and spoken, are refused with a message rather than
-accepted and ignored).
+postgrey's own Berkeley DB files are brought over once with ``greylist migrate
+postgrey:///var/lib/postgrey ...`` (:mod:`greylist.stores.postgrey`), not
+served from. ``--privacy`` and ``--exim``, which change what is stored and
+spoken, are refused with a message rather than accepted and ignored.
 """
 
 from __future__ import annotations
