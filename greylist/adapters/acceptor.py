@@ -154,7 +154,7 @@ class SocketSession:
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:
+        if self.timer is not None:  # started: its reader is registered and its clock runs
             self.loop.remove_reader(self.fd)
             self.timer.cancel()
         try:
