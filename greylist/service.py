@@ -118,6 +118,10 @@ class Outcome:
         return fields
 
 
+#: how long a long-lived server (policyd, serve) may hold decisions before committing them
+COMMIT_WINDOW = 0.2
+
+
 class Greylister:
     """The greylisting service for one configuration.
 
@@ -127,10 +131,12 @@ class Greylister:
     the next decision. ``clock``: seconds since the epoch, injected.
     """
 
-    def __init__(self, config, store=None, clock=time.time, keep_store: bool = True) -> None:
+    def __init__(self, config, store=None, clock=time.time, keep_store: bool = True,
+                 commit_window: float = 0.0) -> None:
         self.config = config
         self.clock = clock
         self.keep_store = keep_store
+        self.commit_window = commit_window
         self._store = store
         self._own_store = store is None
         self._base = _prepared(config)  # policy and keying built and checked once, not per decision
@@ -217,6 +223,8 @@ class Greylister:
             from greylist.stores import open_store
 
             store = self._store = open_store(config.store)
+            if self.commit_window:
+                store.hold_commits(self.commit_window)
         try:
             return check(store, key, self.clock(), policy, client)
         finally:
@@ -276,6 +284,24 @@ class Greylister:
             self._whitelist("recipients", self.config.whitelist_recipients, extra)
 
     # -- lifetime ---------------------------------------------------------------
+    @property
+    def pending(self) -> bool:
+        """Decisions the store holds uncommitted: :meth:`flush` them within the window."""
+        store = self._store
+        return store is not None and store.pending
+
+    def flush(self) -> None:
+        """Commit held decisions; a store that fails here is closed, like one that fails
+        in a decision (those clients are greylisted once more, nothing else is lost)."""
+        store = self._store
+        if store is None or not store.pending:
+            return
+        try:
+            store.flush()
+        except Exception:  # noqa: BLE001 - logged by the next decision that reopens it
+            if self._own_store:
+                self.close()
+
     def reload(self) -> None:
         """Read whitelists again and reopen the store at the next decision (SIGHUP)."""
         self._whitelists.clear()

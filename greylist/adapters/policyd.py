@@ -17,7 +17,10 @@ a request to 32 KiB and 100 attributes, an idle connection to 300 s. The
 number of connections is bounded below the descriptor limit; at the bound
 the connection idle the longest is closed to make room (Postfix reconnects
 when it needs to), with a log line, so a new client is always answered and
-the accept loop never spins. A garbage or incomplete request is answered
+the accept loop never spins. Decisions are committed together, at most
+``COMMIT_WINDOW`` seconds after the first (a store such as SQLite then pays
+one commit for hundreds of decisions; a crash costs those clients one more
+delay, never mail). A garbage or incomplete request is answered
 DUNNO and logged, never with a crash.
 """
 
@@ -34,7 +37,7 @@ from greylist.adapters.eventloop import Loop
 from greylist.adapters.smtp import tempfail_text
 from greylist.core.keys import BadAddress, parse_ip
 from greylist.core.policy import PASSED, TEMPFAIL, Verdict
-from greylist.service import Connection, Greylister, log_line
+from greylist.service import COMMIT_WINDOW, Connection, Greylister, log_line
 
 MAX_LINE = 2048          # longer lines are read to their end and their value cut
 MAX_VALUE = 512          # postgrey's cut
@@ -242,7 +245,8 @@ class PolicyServer:
         self.where = where
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
-        self.greylister = Greylister(config, clock=self.clock)
+        self.greylister = Greylister(config, clock=self.clock, commit_window=COMMIT_WINDOW)
+        self.flush_timer = None
         self.clients: dict[Client, None] = {}  # in order of arrival
         self.loop = Loop()  # not asyncio's: 9 MB less resident memory, less work per callback
         self.acceptor = Acceptor(self.loop, listener, self.accepted, self.at_bound, self.accept_failed)
@@ -272,7 +276,13 @@ class PolicyServer:
             return "action=DUNNO", {"verdict": "error", "error": f"internal error {type(exc).__name__}: {exc}"}
         if "_truncated" in attrs:
             fields["truncated"] = attrs["_truncated"]
+        if self.flush_timer is None and self.greylister.pending:
+            self.flush_timer = self.loop.call_later(COMMIT_WINDOW, self.flush)
         return reply, fields
+
+    def flush(self) -> None:
+        self.flush_timer = None
+        self.greylister.flush()
 
     def start(self) -> None:
         loop = self.loop

@@ -38,7 +38,7 @@ from greylist.adapters.tcprules import Rules, RulesError
 from greylist.config import LIST_SETTINGS, SETTINGS, ConfigError, load, usage
 from greylist.core.keys import BadAddress, parse_ip
 from greylist.core.policy import PASS
-from greylist.service import Connection, Greylister, log_line
+from greylist.service import COMMIT_WINDOW, Connection, Greylister, log_line
 
 USAGE = ("usage: greylist serve [ -qQvRrhHpPUXdDoO1 ] [ -c limit ] [ -x rules.cdb ] [ -g gid ] [ -u uid ] "
          "[ -b backlog ] [ -l localname ] [ -t timeout ] [ --max-sessions N ] [ --grace SECONDS ] "
@@ -275,7 +275,8 @@ class Server:
         self.o = options
         self.config = config
         self.base_env = dict(environ)
-        self.greylister = Greylister(config)
+        self.greylister = Greylister(config, commit_window=COMMIT_WINDOW)
+        self.flush_timer: asyncio.TimerHandle | None = None
         self.rules = Rules(options.rules, options.rules_missing_ok) if options.rules else None
         self.pid = os.getpid()
         self.children: dict[int, str] = {}
@@ -347,6 +348,11 @@ class Server:
             session.send(session.session.expired())
             session.close()
         self.loop.stop()
+
+    def flush(self) -> None:
+        """Commit the decisions the store holds (SQLite: one commit for all of them)."""
+        self.flush_timer = None
+        self.greylister.flush()
 
     def reload(self) -> None:
         """SIGHUP: whitelists read again, the store reopened, host names looked up again."""
@@ -488,6 +494,8 @@ class Server:
             self._refuse(sock)
             self._ended()
             return
+        if self.flush_timer is None and self.greylister.pending:
+            self.flush_timer = self.loop.call_later(COMMIT_WINDOW, self.flush)
         fields = outcome.fields()
         if outcome.verdict.action == PASS:
             self.hand_over(peer, peer.environment(self.base_env, rule_env), fields)

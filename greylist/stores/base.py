@@ -172,6 +172,17 @@ class Store:
         """How many entries there are. The default counts a full scan; stores that can count cheaply override it."""
         return sum(1 for _ in self.scan())
 
+    #: decisions written but not yet committed (a store holding commits, see hold_commits)
+    pending = False
+
+    def hold_commits(self, seconds: float) -> None:
+        """Let a long-lived server commit many decisions at once, at most ``seconds`` after
+        the first: it then calls :meth:`flush` within that time. Stores that make every
+        write durable at once (memory, files, Redis) have nothing to hold."""
+
+    def flush(self) -> None:
+        """Commit what :meth:`hold_commits` held back."""
+
     def close(self) -> None:
         """Release connections or handles; the default has none."""
 

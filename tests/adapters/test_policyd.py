@@ -231,3 +231,27 @@ def test_only_postfixs_verified_client_name_is_matched_never_the_ptr_claim(polic
                              sender="a@b", recipient="c@d"))
     assert verified == "action=DUNNO"
     c.close()
+
+
+def test_sqlite_decisions_are_committed_within_the_window_and_at_sigterm(policyd, tmp_path):
+    """The server commits decisions together: another reader sees them within the window
+    without further requests, and SIGTERM commits the rest."""
+    import sqlite3
+
+    path = tmp_path / "g.db"
+    proc, address = policyd("--store", f"sqlite://{path}", "--key", "ip")
+    c = Client(address)
+    assert c.ask(request(client_address="192.0.2.7")).startswith("action=DEFER_IF_PERMIT")
+
+    def keys() -> set[str]:
+        with sqlite3.connect(path) as db:
+            return {row[0] for row in db.execute("SELECT key FROM greylist")}
+
+    deadline = time.monotonic() + 5
+    while "192.0.2.7" not in keys() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "192.0.2.7" in keys()
+    assert c.ask(request(client_address="192.0.2.8")).startswith("action=DEFER_IF_PERMIT")
+    proc.terminate()
+    proc.wait(timeout=10)
+    assert keys() == {"192.0.2.7", "192.0.2.8"}
