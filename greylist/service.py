@@ -350,17 +350,36 @@ _PLAIN = frozenset(' "=\\')  # characters that make a value need quotes
 
 
 def log_line(program: str, fields: dict[str, object]) -> bytes:
-    """One key=value line; values quoted when they hold spaces, quotes or odd bytes."""
+    """One key=value line; values quoted when they hold spaces, quotes or odd bytes.
+
+    Nearly every line needs no quotes, and a server writes one per request: the
+    whole line is checked at once (each value adds one space and one "=" at
+    most, so the counts tell whether any value holds either), and only a line
+    that fails is built again value by value."""
+    texts = [f"{key}={_text(value)}" for key, value in fields.items()]
+    line = f"{program}: " + " ".join(texts)
+    n = len(texts)
+    if (line.count(" ") == n and line.count("=") == n and line.isascii() and line.isprintable()
+            and '"' not in line and "\\" not in line and "= " not in line and line[-1] != "="):
+        return (line + "\n").encode("ascii")
+    return quoted_line(program, fields)
+
+
+def quoted_line(program: str, fields: dict[str, object]) -> bytes:
+    """The line built value by value, each quoted as it needs."""
     parts = [f"{program}:"]
     for key, value in fields.items():
-        if isinstance(value, float):
-            text = f"{value:.3f}".rstrip("0").rstrip(".") if value else "0"
-        else:
-            text = str(value)
+        text = _text(value)
         if not text or not _PLAIN.isdisjoint(text) or not text.isascii() or not text.isprintable():
             text = '"' + "".join(_escape(c) for c in text) + '"'
         parts.append(f"{key}={text}")
     return (" ".join(parts) + "\n").encode("ascii", "backslashreplace")
+
+
+def _text(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if value else "0"
+    return str(value)
 
 
 def _escape(c: str) -> str:

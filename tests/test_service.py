@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from greylist.config import ConfigError, load
 from greylist.core.policy import PASS, TEMPFAIL
-from greylist.service import Connection, Greylister, log_line
+from greylist.service import Connection, Greylister, log_line, quoted_line
 from greylist.stores import open_store
 from greylist.stores.base import Store, StoreError
 
@@ -191,6 +191,14 @@ def test_the_log_line_has_fixed_fields_and_cannot_be_forged():
     assert line.count(b"\n") == 1 and line.endswith(b"\n")
     assert line.startswith(b"greylist-spp: ip=192.0.2.1 from=\"evil\\x0a@x")
     assert b" verdict=tempfail reason=new age=0 retry_in=60 " in line
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.sampled_from(["ip", "from", "to", "verdict", "age", "error"]),
+                       st.one_of(st.text(max_size=12), st.floats(allow_nan=True), st.integers()), max_size=6))
+def test_the_whole_line_check_quotes_exactly_as_value_by_value(fields):
+    """Property: the fast check never lets through a line that a value needed quoting in."""
+    assert log_line("greylist-policyd", fields) == quoted_line("greylist-policyd", fields)
 
 
 @settings(max_examples=200, deadline=None)

@@ -8,7 +8,7 @@ an empty line, several requests per connection. A tempfail is
 restriction rejects anyway); anything else is ``action=DUNNO``, and a client
 that passed after waiting gets an ``X-Greylist`` header, as postgrey adds.
 
-One process, one event loop (a small one on ``selectors``: see
+One process, one event loop (a small one on epoll: see
 :mod:`greylist.adapters.eventloop`), one service with its store opened once: a
 connection costs a socket, not a thread. Everything a client controls is
 bounded: an attribute is cut to 512 characters (as postgrey does, and the
@@ -69,6 +69,10 @@ class RequestReader:
         self.size += len(data)
         if self.size > MAX_REQUEST:
             raise RequestError(f"a request larger than {MAX_REQUEST} bytes")
+        if (not self.buffer and not self.attrs and not self.skipping and not self.garbage
+                and len(data) <= MAX_LINE and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2
+                and b"\r" not in data and data[:1] != b"\n"):
+            return [self._whole(data)]  # Postfix's usual read: exactly one request
         self.buffer += data
         done = []
         while True:
@@ -85,19 +89,35 @@ class RequestReader:
                 self.skipping = False
                 continue
             if not line.rstrip(b"\r"):
-                request = self.attrs
-                if self.garbage:
-                    request["_garbage"] = self.garbage
-                if self.truncated:
-                    request["_truncated"] = ",".join(self.truncated)
-                done.append(request)
-                self.attrs, self.garbage, self.truncated = {}, "", []
-                self.size = len(self.buffer)
+                done.append(self._complete())
                 continue
             self._line(line)
 
+    def _whole(self, data: bytes) -> dict[str, str]:
+        """One whole request with no line that can be over-long, in one pass."""
+        attrs = self.attrs
+        for text in data[:-2].decode("utf-8", "replace").split("\n"):
+            name, eq, value = text.partition("=")
+            if eq and len(value) <= MAX_VALUE and len(attrs) < MAX_ATTRIBUTES:
+                attrs[name.strip()[:100]] = value
+            else:
+                self._attribute(text)  # garbage, a value to cut, or one too many
+        return self._complete()
+
+    def _complete(self) -> dict[str, str]:
+        request = self.attrs
+        if self.garbage:
+            request["_garbage"] = self.garbage
+        if self.truncated:
+            request["_truncated"] = ",".join(self.truncated)
+        self.attrs, self.garbage, self.truncated = {}, "", []
+        self.size = len(self.buffer)
+        return request
+
     def _line(self, raw: bytes) -> None:
-        text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+        self._attribute(raw.rstrip(b"\r\n").decode("utf-8", "replace"))
+
+    def _attribute(self, text: str) -> None:
         name, eq, value = text.partition("=")
         if not eq:
             self.garbage = self.garbage or text[:60]

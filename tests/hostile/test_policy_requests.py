@@ -1,0 +1,41 @@
+"""Policy requests as a hostile client sends them: however the bytes are cut into reads,
+the server reads the same requests (the one-read fast path and the line-by-line path agree)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from greylist.adapters.policyd import MAX_VALUE, RequestError, RequestReader
+
+names = st.sampled_from(["request", "client_address", "sender", "recipient", "helo_name", "x", ""])
+values = st.one_of(st.text(max_size=20).filter(lambda v: "\n" not in v),
+                   st.text(alphabet="ab\u00e9\r", min_size=MAX_VALUE - 2, max_size=MAX_VALUE + 40))
+lines = st.one_of(st.tuples(names, values).map(lambda nv: f"{nv[0]}={nv[1]}".encode()),
+                  st.binary(max_size=30).filter(lambda b: b"\n" not in b))
+requests = st.lists(lines, max_size=8).map(lambda ls: b"".join(line + b"\n" for line in ls) + b"\n")
+
+
+def read(chunks: list[bytes]):
+    reader = RequestReader()
+    out = []
+    try:
+        for chunk in chunks:
+            out.extend(reader.feed(chunk))
+    except RequestError as exc:
+        out.append(str(exc))
+    return out
+
+
+@settings(max_examples=400)
+@given(st.lists(requests, min_size=1, max_size=3))
+def test_one_read_and_byte_by_byte_give_the_same_requests(stream):
+    for request in stream:  # each request in one read, as Postfix sends it
+        whole = read([request])
+        assert whole == read([bytes([b]) for b in request])
+    data = b"".join(stream)
+    assert read([data]) == read([bytes([b]) for b in data])
+
+
+def test_a_long_value_is_cut_in_the_one_read_path_too():
+    got = read([b"request=smtpd_access_policy\nhelo_name=" + b"h" * 1000 + b"\n\n"])
+    assert got == [{"request": "smtpd_access_policy", "helo_name": "h" * MAX_VALUE, "_truncated": "helo_name"}]
