@@ -24,14 +24,21 @@ from time import monotonic
 
 
 class Timer:
-    __slots__ = ("callback", "cancelled")
+    """A cancelled timer lets go of its callback at once (a closed session and all it
+    holds would otherwise live until the timer's time, 300 s for an idle timeout)."""
 
-    def __init__(self, callback) -> None:
+    __slots__ = ("callback", "cancelled", "loop")
+
+    def __init__(self, callback, loop: "Loop") -> None:
         self.callback = callback
         self.cancelled = False
+        self.loop = loop
 
     def cancel(self) -> None:
-        self.cancelled = True
+        if not self.cancelled:
+            self.cancelled = True
+            self.callback = None
+            self.loop.cancelled += 1
 
 
 class _Poll:
@@ -53,6 +60,7 @@ class Loop:
         self.poller = select.epoll() if hasattr(select, "epoll") else _Poll()
         self.handlers: dict[int, object] = {}
         self.timers: list[tuple[float, int, Timer]] = []
+        self.cancelled = 0  # cancelled timers still in the heap
         self.sequence = count()
         self.running = False
         self.signals: dict[int, object] = {}
@@ -80,7 +88,7 @@ class Loop:
             pass  # closed already: the kernel forgot it
 
     def call_at(self, when: float, callback) -> Timer:
-        timer = Timer(callback)
+        timer = Timer(callback, self)
         heapq.heappush(self.timers, (when, next(self.sequence), timer))
         return timer
 
@@ -112,8 +120,15 @@ class Loop:
         timers, poll, handlers = self.timers, self.poller.poll, self.handlers
         while self.running:
             timeout = -1.0
+            if self.cancelled > 256 and 2 * self.cancelled > len(timers):
+                # a connection per request leaves a cancelled timer each: clear them out
+                # (as asyncio does) so the heap stays the size of the open sessions
+                timers[:] = [entry for entry in timers if not entry[2].cancelled]
+                heapq.heapify(timers)
+                self.cancelled = 0
             while timers and timers[0][2].cancelled:
                 heapq.heappop(timers)
+                self.cancelled -= 1
             if timers:
                 timeout = max(0.0, timers[0][0] - monotonic())
             try:
@@ -129,7 +144,10 @@ class Loop:
             now = monotonic()
             while timers and timers[0][0] <= now:
                 _when, _seq, timer = heapq.heappop(timers)
-                if not timer.cancelled:
+                if timer.cancelled:
+                    self.cancelled -= 1
+                else:
+                    timer.cancelled = True  # fired: cancelling it later changes nothing
                     timer.callback()
             if self.pending_signals:
                 self._drain_signals()

@@ -1,0 +1,48 @@
+"""The small event loop: timers fire in order, cancelled ones let go of what they hold."""
+
+from __future__ import annotations
+
+import gc
+import socket
+import weakref
+
+from greylist.adapters.eventloop import Loop
+
+
+class Session:
+    def tick(self) -> None:
+        pass
+
+
+def test_timers_fire_in_order_and_a_reader_is_called():
+    loop = Loop()
+    fired = []
+    loop.call_later(0.02, lambda: fired.append("second"))
+    loop.call_later(0.01, lambda: fired.append("first"))
+    a, b = socket.socketpair()
+    loop.add_reader(a.fileno(), lambda: (fired.append(a.recv(10)), loop.stop()))
+    loop.call_later(0.03, lambda: b.send(b"x"))
+    loop.run_forever()
+    assert fired == ["first", "second", b"x"]
+    loop.remove_reader(a.fileno())
+    loop.close()
+    a.close()
+    b.close()
+
+
+def test_cancelled_timers_release_their_sessions_and_leave_the_heap():
+    """A connection per request cancels an idle timer each time: neither the sessions
+    nor the heap may grow with the number of connections served."""
+    loop = Loop()
+    refs = []
+    for _ in range(5000):
+        session = Session()
+        refs.append(weakref.ref(session))
+        loop.call_later(300, session.tick).cancel()
+        del session
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    loop.call_later(0, loop.stop)
+    loop.run_forever()
+    assert len(loop.timers) < 300
+    loop.close()
