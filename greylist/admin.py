@@ -212,6 +212,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if show_progress:
             print("\r" + " " * 40 + "\r", end="", file=sys.stderr)
         counts["unreadable"] = src.ops.get("unreadable", 0)
+        for warning in src.warnings:
+            print(f"greylist migrate: warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps({"src": args.src, "dst": args.dst, "dry_run": args.dry_run, **counts}, indent=2))
     else:

@@ -158,6 +158,9 @@ SETTINGS = (
      "repeat the flag, or separate paths with ':', for several files"),
     ("whitelist_recipients", "--whitelist-recipients", "GREYLIST_WHITELIST_RECIPIENTS", parse_paths, "",
      "file of recipients (address, @domain or local@) who opt out of greylisting; several as above"),
+    ("privacy", "--privacy", "GREYLIST_PRIVACY", parse_bool, False,
+     "store keys as SHA-1 hashes (postgrey's --privacy): the store shows no addresses; "
+     "the log lines still do"),
     ("hostname_verified", "--hostname-verified", "GREYLIST_HOSTNAME_VERIFIED", parse_bool, False,
      "TCPREMOTEHOST is a verified name (tcpserver -p): only then do host-name whitelist entries "
      "apply (greylist serve -p and Postfix's client_name are verified by themselves)"),

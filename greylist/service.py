@@ -149,7 +149,7 @@ class Greylister:
         store failure (that follows on_error); raises ConfigError for per-client
         settings that cannot be used."""
         started = time.perf_counter()
-        config, policy, keying, by_ip, envelope = self._config_for(conn.settings) if conn.settings \
+        config, policy, keying, by_ip, envelope, hashed = self._config_for(conn.settings) if conn.settings \
             else self._base
         extra: dict[str, object] = {}
         key = None
@@ -162,11 +162,13 @@ class Greylister:
                 client = conn.ip if by_ip else keying.client(conn.ip)
                 if envelope:
                     key = keying.key_for(client, conn.sender, conn.recipient)
-                    # the auto-whitelist counts the client address, as postgrey does
-                    verdict = self._check(config, policy, key, conn.ip, extra)
+                    awl = conn.ip  # the auto-whitelist counts the client address, as postgrey does
                 else:
-                    key = client
-                    verdict = self._check(config, policy, key, None, extra)
+                    key, awl = client, None
+                if hashed is not None:  # --privacy: the store holds hashes only
+                    key = hashed(key)
+                    awl = awl and hashed(awl)
+                verdict = self._check(config, policy, key, awl, extra)
         except Exception as exc:  # a failing store, or a bug of ours: never lose mail
             verdict = self._failed(config, exc, extra)
         shadow = None
@@ -268,6 +270,7 @@ class Greylister:
         this before it drops privileges, after which it may no longer read its own
         installation (a Python under /root is unreadable to qmaild or postgrey)."""
         import _bisect  # noqa: F401 - whitelists' network lookup
+        import hashlib  # noqa: F401 - a tcprules rule may turn on GREYLIST_PRIVACY
 
         from greylist.stores import StoreError, parse_url, store_class
 
@@ -326,9 +329,22 @@ class Greylister:
 
 def _prepared(config) -> tuple:
     """What a decision needs of a configuration, computed once: (config, policy, keying,
-    keyed on the address alone, keyed on the envelope)."""
+    keyed on the address alone, keyed on the envelope, the key hash or None)."""
     keying = config.keying
-    return config, config.policy, keying, keying.mode == "ip", keying.needs_envelope
+    return (config, config.policy, keying, keying.mode == "ip", keying.needs_envelope,
+            private_key() if config.privacy else None)
+
+
+def private_key():
+    """postgrey's --privacy: a key becomes the SHA-1 of its text, in hex. A client address
+    hashed so is exactly postgrey's auto-whitelist key, so ``migrate`` carries those over.
+    (hashlib is imported here, when a configuration is read: before privileges drop.)"""
+    from hashlib import sha1
+
+    def hashed(text: str) -> str:
+        return sha1(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+    return hashed
 
 
 # -- writing log lines: one per connection, on stderr -----------------------

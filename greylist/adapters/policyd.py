@@ -232,7 +232,7 @@ class Client(SocketSession):
         for attrs in requests:
             answer_line, fields = self.server.answer(attrs)
             self.server.log(fields)
-            if not self.reply(answer_line):
+            if not self.reply(answer_line) or self.server.one_request:
                 self.close()
                 return
 
@@ -253,8 +253,9 @@ class PolicyServer:
 
     def __init__(self, listener: socket.socket, config, where: str, idle_timeout: float = IDLE_TIMEOUT,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, replies: Replies = OUR_REPLIES,
-                 quiet: bool = False, test_time: bool = False) -> None:
+                 quiet: bool = False, test_time: bool = False, one_request: bool = False) -> None:
         self.replies = replies
+        self.one_request = one_request  # postgrey --exim: Exim opens a connection per query
         self.quiet = quiet
         # postgrey's policy_test_time attribute, for differential tests only: a client that
         # could set our clock could pass any triplet, so it is off unless asked for
@@ -389,13 +390,13 @@ def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o
 
 def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, replies: Replies = OUR_REPLIES,
           backlog: int | None = None, socket_mode: int = 0o660, quiet: bool = False, after_bind=None,
-          program: str = "greylist-policyd", test_time: bool = False) -> int:
+          program: str = "greylist-policyd", test_time: bool = False, one_request: bool = False) -> int:
     """Listen, then (``after_bind``: drop privileges, daemonize) serve until SIGTERM."""
     limit = raise_descriptor_limit()
     max_connections = max(1, min(max_connections, limit - 64))
     sock, where = make_listener(listen, backlog, socket_mode)
     server = PolicyServer(sock, config, where, max_connections=max_connections, replies=replies, quiet=quiet,
-                          test_time=test_time)
+                          test_time=test_time, one_request=one_request)
     server.greylister.prepare()  # before after_bind() may drop privileges
     if after_bind is not None:
         after_bind()

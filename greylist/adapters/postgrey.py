@@ -16,8 +16,9 @@ shadow``, GREYLIST_* variables) may be added.
 The database is ours, one SQLite file in ``--dbdir`` (``greylist.sqlite``);
 postgrey's own Berkeley DB files are brought over once with ``greylist migrate
 postgrey:///var/lib/postgrey ...`` (:mod:`greylist.stores.postgrey`), not
-served from. ``--privacy`` and ``--exim``, which change what is stored and
-spoken, are refused with a message rather than accepted and ignored.
+served from. ``--privacy`` stores SHA-1 hashes of the keys, as postgrey does
+(auto-whitelisted clients of a postgrey ``--privacy`` database migrate; its
+hashed triplets cannot); ``--exim`` closes the connection after each answer.
 """
 
 from __future__ import annotations
@@ -47,8 +48,7 @@ SHORT = "hnvqdu:i:"
 ALIASES = {"-h": "--help", "-n": "--noaction", "-v": "--verbose", "-q": "--quiet", "-d": "--daemonize",
            "-u": "--unix", "-i": "--inet", "--no-action": "--noaction", "--syslogfacility": "--syslog-facility",
            "--facility": "--syslog-facility"}
-REFUSED = {"--privacy": "stores hashed triplets", "--exim": "answers in Exim's syntax",
-           "--noaction": "is refused by postgrey itself"}
+REFUSED = {"--noaction": "is refused by postgrey itself"}
 
 
 class PostgreyError(ValueError):
@@ -75,6 +75,7 @@ class Plan:
         self.header = DEFAULT_HEADER
         self.version_only = False
         self.test_time = False  # honour policy_test_time (differential tests against postgrey only)
+        self.one_request = False  # --exim: one request per connection
         self.help = False
 
 
@@ -192,6 +193,10 @@ def parse(argv: list[str], warn=lambda text: None) -> Plan:
             plan.text = value
         elif opt == "--x-greylist-header":
             plan.header = value
+        elif opt == "--privacy":
+            plan.flags["privacy"] = "1"
+        elif opt == "--exim":
+            plan.one_request = True
         elif opt == "--hostname":
             plan.flags["hostname"] = value
         elif opt == "--listen-queue-size":
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(plan.listen, config, replies=replies, backlog=plan.backlog, socket_mode=plan.socket_mode,
                      quiet=plan.quiet, after_bind=after_bind, program="greylist-postgrey",
-                     test_time=plan.test_time)
+                     test_time=plan.test_time, one_request=plan.one_request)
     except OSError as exc:
         sys.stderr.write(f"greylist postgrey: ERROR: cannot listen on {plan.listen}: {exc}\n")
         return 1

@@ -10,9 +10,11 @@ Each triplet becomes our key (``NET/BITS|sender|recipient`` as postgrey looks
 up by subnet, or ``IP|sender|recipient`` with ``?lookup=host``); a triplet
 whose last attempt came at least the delay after its first (``?delay=``,
 postgrey's 300 s by default) had passed, and is known to us; the others are
-pending. Each client's count becomes its auto-whitelist tally. Entries
-written with ``--privacy`` are hashes and cannot be mapped: they are counted
-as unreadable. The store is read-only: migrate from it.
+pending. Each client's count becomes its auto-whitelist tally. A database
+written with ``--privacy`` holds SHA-1 hashes: its auto-whitelisted clients
+carry over (the hash of an address is our ``--privacy`` key as well), its
+triplets cannot (they hash postgrey's own key text): they are counted as
+unreadable and a warning says why. The store is read-only: migrate from it.
 """
 
 from __future__ import annotations
@@ -102,12 +104,18 @@ class PostgreyStore(Store):
     get = add = put = delete = _read_only
 
     def scan(self):
+        hashed = 0
         for raw_key, raw_value in dump_pairs(f"{self.directory}/postgrey.db"):
             entry = self._triplet(raw_key.decode("utf-8", "surrogateescape"), raw_value)
             if entry is None:
                 self.count("unreadable")
+                hashed += _is_hash(raw_key.decode("ascii", "replace"))
             else:
                 yield entry
+        if hashed:
+            self.warnings.append(f"{hashed} triplets are postgrey --privacy hashes and cannot be carried over: "
+                                 "those clients are greylisted once more (auto-whitelisted clients do carry over "
+                                 "to a store used with --privacy)")
         clients = f"{self.directory}/postgrey_clients.db"
         if os.path.isfile(clients):
             for raw_key, raw_value in dump_pairs(clients):
@@ -138,11 +146,18 @@ class PostgreyStore(Store):
         try:
             address = parse_ip(key)
         except BadAddress:
-            return None
+            if not _is_hash(key):
+                return None
+            address = key  # --privacy: sha1_hex of the address, which is our --privacy key too
         if numbers is None or numbers[0] < 0:
             return None
         count, last = numbers
         return f"awl|{address}", Record(last, last, int(count))
+
+
+def _is_hash(key: str) -> bool:
+    """postgrey --privacy's keys: SHA-1 in hex."""
+    return len(key) == 40 and all(c in "0123456789abcdef" for c in key)
 
 
 def _numbers(value: bytes, count: int) -> tuple[float, ...] | None:

@@ -33,7 +33,9 @@ def test_postgreys_units_and_defaults():
                   "0"]).flags["retry_window"] == "3d"
     assert parse(["--unix=/run/pg.sock", "--lookup-by-host"]).flags["key"] == "triplet"
     assert parse(["--inet=10023", "--auto-whitelist-clients=0"]).flags["auto_whitelist"] == "0"
-    for bad, message in ((["--inet=10023", "--privacy"], "not supported"), ([], "--unix or --inet"),
+    assert parse(["--inet=10023", "--privacy", "--exim"]).flags["privacy"] == "1"
+    assert parse(["--inet=10023", "--exim"]).one_request
+    for bad, message in ((["--inet=10023", "--noaction"], "not supported"), ([], "--unix or --inet"),
                          (["--inet=10023", "--retry-window=2w"], "number of days"),
                          (["--inet=10023", "--delay=soon"], "whole number"), (["--bogus"], "not recognized")):
         with pytest.raises(PostgreyError, match=message):
@@ -110,17 +112,15 @@ def test_debian_default_options_and_postgreys_replies(tmp_path):
             assert ask(s, client_address="192.0.2.5", helo_name="h" * 3000) == "action=DUNNO"
     finally:
         stop(proc)
-    with pytest.raises(PostgreyError):
-        parse(["--inet=1", "--exim"])
 
 
 def test_version_and_refusals_on_the_command_line():
     out = subprocess.run([*command("greylist"), "postgrey", "--version"], capture_output=True, text=True,
                          timeout=20)
     assert out.returncode == 0 and out.stdout.startswith("postgrey 1.37")
-    bad = subprocess.run([*command("greylist"), "postgrey", "--inet=1", "--privacy"], capture_output=True,
+    bad = subprocess.run([*command("greylist"), "postgrey", "--inet=1", "--noaction"], capture_output=True,
                          text=True, timeout=20)
-    assert bad.returncode == 1 and "--privacy" in bad.stderr and "not supported" in bad.stderr
+    assert bad.returncode == 1 and "--noaction" in bad.stderr and "not supported" in bad.stderr
 
 
 STREAM = [  # (seconds after T, client, sender, recipient)
@@ -156,8 +156,10 @@ def normalise(reply: str) -> str:
 
 
 @pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
-def test_the_same_request_stream_gets_the_same_answers_as_the_real_postgrey(tmp_path):
-    """Differential: both servers on one stream, their clocks moved by policy_test_time."""
+@pytest.mark.parametrize("options", [[], ["--privacy"]])
+def test_the_same_request_stream_gets_the_same_answers_as_the_real_postgrey(tmp_path, options):
+    """Differential: both servers on one stream, their clocks moved by policy_test_time;
+    with --privacy too, and then our database holds no address, only hashes."""
     if os.geteuid() != 0:
         pytest.skip("postgrey runs as its own user: needs root to start it here")
     import tempfile
@@ -172,16 +174,22 @@ def test_the_same_request_stream_gets_the_same_answers_as_the_real_postgrey(tmp_
         shutil.chown(directory, "postgrey")
         port = free_port()
         if name == "postgrey":
-            proc = start([POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"], port)
+            proc = start([POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}", *options], port)
         else:
             proc = start([*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={directory}",
-                          "--accept-test-time"], port)
+                          "--accept-test-time", *options], port)
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 answers[name] = [normalise(ask(s, t0 + dt, client_address=ip, sender=sender, recipient=rcpt))
                                  for dt, ip, sender, rcpt in STREAM]
         finally:
             stop(proc)
+    if options:
+        import sqlite3
+
+        with sqlite3.connect(base / "ours" / "greylist.sqlite") as db:
+            keys = [row[0] for row in db.execute("SELECT key FROM greylist")]
+        assert keys and all(len(k.removeprefix("awl|")) == 40 and "@" not in k for k in keys), keys
     shutil.rmtree(base, ignore_errors=True)
     differences = {i: (STREAM[i], a, b) for i, (a, b) in enumerate(zip(answers["postgrey"], answers["ours"]))
                    if a != b}
@@ -230,6 +238,74 @@ def test_postgreys_database_migrates_and_known_triplets_are_not_greylisted_again
             assert ask(s, t0 + 902, client_address="203.0.113.1").startswith("action=DEFER_IF_PERMIT")
     finally:
         stop(proc)
+
+
+@pytest.mark.skipif(not (Path(POSTGREY).exists() and shutil.which("db_dump")),
+                    reason="needs Debian's postgrey and db_dump (apt-get install postgrey db-util)")
+def test_a_privacy_database_brings_its_auto_whitelisted_clients_and_says_what_it_cannot(tmp_path):
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("postgrey runs as its own user: needs root to start it here")
+    t0 = int(time.time()) - 7200
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    os.chmod(base, 0o755)
+    shutil.chown(base, "postgrey")
+    port = free_port()
+    proc = start([POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={base}", "--auto-whitelist-clients=1",
+                  "--privacy"], port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert ask(s, t0, client_address="192.0.2.5").startswith("action=DEFER_IF_PERMIT")
+            assert ask(s, t0 + 400, client_address="192.0.2.5").startswith("action=PREPEND")  # counted
+    finally:
+        stop(proc)
+    db = f"sqlite://{tmp_path}/greylist.sqlite"
+    result = subprocess.run([*command("greylist"), "migrate", f"postgrey://{base}", db, "--json"],
+                            capture_output=True, text=True, timeout=60, env=base_env())
+    shutil.rmtree(base, ignore_errors=True)
+    assert result.returncode == 0, result.stderr
+    counts = __import__("json").loads(result.stdout)
+    assert (counts["copied"], counts["unreadable"]) == (1, 1)  # the client's tally; the hashed triplet
+    assert "1 triplets are postgrey --privacy hashes" in result.stderr
+    port = free_port()
+    proc = start([*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={tmp_path}",
+                  "--accept-test-time", "--auto-whitelist-clients=1", "--privacy", "--user", "root"], port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            # a new triplet from the auto-whitelisted client: not greylisted, as under postgrey
+            assert ask(s, t0 + 900, client_address="192.0.2.5", recipient="new@example.net") == "action=DUNNO"
+            assert ask(s, t0 + 901, client_address="203.0.113.1").startswith("action=DEFER_IF_PERMIT")
+    finally:
+        stop(proc)
+
+
+@pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
+def test_exim_mode_answers_one_request_a_connection_as_postgrey_does(tmp_path):
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("postgrey runs as its own user: needs root to start it here")
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    os.chmod(base, 0o755)
+    shutil.chown(base, "postgrey")
+    two = b"".join(f"request=smtpd_access_policy\nclient_address=192.0.2.{i}\nsender=a@example.org\n"
+                   f"recipient=b@example.net\n\n".encode() for i in (1, 2))
+    got = {}
+    for name, cmd in (("postgrey", [POSTGREY]), ("ours", [*command("greylist"), "postgrey"])):
+        port = free_port()
+        proc = start([*cmd, f"--inet=127.0.0.1:{port}", f"--dbdir={base}", "--exim"], port)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(two)
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk  # until the server closes
+            got[name] = data.count(b"action=")
+        finally:
+            stop(proc)
+    shutil.rmtree(base, ignore_errors=True)
+    assert got == {"postgrey": 1, "ours": 1}
 
 
 @pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
