@@ -270,7 +270,7 @@ class Greylister:
         this before it drops privileges, after which it may no longer read its own
         installation (a Python under /root is unreadable to qmaild or postgrey)."""
         import _bisect  # noqa: F401 - whitelists' network lookup
-        import hashlib  # noqa: F401 - a tcprules rule may turn on GREYLIST_PRIVACY
+        private_key()  # imports SHA-1 now: a tcprules rule may turn on GREYLIST_PRIVACY
 
         from greylist.stores import StoreError, parse_url, store_class
 
@@ -338,8 +338,12 @@ def _prepared(config) -> tuple:
 def private_key():
     """postgrey's --privacy: a key becomes the SHA-1 of its text, in hex. A client address
     hashed so is exactly postgrey's auto-whitelist key, so ``migrate`` carries those over.
-    (hashlib is imported here, when a configuration is read: before privileges drop.)"""
-    from hashlib import sha1
+    (Imported here, when a configuration is read: before privileges drop. CPython's own
+    SHA-1, not hashlib, which loads OpenSSL: 3.7 MB of resident memory.)"""
+    try:
+        from _sha1 import sha1
+    except ImportError:  # pragma: no cover - a Python built without it
+        from hashlib import sha1
 
     def hashed(text: str) -> str:
         return sha1(text.encode("utf-8", "surrogateescape")).hexdigest()
