@@ -1,6 +1,7 @@
 """``simulate``: what greylisting would do to a server's traffic, before deploying it.
 
-    simulate --rate 300k/day --duration 1d --seed 7
+    simulate --rate 300k/day --duration 1d --seed 7     # the steady state, after 2 d of warm-up
+    simulate --cold                                      # the day greylisting is switched on
     simulate --compare delay=60,300,900
     simulate replay /var/log/qmail/smtpd/current --format tcpserver
 
@@ -35,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop at the end of the window instead of following queued mail to the end")
     parser.add_argument("--expire-every", default="1d",
                         help="how often the simulated 'greylist expire' cron runs (default 1d)")
+    parser.add_argument("--warmup", default="2d",
+                        help="the same traffic before the measured window, not reported, so the "
+                             "report shows the steady state (default 2d; whole hours; triplet keys "
+                             "settle more slowly: try 7d)")
+    parser.add_argument("--cold", action="store_true",
+                        help="no warm-up: the day the greylister is switched on, with an empty store")
     add_common(parser)
     return parser
 
@@ -44,8 +51,11 @@ def run_synthetic(args: argparse.Namespace) -> int:
     try:
         duration = parse_duration(args.duration)
         expire_every = parse_duration(args.expire_every)
+        warmup = 0.0 if args.cold else parse_duration(args.warmup)
     except ConfigError as exc:
         raise SimulateError(str(exc)) from None
+    if warmup % 3600 or warmup > 60 * 86400:
+        raise SimulateError("--warmup is whole hours, at most 60d")
     if duration <= 0:
         raise SimulateError("--duration must be more than 0")
     if duration > 366 * 86400:
@@ -53,8 +63,8 @@ def run_synthetic(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario)
     rate = parse_rate(args.rate) if args.rate else None
     options = RunOptions(duration=duration, seed=args.seed, drain=not args.no_drain,
-                         expire_every=expire_every, rate=rate)
-    expected = (rate or scenario.rate) * duration
+                         expire_every=expire_every, rate=rate, warmup=warmup)
+    expected = (rate or scenario.rate) * (duration + warmup)
     if expected > 50_000_000:
         raise SimulateError(f"that is {expected:,.0f} first-attempt connections; keep a run under "
                             "50 million (shorten --duration or lower --rate)")
@@ -70,7 +80,8 @@ def run_synthetic(args: argparse.Namespace) -> int:
                 server = simulate(scenario, config, store, options, progress=progress)
                 progress.close()
                 run = {"scenario": scenario.source.rsplit("/", 1)[-1],
-                       "rate_per_day": round((rate or scenario.rate) * 86400, 3), "seed": args.seed}
+                       "rate_per_day": round((rate or scenario.rate) * 86400, 3), "seed": args.seed,
+                       "warmup_hours": round(warmup / 3600, 3)}
                 results.append(reports.build(server, run, label))
     finally:
         factory.cleanup()

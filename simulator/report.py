@@ -94,6 +94,15 @@ def build(sim: SimulatedServer, run: dict, label: dict | None = None) -> dict:
     }
 
 
+def state_of(run: dict) -> str:
+    """Which view a synthetic run shows: the steady state or the day greylisting starts."""
+    warm = run.get("warmup_hours", 0)
+    if warm:
+        size = f"{warm / 24:g} d" if warm % 24 == 0 else f"{warm:g} h"
+        return f"steady state (after a {size} warm-up of the same traffic, not counted)"
+    return "cold start (an empty store: the day greylisting is switched on)"
+
+
 def to_json(report: dict) -> str:
     return json.dumps(report, indent=2, sort_keys=False) + "\n"
 
@@ -124,7 +133,7 @@ def tables(report: dict) -> str:
                   f"tempfailed clients retry like {run['retry_model']} unless the log shows them back")
     else:
         source = (f"scenario {run['scenario']}: {run['rate_per_day']:,.0f} first-attempt connections/day "
-                  f"for {run['duration_hours']:g} h, seed {run['seed']}")
+                  f"for {run['duration_hours']:g} h, seed {run['seed']}; {state_of(run)}")
     out = [
         f"{source}; policy delay {pol['delay']:g} s, retry window "
         f"{_fmt_delay(pol['retry_window'])}, max age {pol['max_age'] / 86400:g} d; store {st['kind']}://",
@@ -218,5 +227,8 @@ def compare_table(setting: str, values: list[str], reports: list[dict]) -> str:
             else:
                 row.append("-" if v is None else fmt.format(v))
         rows.append(row)
-    return tabulate(rows, headers=[""] + [f"{setting}={v}" for v in values],
-                    tablefmt="simple", stralign="right") + "\n"
+    head = ""
+    if "scenario" in reports[0]["run"]:
+        head = f"{state_of(reports[0]['run'])}\n\n"
+    return head + tabulate(rows, headers=[""] + [f"{setting}={v}" for v in values],
+                           tablefmt="simple", stralign="right") + "\n"

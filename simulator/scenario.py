@@ -59,7 +59,7 @@ class SenderClass:
     name: str
     kind: str  # "legit" or "spam"
     share: float  # of its kind's connections
-    offsets: list[float]  # retry times after the first attempt
+    offsets: list[float]  # retry times after the first attempt (the first of the schedules)
     queue_run: float = 0.0  # per-message random wait added to every retry
     lifetime: float = 5 * 86400.0
     repeat_share: float = 0.0  # of messages, from a regular correspondent
@@ -67,6 +67,18 @@ class SenderClass:
     pool: int = 1  # addresses a message may (re)try from; >1 = a provider farm
     pool_networks: int = 1  # /24 networks the pool spans
     host_domain: str = ""  # a farm's hosts are named mail-N.<host_domain> (verified names), or nameless
+    schedules: list[list[float]] = field(default_factory=list)  # a message follows one (see retry.build_all)
+    stick: float = 0.0  # a farm: the chance a retry comes from the address of the try before
+
+    def __post_init__(self) -> None:
+        if not self.schedules:
+            self.schedules = [self.offsets]
+
+    def schedule(self, tag: int) -> list[float]:
+        """The schedule of the message with this tag (a fixed function: every policy
+        compared sees the same retries)."""
+        schedules = self.schedules
+        return schedules[(tag >> 7) % len(schedules)] if len(schedules) > 1 else schedules[0]
 
     @property
     def legit(self) -> bool:
@@ -151,12 +163,13 @@ def from_dict(data: dict, source: str = "") -> Scenario:
         if not isinstance(spec, dict):
             raise ScenarioError(f"{where}: retry must be a table such as {{ model = \"postfix\" }}")
         try:
-            offsets = retry.build(spec, lifetime)
+            schedules = retry.build_all(spec, lifetime, name)
         except (ValueError, ConfigError) as exc:
             raise ScenarioError(f"{where}: {exc}") from None
         scenario.senders.append(SenderClass(
             name=name, kind=kind, share=_number(table, "share", where, None, 0, 1),
-            offsets=offsets, queue_run=duration(table.get("queue_run", 0), where),
+            offsets=schedules[0], schedules=schedules, queue_run=duration(table.get("queue_run", 0), where),
+            stick=_number(table, "stick", where, 0, 0, 1),
             lifetime=lifetime, repeat_share=_number(table, "repeat_share", where, 0, 0, 1),
             regulars=int(_number(table, "regulars", where, 0, 0, 1e7)),
             pool=int(_number(table, "pool", where, 1, 1, 65536)),
