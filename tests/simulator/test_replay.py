@@ -281,3 +281,13 @@ def test_postgreys_log_replays_with_its_envelope_and_its_own_retries(tmp_path):
     cls = report["classes"][0]
     # b@ came back after 6 min and passes; c@ and the spammer never came back
     assert (cls["messages"], cls["delivered"], cls["lost"]) == (4, 2, 2)
+
+
+def test_postfix_log_with_rfc3339_stamps():
+    """rsyslog's RFC 3339 stamps (RSYSLOG_FileFormat) and journald's short-iso: the zone is in the stamp."""
+    text = ("2026-03-02T10:00:00.123456+01:00 mx postfix/smtpd[26895]: connect from a.example[192.0.2.1]\n"
+            "2026-03-02T09:00:01Z mx postfix/smtpd[26896]: connect from unknown[2001:db8::1]\n"
+            "2026-03-02T04:00:02-05:00 mx postfix/smtpd[26897]: disconnect from a.example[192.0.2.1]\n")
+    log = parse(io.StringIO(text), "auto")
+    assert log.format == "postfix"
+    assert log.events == [(pytest.approx(T0 + 0.123456), "192.0.2.1"), (T0 + 1, "2001:db8::1")]
