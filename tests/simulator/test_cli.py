@@ -147,3 +147,26 @@ def test_the_default_report_is_the_steady_state_and_says_so(capsys):
 def test_a_warmup_that_is_not_whole_hours_is_refused(capsys):
     assert main(["--warmup", "90m"]) == 2
     assert "whole hours" in capsys.readouterr().err
+
+
+def test_sensitivity_moves_each_assumption_and_shows_the_figures_move(capsys):
+    reports = run_json(capsys, "--sensitivity", "--rate", "10k/day", "--duration", "1d", "--warmup", "1d",
+                       "--delay", "1h")
+    from simulator.sensitivity import ASSUMPTIONS
+
+    assert len(reports) == 1 + 2 * len(ASSUMPTIONS)
+    by = {(r["run"]["assumption"], r["run"]["moved_to"]): r["overall"] for r in reports}
+    base = by[("the scenario as written", "")]
+    sooner = by[("when bots that return come back", "sooner")]
+    later = by[("when bots that return come back", "later")]
+    assert sooner["spam_stopped_share"] > base["spam_stopped_share"] > later["spam_stopped_share"]
+    known = "share of mail from known correspondents"
+    assert by[(known, "0.8")]["legit_delayed_share"] < base["legit_delayed_share"] < by[(known, "0.4")][
+        "legit_delayed_share"]
+    assert main(["--sensitivity", "--compare", "delay=60,300"]) == 2
+
+
+def test_sensitivity_table_on_the_terminal(capsys):
+    assert main(["--sensitivity", "--rate", "5k/day", "--duration", "6h", "--cold"]) == 0
+    out = capsys.readouterr().out
+    assert "cold start" in out and "provider pool sizes" in out and "spam stopped" in out
