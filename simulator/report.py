@@ -130,7 +130,16 @@ def tables(report: dict) -> str:
         source = (f"replay of {run['log']} ({run['format']}: {run['logged_connections']:,} connections "
                   f"from {run['lines']:,} lines, {run['bad_lines']:,} unreadable), "
                   f"{run['rate_per_day']:,.0f} connections/day over {run['duration_hours']:g} h; "
-                  f"tempfailed clients retry like {run['retry_model']} unless the log shows them back")
+                  f"tempfailed clients retry like {run['retry_model']} unless the log shows them back"
+                  + ("" if run["retry_model"] == "none" else
+                     " (spam ones like the scenario's spam sources)") + "")
+        if run.get("classified_by"):
+            source += f".\n{run['classified_by'][0].upper()}{run['classified_by'][1:]}"
+            if run.get("rejected_clients"):
+                source += f" ({run['rejected_clients']:,} clients rejected in the log)"
+        if run.get("returning_share") is not None:
+            source += (f".\nReturning senders: {run['returning_share']:.1%} of connections come from an "
+                       "address seen before (the scenario's repeat_share assumes 60%)")
     else:
         source = (f"scenario {run['scenario']}: {run['rate_per_day']:,.0f} first-attempt connections/day "
                   f"for {run['duration_hours']:g} h, seed {run['seed']}; {state_of(run)}")

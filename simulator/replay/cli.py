@@ -9,7 +9,7 @@ from pathlib import Path
 from simulator import report as reports
 from simulator.errors import SimulateError
 from simulator.replay.formats import FORMATS, LogError, parse, time_zone
-from simulator.replay.replay import replay, rescale, retry_model
+from simulator.replay.replay import RULE, replay, rescale, retry_model, returning_share
 from simulator.replay.shadow import summarize
 from simulator.scenario import load as load_scenario, parse_rate
 
@@ -84,12 +84,14 @@ def run_replay(argv: list[str]) -> int:
                                     "(postgrey's log carries it: --format postgrey)")
             with factory.open(i) as store:
                 check_whitelist(config)  # an unreadable whitelist stops the replay before it runs
-                server = replay(events, config, store, model, drain=not args.no_drain)
+                server = replay(events, config, store, model, drain=not args.no_drain,
+                                spam_sources=scenario.of_kind("spam"), rejected=frozenset(log.rejected))
                 run = {"log": Path(args.logfile).name, "format": log.format, "lines": log.lines,
                        "bad_lines": len(log.bad), "ignored_lines": log.ignored,
                        "logged_connections": len(events), "time_scale": round(factor, 6),
                        "rate_per_day": round(len(events) / span * 86400, 3),
-                       "retry_model": args.retry_model}
+                       "retry_model": args.retry_model, "classified_by": RULE,
+                       "rejected_clients": len(log.rejected), "returning_share": returning_share(events)}
                 if log.shadow:
                     run["shadow_log"] = shadow_summary
                 results.append(reports.build(server, run, label))

@@ -46,6 +46,8 @@ _TCP_FROM = re.compile(r"tcpserver: pid (\d+) from (\S+)\s*$")
 _TCP_DENY = re.compile(r"tcpserver: deny (\d+) ")
 _TCP_OTHER = re.compile(r"tcpserver: (status|ok|end|deny|fatal|warning|pid)\b")
 _POSTFIX = re.compile(r"postfix(?:/[\w.-]+)*/smtpd\[\d+\]: connect from [^\[\s]*\[([^\]]+)\]")
+_POSTFIX_REJECT = re.compile(r"postfix(?:/[\w.-]+)*/smtpd\[\d+\]: (?:[0-9A-F]+|NOQUEUE): reject: "
+                             r"(?:RCPT|MAIL|DATA|CONNECT|EHLO|HELO) from [^\[\s]*\[([^\]]+)\]: 5")
 _WRAPPER = re.compile(r"greylist-(?:wrap|serve): (.*)$")
 _POSTGREY = re.compile(r"postgrey(?:\[\d+\])?: action=(greylist|pass), (.*)$")
 
@@ -64,6 +66,8 @@ class ParsedLog:
     format: str = ""
     #: shadow-mode lines: (unix time, IP, the verdict enforcing would have given, its reason)
     shadow: list[tuple[float, str, str, str]] = field(default_factory=list)
+    #: addresses whose mail the log shows rejected for good (5xx): counted as spam by replay
+    rejected: set[str] = field(default_factory=set)
 
 
 def tai64n(label: str) -> float:
@@ -235,8 +239,14 @@ def _postfix(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
         m = _POSTFIX.search(rest)
         if m:
             _event(out, number, t, m.group(1))
-        else:
-            out.ignored += 1
+            continue
+        out.ignored += 1
+        m = _POSTFIX_REJECT.search(rest)
+        if m:
+            try:
+                out.rejected.add(parse_ip(m.group(1)))
+            except BadAddress:
+                pass
 
 
 def _wrapper(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:

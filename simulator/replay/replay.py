@@ -7,11 +7,18 @@ would be due, that logged connection is its retry; otherwise it retries as the
 retry model says (a sender class of the scenario, Postfix by default), until
 it passes or gives up. ``--retry-model none`` uses only the log's own returns,
 for a log of a server that already greylisted.
+
+Clients are told apart by behaviour (:data:`RULE`): one that the log shows
+coming back is a correspondent (legitimate), one seen once, or rejected
+where the log says so, is counted as spam and retries as the scenario's spam
+sources do; so a replay reports legitimate mail delayed and spam stopped
+separately, and estimates the share of mail from returning senders.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections import defaultdict, deque
 
 from greylist.stores.base import Store
@@ -42,15 +49,64 @@ def rescale(events: list[tuple], rate: float | None) -> tuple[list[tuple], float
     return [(t0 + (e[0] - t0) * factor, *e[1:]) for e in events], factor
 
 
+#: seen again this long after its first connection: a client that comes back, not a quick retry
+RETURN_GAP = 300.0
+LEGIT, SPAM = "returning clients", "one-time or rejected clients"
+RULE = (f"clients the log shows again {RETURN_GAP / 60:g} min or more after their first connection count "
+        "as legitimate; clients seen only once (or within those minutes), or whose mail the log shows "
+        "rejected, count as spam")
+
+
+def returning(events: list[tuple], rejected: frozenset[str] = frozenset()) -> dict[str, bool]:
+    """Each logged address: True when it behaves like a correspondent (comes back), by :data:`RULE`."""
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for event in events:
+        first.setdefault(event[1], event[0])
+        last[event[1]] = event[0]
+    return {ip: last[ip] - first[ip] >= RETURN_GAP and ip not in rejected for ip in first}
+
+
+def returning_share(events: list[tuple]) -> float | None:
+    """The share of connections from an address seen before (not a retry within
+    :data:`RETURN_GAP`), after the log's first quarter: an estimate of the scenario's
+    ``repeat_share`` for this server. None for a log too short to tell."""
+    if len(events) < 20:
+        return None
+    span = events[-1][0] - events[0][0]
+    if span < 4 * RETURN_GAP:
+        return None
+    after = events[0][0] + span / 4
+    seen: dict[str, float] = {}
+    counted = repeat = 0
+    for event in events:
+        t, ip = event[0], event[1]
+        earlier = seen.setdefault(ip, t)
+        if t >= after:
+            counted += 1
+            repeat += t - earlier >= RETURN_GAP
+    return round(repeat / counted, 4) if counted else None
+
+
 class Replay:
     """Logged events: ``(time, ip)``, or ``(time, ip, sender, recipient)`` where the log
-    shows the envelope (postgrey's): then the client that comes back is the triplet."""
+    shows the envelope (postgrey's): then the client that comes back is the triplet.
 
-    def __init__(self, server: SimulatedServer, events: list[tuple], model: SenderClass | None) -> None:
+    Clients are classified by :data:`RULE`. A tempfailed legitimate client retries as
+    ``model`` (a sender class) unless the log shows it back first; a spam client as one
+    of the scenario's spam sources, in their shares (``spam_sources``). With ``model``
+    None (a log of a server that greylists already) only the log's own returns count.
+    """
+
+    def __init__(self, server: SimulatedServer, events: list[tuple], model: SenderClass | None,
+                 spam_sources: list[SenderClass] | None = None, rejected: frozenset[str] = frozenset()) -> None:
         self.server = server
         self.events = events
         self.model = model
-        self.stats = server.class_stats("logged clients", "legit")
+        self.spam_sources = [s for s in (spam_sources or []) if s.share > 0]
+        self.legit = server.class_stats(LEGIT, "legit")
+        self.spam = server.class_stats(SPAM, "spam")
+        self.returns = returning(events, rejected)
         self.future: dict[tuple, deque[float]] = defaultdict(deque)
         for event in events:
             self.future[event[1:]].append(event[0])
@@ -79,19 +135,22 @@ class Replay:
         now = server.env.now
         self.future[who].popleft()
         carried = self.waiting.pop(who, [])
-        offsets = self.model.offsets if self.model else []
-        lifetime = self.model.lifetime if self.model else 0.0
         ip = who[0]
-        msg = Message(now, self.stats, ip, offsets, lifetime)
+        legit = self.returns[ip]
+        stats = self.legit if legit else self.spam
+        tag = zlib.crc32(f"{ip} {now!r}".encode())
+        source = self.model if legit or not self.spam_sources else self._spam_source(tag)
+        offsets = source.schedule(tag) if source is not None else []
+        msg = Message(now, stats, ip, offsets, source.lifetime if source is not None else 0.0, tag=tag)
         if len(who) == 3:
             msg.sender, msg.recipient = who[1], who[2]
-        self.stats.messages += 1
-        self.stats.connections += 1
+        stats.messages += 1
+        stats.connections += 1
         if server.connect(ip, msg.sender, msg.recipient):
             for m in [msg] + carried:
                 server.delivered(m, now)
             return
-        self.stats.tempfails += 1
+        stats.tempfails += 1
         for m in [msg] + carried:
             if self.model is not None:
                 server.retry_later(m)
@@ -101,10 +160,24 @@ class Replay:
                 m.stats.given_up += 1
 
 
+    def _spam_source(self, tag: int) -> SenderClass:
+        """One of the scenario's spam sources, in their shares (a fixed function of the tag)."""
+        total = sum(s.share for s in self.spam_sources)
+        point = (tag % 10_000) / 10_000 * total
+        for source in self.spam_sources:
+            point -= source.share
+            if point < 0:
+                return source
+        return self.spam_sources[-1]
+
+
 def replay(events: list[tuple], config, store: Store, model: SenderClass | None,
-           drain: bool = True, expire_every: float = 86400.0, progress=None) -> SimulatedServer:
+           drain: bool = True, expire_every: float = 86400.0, progress=None,
+           spam_sources: list[SenderClass] | None = None, rejected: frozenset[str] = frozenset()) -> SimulatedServer:
+    """``spam_sources``: how clients counted as spam retry (the scenario's spam senders);
+    without them they retry as ``model`` too."""
     start = math.floor(events[0][0] / HOUR) * HOUR if events else 0.0
     end = events[-1][0] + 1.0 if events else start + 1.0
     server = SimulatedServer(config, store, start, end - start, drain, expire_every, progress)
-    Replay(server, events, model).start()
+    Replay(server, events, model, spam_sources if model is not None else None, rejected).start()
     return server.run()

@@ -107,12 +107,24 @@ def test_mostly_garbage_stops_with_a_clear_message():
         detect(["hello", "world"])
 
 
+def logged(server):
+    """Both classes of logged clients added up (the tests below are about retries, not classes)."""
+    from simulator.metrics import ClassStats
+
+    total = ClassStats("all", "legit")
+    for stats in server.stats.values():
+        for field in ("messages", "connections", "tempfails", "delivered", "given_up"):
+            setattr(total, field, getattr(total, field) + getattr(stats, field))
+        total.delays += stats.delays
+    return total
+
+
 def test_counterfactual_log_returns_count_as_retries():
     model = retry_model(load(), "postfix")
     events = [(T0, "192.0.2.1"), (T0 + 120, "192.0.2.1"), (T0 + 10, "192.0.2.2")]
     events.sort()
     server = replay(events, Config(delay=60), MemoryStore(), model)
-    stats = server.stats["logged clients"]
+    stats = logged(server)
     # 192.0.2.1: tempfailed, the log shows it back at +120 s (before Postfix's 300 s):
     # that connection passes and delivers both messages. 192.0.2.2 retries as Postfix would.
     assert stats.messages == 3 and stats.given_up == 0 and stats.delivered == 3
@@ -123,7 +135,7 @@ def test_counterfactual_log_returns_count_as_retries():
 def test_retry_model_none_uses_only_the_log():
     events = [(T0, "192.0.2.1"), (T0 + 10, "192.0.2.2"), (T0 + 120, "192.0.2.1")]
     server = replay(events, Config(delay=60), MemoryStore(), retry_model(load(), "none"))
-    stats = server.stats["logged clients"]
+    stats = logged(server)
     assert stats.delivered == 2 and stats.given_up == 1 and stats.connections == 3
 
 
@@ -163,9 +175,12 @@ def test_our_own_log_replays_without_synthetic_retries(tmp_path):
                           "--quiet"], capture_output=True, text=True)
     report = json.loads(out.stdout)
     assert report["run"]["retry_model"] == "none"
-    cls = report["classes"][0]
-    # 192.0.2.2 never came back: with no synthetic retries it is given up, as it was in reality
-    assert (cls["delivered"], cls["lost"]) == (2, 1)
+    legit, spam = report["classes"]
+    # 192.0.2.1 came back after 400 s: a correspondent, delivered both times. 192.0.2.2 never
+    # came back: counted as spam and, with no synthetic retries, stopped, as it was in reality
+    assert (legit["class"], legit["messages"], legit["delivered"], legit["lost"]) == ("returning clients", 2, 2, 0)
+    assert (spam["messages"], spam["stopped"]) == (1, 1)
+    assert report["overall"]["spam_stopped_share"] == 1.0
 
 
 def shadow_line(t: float, ip: str, shadow: str, reason: str) -> str:
@@ -278,9 +293,11 @@ def test_postgreys_log_replays_with_its_envelope_and_its_own_retries(tmp_path):
          "--key", "triplet", "--delay", "300", "--json", "-", "--quiet"],
         capture_output=True, text=True, timeout=60).stdout)
     assert report["run"]["retry_model"] == "none"  # the log holds the real retries
-    cls = report["classes"][0]
-    # b@ came back after 6 min and passes; c@ and the spammer never came back
-    assert (cls["messages"], cls["delivered"], cls["lost"]) == (4, 2, 2)
+    legit, spam = report["classes"]
+    # the client 192.0.2.5 comes back (a correspondent): b@ after 6 min passes, c@ never
+    # came back; the spammer's address is seen once: counted as spam, and stopped
+    assert (legit["messages"], legit["delivered"], legit["lost"]) == (3, 2, 1)
+    assert (spam["messages"], spam["stopped"]) == (1, 1)
 
 
 def test_postfix_log_with_rfc3339_stamps():
@@ -291,3 +308,38 @@ def test_postfix_log_with_rfc3339_stamps():
     log = parse(io.StringIO(text), "auto")
     assert log.format == "postfix"
     assert log.events == [(pytest.approx(T0 + 0.123456), "192.0.2.1"), (T0 + 1, "2001:db8::1")]
+
+
+def test_clients_are_classified_by_behaviour_and_spam_retries_like_the_scenarios_bots():
+    """Seen again after 5 min: a correspondent; seen once or rejected: spam, which retries
+    like the scenario's spam sources, so a longer delay stops more of it."""
+    from simulator.replay.replay import LEGIT, SPAM, returning, returning_share
+
+    events = [(T0 + 3600 * i, "192.0.2.1") for i in range(6)]  # a correspondent, hourly
+    events += [(T0 + 10 + i, f"198.51.100.{i}") for i in range(200)]  # 200 one-time clients
+    events += [(T0 + 20, "203.0.113.9"), (T0 + 7200, "203.0.113.9")]  # back, but rejected
+    events.sort()
+    classes = returning(events, frozenset({"203.0.113.9"}))
+    assert classes["192.0.2.1"] and not classes["198.51.100.3"] and not classes["203.0.113.9"]
+    scenario = load()
+    stopped = {}
+    for delay in (60, 3600):
+        server = replay(events, Config(delay=delay), MemoryStore(), retry_model(scenario, "postfix"),
+                        spam_sources=scenario.of_kind("spam"), rejected=frozenset({"203.0.113.9"}))
+        legit, spam = server.stats[LEGIT], server.stats[SPAM]
+        assert legit.messages == 6 and spam.messages == 202
+        assert legit.given_up == 0  # a correspondent retries as Postfix does: never lost
+        stopped[delay] = spam.given_up / spam.messages
+    assert 0.5 < stopped[60] < stopped[3600]
+    assert returning_share(events) is not None
+
+
+def test_postfix_rejections_mark_their_clients():
+    text = ("Mar  2 09:00:00 mx postfix/smtpd[1]: connect from x[192.0.2.1]\n"
+            "Mar  2 09:00:01 mx postfix/smtpd[1]: NOQUEUE: reject: RCPT from x[192.0.2.1]: 554 5.7.1 "
+            "Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org; "
+            "from=<a@b> to=<c@d> proto=ESMTP helo=<x>\n"
+            "Mar  2 09:00:02 mx postfix/smtpd[2]: NOQUEUE: reject: RCPT from y[192.0.2.2]: 450 4.7.1 "
+            "Client host rejected: greylisted\n")
+    log = parse(io.StringIO(text), "postfix", year=2026)
+    assert log.rejected == {"192.0.2.1"}  # a 4xx is no rejection
