@@ -133,6 +133,9 @@ def tables(report: dict) -> str:
                   f"tempfailed clients retry like {run['retry_model']} unless the log shows them back"
                   + ("" if run["retry_model"] == "none" else
                      " (spam ones like the scenario's spam sources)") + "")
+        if run.get("greylisting_rejections"):
+            source += (f" (the log shows the server greylisting already, {run['greylisting_rejections']:,} "
+                       "4xx greylisting replies: its retries are the log's own)")
         if run.get("classified_by"):
             source += f".\n{run['classified_by'][0].upper()}{run['classified_by'][1:]}"
             if run.get("rejected_clients"):

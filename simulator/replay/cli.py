@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how a tempfailed client retries when the log does not show it coming "
                              "back: a sender class of the scenario (postfix, exim, qmail, sendmail, "
                              "exchange, office365, gmail, bulk) or none. Default: postfix; none for "
-                             "our own wrapper's log, which already holds the retries")
+                             "a log that already holds the retries (our own enforcing log, postgrey's, "
+                             "a Postfix log with greylisting rejections in it)")
     parser.add_argument("--scenario", help="scenario file whose sender classes are the retry models")
     parser.add_argument("--no-drain", action="store_true")
     parser.add_argument("--show-bad", type=int, default=10, metavar="N",
@@ -69,8 +70,9 @@ def run_replay(argv: list[str]) -> int:
         # Our own enforcing log holds the real retries; a shadow log holds none (every
         # client got through at once), so its tempfailed clients retry like Postfix.
         # postgrey's log is of a server that greylists too: its retries are in it.
+        # So is a Postfix log with greylisting rejections in it (postgrey or policyd in front).
         args.retry_model = "none" if (log.format == "wrapper" and not log.shadow) or \
-            log.format == "postgrey" else "postfix"
+            log.format == "postgrey" or log.greylisted else "postfix"
     model = retry_model(scenario, args.retry_model)
     events, factor = rescale(log.events, parse_rate(args.rate) if args.rate else None)
     span = max(events[-1][0] - events[0][0], 1.0)
@@ -91,7 +93,8 @@ def run_replay(argv: list[str]) -> int:
                        "logged_connections": len(events), "time_scale": round(factor, 6),
                        "rate_per_day": round(len(events) / span * 86400, 3),
                        "retry_model": args.retry_model, "classified_by": RULE,
-                       "rejected_clients": len(log.rejected), "returning_share": returning_share(events)}
+                       "rejected_clients": len(log.rejected), "returning_share": returning_share(events),
+                       "greylisting_rejections": log.greylisted}
                 if log.shadow:
                     run["shadow_log"] = shadow_summary
                 results.append(reports.build(server, run, label))

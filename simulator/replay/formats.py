@@ -46,6 +46,8 @@ _TCP_FROM = re.compile(r"tcpserver: pid (\d+) from (\S+)\s*$")
 _TCP_DENY = re.compile(r"tcpserver: deny (\d+) ")
 _TCP_OTHER = re.compile(r"tcpserver: (status|ok|end|deny|fatal|warning|pid)\b")
 _POSTFIX = re.compile(r"postfix(?:/[\w.-]+)*/smtpd\[\d+\]: connect from [^\[\s]*\[([^\]]+)\]")
+_POSTFIX_GREYLISTED = re.compile(r"postfix(?:/[\w.-]+)*/smtpd\[\d+\]: (?:[0-9A-F]+|NOQUEUE): reject: RCPT "
+                                 r"from .*: 4\d\d .*greylist", re.IGNORECASE)
 _POSTFIX_REJECT = re.compile(r"postfix(?:/[\w.-]+)*/smtpd\[\d+\]: (?:[0-9A-F]+|NOQUEUE): reject: "
                              r"(?:RCPT|MAIL|DATA|CONNECT|EHLO|HELO) from [^\[\s]*\[([^\]]+)\]: 5")
 _WRAPPER = re.compile(r"greylist-(?:wrap|serve): (.*)$")
@@ -68,6 +70,9 @@ class ParsedLog:
     shadow: list[tuple[float, str, str, str]] = field(default_factory=list)
     #: addresses whose mail the log shows rejected for good (5xx): counted as spam by replay
     rejected: set[str] = field(default_factory=set)
+    #: lines that show the logged server greylisting already (a 4xx "greylisted" reply):
+    #: its retries are in the log, and replay invents none on top
+    greylisted: int = 0
 
 
 def tai64n(label: str) -> float:
@@ -241,6 +246,9 @@ def _postfix(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
             _event(out, number, t, m.group(1))
             continue
         out.ignored += 1
+        if _POSTFIX_GREYLISTED.search(rest):
+            out.greylisted += 1
+            continue
         m = _POSTFIX_REJECT.search(rest)
         if m:
             try:

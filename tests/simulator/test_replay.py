@@ -343,3 +343,18 @@ def test_postfix_rejections_mark_their_clients():
             "Client host rejected: greylisted\n")
     log = parse(io.StringIO(text), "postfix", year=2026)
     assert log.rejected == {"192.0.2.1"}  # a 4xx is no rejection
+
+
+def test_a_postfix_log_of_a_server_that_greylists_gets_no_invented_retries(tmp_path):
+    text = ("Mar  2 09:00:00 mx postfix/smtpd[1]: connect from x[192.0.2.1]\n"
+            "Mar  2 09:00:01 mx postfix/smtpd[1]: NOQUEUE: reject: RCPT from x[192.0.2.1]: 450 4.2.0 <b@example.net>: "
+            "Recipient address rejected: Greylisted, see http://postgrey.schweikert.ch/help/example.net.html\n"
+            "Mar  2 09:00:05 mx postfix/smtpd[2]: connect from y[192.0.2.2]\n")
+    log = parse(io.StringIO(text), "postfix", year=2026)
+    assert log.greylisted == 1 and not log.rejected
+    path = tmp_path / "mail.log"
+    path.write_text(text)
+    report = json.loads(subprocess.run(
+        [sys.executable, "-m", "simulator.cli", "replay", str(path), "--year", "2026", "--json", "-", "--quiet"],
+        capture_output=True, text=True, timeout=60).stdout)
+    assert report["run"]["retry_model"] == "none" and report["run"]["greylisting_rejections"] == 1
