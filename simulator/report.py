@@ -71,7 +71,7 @@ def build(sim: SimulatedServer, run: dict, label: dict | None = None) -> dict:
         "decision_us_p50": round(percentile(ns, 50) / 1000, 2) if ns else None,
         "decision_us_p99": round(percentile(ns, 99) / 1000, 2) if ns else None,
         "wall_seconds": round(sim.wall_seconds, 3),
-        "connections_per_wall_second": round(connections / sim.wall_seconds) if sim.wall_seconds else None,
+        "connections_per_wall_second": round(sim.decided / sim.wall_seconds) if sim.wall_seconds else None,
     }
     policy = sim.policy
     return {
@@ -184,7 +184,8 @@ def tables(report: dict) -> str:
         store_rows.append(["store operations per connection",
                            ", ".join(f"{op} {n:g}" for op, n in st["ops_per_connection"].items())])
     store_rows += [["decision time p50 / p99", f"{t['decision_us_p50']} / {t['decision_us_p99']} µs"],
-                   ["wall time", f"{t['wall_seconds']:.2f} s ({t['connections_per_wall_second']:,} connections/s)"]]
+                   ["wall time (warm-up included)" if report["run"].get("warmup_hours") else "wall time",
+                    f"{t['wall_seconds']:.2f} s ({t['connections_per_wall_second']:,} connections/s)"]]
     out.append(tabulate(store_rows, headers=["store and speed", ""], tablefmt="simple"))
     out.append("")
     if run.get("shadow_log"):

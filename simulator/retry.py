@@ -150,6 +150,18 @@ def random_schedule(rng, first: tuple[float, float], spacing: tuple[float, float
 SPREAD = 48
 
 
+def _weighted(spec: dict, items: list, what: str) -> list[tuple[object, int]]:
+    """Each item with its number of schedules out of ``SPREAD``, by the spec's ``weights``
+    (equal when there are none)."""
+    weights = spec.get("weights")
+    weights = weights if isinstance(weights, list) else [1.0] * len(items)
+    if len(weights) != len(items) or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0
+                                         for w in weights) or not sum(weights):
+        raise ValueError(f"retry model {spec.get('model')!r}: weights must be one non-negative number per {what}")
+    total = sum(weights)
+    return [(item, round(SPREAD * w / total)) for item, w in zip(items, weights)]
+
+
 def build_all(spec: dict, lifetime: float, name: str = "") -> list[list[float]]:
     """Every schedule a message of the class may follow (one, or ``SPREAD`` when the
     retries spread over queue-run phases or a bot population); a message takes one."""
@@ -158,34 +170,23 @@ def build_all(spec: dict, lifetime: float, name: str = "") -> list[list[float]]:
     model = spec.get("model")
     interval = spec.get("queue_interval")
     if model == "mix":  # several behaviours, where the sources leave open which applies
-        models, weights = spec.get("models"), spec.get("weights")
+        models = spec.get("models")
         if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
             raise ValueError("retry model 'mix' needs models = [{ model = ... }, ...]")
-        weights = weights if isinstance(weights, list) else [1.0] * len(models)
-        if len(weights) != len(models) or any(not isinstance(w, (int, float)) or w < 0 for w in weights) \
-                or not sum(weights):
-            raise ValueError("retry model 'mix': weights must be one non-negative number per model")
         out = []
-        for i, (sub, weight) in enumerate(zip(models, weights)):
+        for i, (sub, copies) in enumerate(_weighted(spec, models, "model")):
             schedules = build_all(sub, lifetime, f"{name}/{i}")
-            copies = round(SPREAD * weight / sum(weights))
             out += [schedules[k % len(schedules)] for k in range(copies)]
         return out or [[]]
     if model == "queue":  # Sendmail: every queue run retries, at intervals that differ by system
         intervals = spec.get("intervals")
-        weights = spec.get("weights")
         if not isinstance(intervals, list) or not intervals:
             raise ValueError("retry model 'queue' needs intervals = [\"10m\", ...]")
-        weights = weights if isinstance(weights, list) else [1.0] * len(intervals)
-        if len(weights) != len(intervals) or any(not isinstance(w, (int, float)) or w < 0 for w in weights) \
-                or not sum(weights):
-            raise ValueError("retry model 'queue': weights must be one non-negative number per interval")
         out = []
-        for text, weight in zip(intervals, weights):
+        for text, copies in _weighted(spec, intervals, "interval"):
             q = parse_duration(str(text))
             if q <= 0:
                 raise ValueError("retry model 'queue': intervals must be > 0")
-            copies = round(SPREAD * weight / sum(weights))
             out += [on_runs(lambda age: 0.0, lifetime, q, q * (k + 0.5) / copies) for k in range(copies)]
         return out or [[]]
     if model == "random":

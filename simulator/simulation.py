@@ -122,6 +122,7 @@ class SimulatedServer:
         self.expiry_runs: list[dict] = []
         self.stats: dict[str, ClassStats] = {}
         self.warm_stats: dict[str, ClassStats] = {}  # messages first tried during the warm-up
+        self.decided = 0  # every connection decided, warm-up included (the speed of the run)
         self.retry_hook = None  # replay: decides whether a synthetic retry is needed
 
     def class_stats(self, name: str, kind: str) -> ClassStats:
@@ -148,6 +149,7 @@ class SimulatedServer:
                 host: str = "") -> bool:
         """One SMTP connection from ``ip`` now (with its envelope for triplet keys); True when it passes."""
         outcome = self.service.decide(Connection(ip, host, sender, recipient, host_verified=True))
+        self.decided += 1
         hour = self.hours[-1]
         hour.connections += 1
         if outcome.key is None:  # whitelisted: the store was not asked

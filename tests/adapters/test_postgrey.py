@@ -198,6 +198,16 @@ def test_the_same_request_stream_gets_the_same_answers_as_the_real_postgrey(tmp_
     assert all(a.split(":")[0] == b.split(":")[0] for _, a, b in differences.values())
 
 
+def migrate(base: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """greylist migrate from the postgrey database in ``base`` (then removed) to our SQLite file."""
+    db = f"sqlite://{tmp_path}/greylist.sqlite"
+    result = subprocess.run([*command("greylist"), "migrate", f"postgrey://{base}", db, "--json"],
+                            capture_output=True, text=True, timeout=60, env=base_env())
+    shutil.rmtree(base, ignore_errors=True)
+    assert result.returncode == 0, result.stderr
+    return result, __import__("json").loads(result.stdout)
+
+
 @pytest.mark.skipif(not (Path(POSTGREY).exists() and shutil.which("db_dump")),
                     reason="needs Debian's postgrey and db_dump (apt-get install postgrey db-util)")
 def test_postgreys_database_migrates_and_known_triplets_are_not_greylisted_again(tmp_path):
@@ -219,12 +229,7 @@ def test_postgreys_database_migrates_and_known_triplets_are_not_greylisted_again
                 "action=DEFER_IF_PERMIT")  # pending
     finally:
         stop(proc)
-    db = f"sqlite://{tmp_path}/greylist.sqlite"
-    result = subprocess.run([*command("greylist"), "migrate", f"postgrey://{base}", db, "--json"],
-                            capture_output=True, text=True, timeout=60, env=base_env())
-    shutil.rmtree(base, ignore_errors=True)
-    assert result.returncode == 0, result.stderr
-    counts = __import__("json").loads(result.stdout)
+    result, counts = migrate(base, tmp_path)
     assert counts["read"] == 3 and counts["copied"] == 3  # two triplets and one client's tally
     port = free_port()
     user = ["--user", "root"]
@@ -260,12 +265,7 @@ def test_a_privacy_database_brings_its_auto_whitelisted_clients_and_says_what_it
             assert ask(s, t0 + 400, client_address="192.0.2.5").startswith("action=PREPEND")  # counted
     finally:
         stop(proc)
-    db = f"sqlite://{tmp_path}/greylist.sqlite"
-    result = subprocess.run([*command("greylist"), "migrate", f"postgrey://{base}", db, "--json"],
-                            capture_output=True, text=True, timeout=60, env=base_env())
-    shutil.rmtree(base, ignore_errors=True)
-    assert result.returncode == 0, result.stderr
-    counts = __import__("json").loads(result.stdout)
+    result, counts = migrate(base, tmp_path)
     assert (counts["copied"], counts["unreadable"]) == (1, 1)  # the client's tally; the hashed triplet
     assert "1 triplets are postgrey --privacy hashes" in result.stderr
     port = free_port()
