@@ -113,7 +113,7 @@ class SocketSession:
 
     def start(self) -> None:
         """Listen for data and start the clock (after a greeting, say)."""
-        self.loop.add_reader(self.fd, self._readable)
+        self.loop.add_reader(self.fd, self.readable)
         self.timer = self.loop.call_at(min(self.last + self.idle, self.deadline), self._tick)
 
     def send(self, data: bytes) -> bool:
@@ -123,7 +123,8 @@ class SocketSession:
         except OSError:
             return False
 
-    def _readable(self) -> None:
+    def readable(self) -> None:
+        """Read what is there (the loop calls this when the socket is readable)."""
         if self.closed:
             return  # closed by another callback of the same round
         try:
