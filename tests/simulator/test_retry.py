@@ -109,3 +109,18 @@ def test_default_scenario_schedules_match_the_sources():
 def test_bad_specs(spec, match):
     with pytest.raises(ValueError, match=match):
         retry.build(spec, 5 * D)
+
+
+def test_every_sender_of_the_default_scenario_says_where_its_numbers_come_from():
+    """Each sender block carries comments: a source (a document, a file, a measurement) or
+    ASSUMPTION, as docs/fidelity.md and simulate --sensitivity rely on."""
+    from simulator.scenario import DEFAULT_SCENARIO
+
+    blocks = DEFAULT_SCENARIO.read_text().split("[[sender]]")[1:]
+    assert len(blocks) == len(load().senders)
+    for block in blocks:
+        comments = " ".join(line for line in block.splitlines() if line.lstrip().startswith("#"))
+        name = block.split('name = "', 1)[1].split('"', 1)[0]
+        assert comments, name
+        assert "ASSUMPTION" in comments or any(mark in comments for mark in (".c", "docs", "et al", "Levine",
+                                                                              "configure", "(")), name
