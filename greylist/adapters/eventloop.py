@@ -61,6 +61,7 @@ class Loop:
         self.handlers: dict[int, object] = {}
         self.timers: list[tuple[float, int, Timer]] = []
         self.cancelled = 0  # cancelled timers still in the heap
+        self.before_wait = None  # called each round before the loop waits (a server's buffered writes)
         self.sequence = count()
         self.running = False
         self.signals: dict[int, object] = {}
@@ -119,6 +120,8 @@ class Loop:
         self.running = True
         timers, poll, handlers = self.timers, self.poller.poll, self.handlers
         while self.running:
+            if self.before_wait is not None:
+                self.before_wait()
             timeout = -1.0
             if self.cancelled > 256 and 2 * self.cancelled > len(timers):
                 # a connection per request leaves a cancelled timer each: clear them out

@@ -268,16 +268,28 @@ class PolicyServer:
         self.max_connections = max_connections
         self.greylister = Greylister(config, clock=self.clock, commit_window=COMMIT_WINDOW)
         self.flush_timer = None
+        self.lines: list[bytes] = []  # log lines of this round of the loop
         self.clients: dict[Client, None] = {}  # in order of arrival
         self.loop = Loop()  # not asyncio's: 9 MB less resident memory, less work per callback
+        self.loop.before_wait = self.write_log
         self.acceptor = Acceptor(self.loop, listener, self.accepted, self.at_bound, self.accept_failed)
         self.evicted = 0
 
     def log(self, fields: dict[str, object]) -> None:
+        """One line per request, written when the loop has answered every ready client
+        (one write for a round of requests, before the loop waits again)."""
         if self.quiet and fields.get("verdict") == "pass":
             return  # -q: greylisting and errors only
+        self.lines.append(log_line("greylist-policyd", fields))
+
+    def write_log(self) -> None:
+        if not self.lines:
+            return
+        data = b"".join(self.lines)
+        self.lines.clear()
         try:
-            os.write(2, log_line("greylist-policyd", fields))
+            while data:  # a pipe may take part of it
+                data = data[os.write(2, data):]
         except OSError:
             pass
 
@@ -351,6 +363,7 @@ class PolicyServer:
             self.greylister.close()
             self.acceptor.close()
             self.loop.close()
+            self.write_log()
 
 
 def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o660) -> tuple[socket.socket, str]:
@@ -403,6 +416,7 @@ def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, r
     server.start()
     server.log({"started": where, "store": config.store, "key": config.key, "delay": config.delay,
                 "max_connections": max_connections})
+    server.write_log()
     print(f"{program.replace('-', ' ')}: listening on {where}", file=sys.stderr, flush=True)
     try:
         server.serve()

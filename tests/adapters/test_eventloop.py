@@ -46,3 +46,16 @@ def test_cancelled_timers_release_their_sessions_and_leave_the_heap():
     loop.run_forever()
     assert len(loop.timers) < 300
     loop.close()
+
+
+def test_before_wait_runs_each_round_before_the_loop_sleeps():
+    """The policy server writes a round's log lines there: before the loop waits again."""
+    loop = Loop()
+    rounds = []
+    loop.before_wait = lambda: rounds.append(len(fired))
+    fired = []
+    loop.call_later(0.01, lambda: fired.append(1))
+    loop.call_later(0.02, lambda: (fired.append(2), loop.stop()))
+    loop.run_forever()
+    assert rounds[:1] == [0] and 1 in rounds  # once before the first wait, again after the first timer
+    loop.close()
