@@ -141,8 +141,8 @@ def tables(report: dict) -> str:
             if run.get("rejected_clients"):
                 source += f" ({run['rejected_clients']:,} clients rejected in the log)"
         if run.get("returning_share") is not None:
-            source += (f".\nReturning senders: {run['returning_share']:.1%} of connections come from an "
-                       "address seen before (the scenario's repeat_share assumes 60%)")
+            source += (f".\nReturning senders: {run['returning_share']:.1%} of the legitimate clients' "
+                       "connections come from an address seen before (the scenario's repeat_share assumes 60%)")
     else:
         source = (f"scenario {run['scenario']}: {run['rate_per_day']:,.0f} first-attempt connections/day "
                   f"for {run['duration_hours']:g} h, seed {run['seed']}; {state_of(run)}")

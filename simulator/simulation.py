@@ -46,7 +46,7 @@ class RunOptions:
     drain: bool = True  # follow queued messages to delivery or give-up after the window
     expire_every: float = DAY  # the simulated `greylist expire` cron job
     rate: float | None = None  # override the scenario's first-attempt rate (per second)
-    warmup: float = 0.0  # days of the same traffic before the window, not reported (steady state)
+    warmup: float = 0.0  # seconds (whole hours) of the same traffic before the window, not reported
 
 
 def random_ipv4(rng: random.Random) -> str:

@@ -93,7 +93,7 @@ def run_replay(argv: list[str]) -> int:
                        "logged_connections": len(events), "time_scale": round(factor, 6),
                        "rate_per_day": round(len(events) / span * 86400, 3),
                        "retry_model": args.retry_model, "classified_by": RULE,
-                       "rejected_clients": len(log.rejected), "returning_share": returning_share(events),
+                       "rejected_clients": len(log.rejected), "returning_share": returning_share(events, frozenset(log.rejected)),
                        "greylisting_rejections": log.greylisted}
                 if log.shadow:
                     run["shadow_log"] = shadow_summary

@@ -67,22 +67,24 @@ def returning(events: list[tuple], rejected: frozenset[str] = frozenset()) -> di
     return {ip: last[ip] - first[ip] >= RETURN_GAP and ip not in rejected for ip in first}
 
 
-def returning_share(events: list[tuple]) -> float | None:
-    """The share of connections from an address seen before (not a retry within
-    :data:`RETURN_GAP`), after the log's first quarter: an estimate of the scenario's
-    ``repeat_share`` for this server. None for a log too short to tell."""
+def returning_share(events: list[tuple], rejected: frozenset[str] = frozenset()) -> float | None:
+    """Of the connections from legitimate clients (by :data:`RULE`) after the log's first
+    quarter, the share from an address seen before (not a retry within :data:`RETURN_GAP`):
+    an estimate of the scenario's ``repeat_share`` for this server. None for a log too
+    short to tell."""
     if len(events) < 20:
         return None
     span = events[-1][0] - events[0][0]
     if span < 4 * RETURN_GAP:
         return None
+    legit = returning(events, rejected)
     after = events[0][0] + span / 4
     seen: dict[str, float] = {}
     counted = repeat = 0
     for event in events:
         t, ip = event[0], event[1]
         earlier = seen.setdefault(ip, t)
-        if t >= after:
+        if t >= after and legit[ip]:
             counted += 1
             repeat += t - earlier >= RETURN_GAP
     return round(repeat / counted, 4) if counted else None
