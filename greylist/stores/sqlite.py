@@ -172,8 +172,9 @@ class SqliteStore(Store):
         """A server that decides thousands of times a second commits once per window:
         BEGIN and COMMIT were two of a decision's four statements, and the commit the
         dearest. The write lock is held meanwhile (other writers, ``greylist expire``,
-        wait up to their busy timeout; readers see the last commit); a crash loses the
-        decisions of at most one window, which costs those clients one more delay."""
+        wait up to their busy timeout; readers see the last commit); a crash, or a
+        decision that fails and rolls back, loses the decisions of at most one window,
+        which costs those clients one more delay."""
         self.window = max(0.0, seconds)
 
     def flush(self) -> None:
@@ -243,11 +244,17 @@ class SqliteStore(Store):
         """Admin commands close (and checkpoint) the database. The wrapper does not:
         the last connection to close checkpoints the WAL and deletes it, 0.5 ms
         at every SMTP connection; exec or exit drops the handle just as safely.
-        Held decisions are committed first, in every case."""
+        Held decisions are committed first, in every case; a transaction a failure left
+        open is rolled back, so the handle never keeps the write lock."""
         try:
             self.flush()
         except StoreError:
             pass  # closed because it failed: nothing more can be saved
+        try:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        except sqlite.Error:
+            pass
         if self.lean:
             return
         try:

@@ -88,3 +88,19 @@ def test_the_greylister_flushes_and_another_writer_gets_in_afterwards(tmp_path):
     check(other, "z", 1000.0, config.policy)
     other.close()
     greylister.close()
+
+
+def test_a_commit_that_fails_leaves_no_lock_behind_once_closed(tmp_path):
+    """The service closes a store that failed; the handle must not keep the write lock
+    (the store opened next would wait on it for ever)."""
+    path = tmp_path / "g.db"
+    store = open_store(f"sqlite://{path}")
+    store.hold_commits(60)
+    check(store, "a", 1000.0, load({}, {}).policy)
+    store.pending = False  # as after a COMMIT that raised: SQLite's transaction is still open
+    assert store.db.in_transaction
+    store.close()
+    assert not store.db.in_transaction
+    other = open_store(f"sqlite://{path}?timeout=0.1")
+    check(other, "b", 1000.0, load({}, {}).policy)  # gets the write lock at once
+    other.close()
