@@ -18,7 +18,8 @@ from greylist.config import ConfigError, parse_duration
 from greylist.stores import StoreError
 from simulator import report as reports
 from simulator.errors import SimulateError
-from simulator.runs import check_outputs, Progress, StoreFactory, add_common, emit, parse_compare, policies_for, check_whitelist
+from simulator.runs import (check_outputs, Progress, StoreFactory, add_common, emit, parse_compare, policies_for,
+                            check_whitelist, write_json)
 from simulator.scenario import ScenarioError, load as load_scenario, parse_rate
 from simulator.simulation import RunOptions, simulate
 
@@ -130,14 +131,7 @@ def run_sensitivity(args: argparse.Namespace, config, options: RunOptions, facto
     if not args.quiet:
         print(f"{state_of(results[0][2]['run'])}; the same traffic seed in every run\n")
         print(sensitivity.table(results), end="")
-    if args.json:
-        text = reports.to_json([r for _, _, r in results])
-        if args.json == "-":
-            sys.stdout.write(text)
-        else:
-            from pathlib import Path
-
-            Path(args.json).write_text(text)
+    write_json(args.json, [r for _, _, r in results])
     return 0
 
 

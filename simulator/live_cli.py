@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from greylist.config import ConfigError, parse_duration
 from simulator.errors import SimulateError
-from simulator.runs import check_outputs
+from simulator.runs import check_outputs, write_json
 from simulator.live import MAX_DURATION, MAX_RATE, LiveOptions, capacity, run_live
 from simulator.scenario import load as load_scenario, parse_rate
 
@@ -73,16 +71,6 @@ def _rate(text: str) -> float:
     return rate
 
 
-def _write_json(target: str | None, data) -> None:
-    if not target:
-        return
-    text = json.dumps(data, indent=2) + "\n"
-    if target == "-":
-        sys.stdout.write(text)
-    else:
-        Path(target).write_text(text)
-
-
 def live_table(s: dict) -> str:
     from tabulate import tabulate
 
@@ -125,7 +113,7 @@ def run_live_command(argv: list[str]) -> int:
     summary = result.summary(options)
     summary["store"] = args.store
     print(live_table(summary))
-    _write_json(args.json, summary)
+    write_json(args.json, summary)
     return 0
 
 
@@ -158,7 +146,7 @@ def run_capacity_command(argv: list[str]) -> int:
             s["store"] = url
         results.append(r)
     print(capacity_table(results))
-    _write_json(args.json, results)
+    write_json(args.json, results)
     if args.plot:
         from simulator.plot import capacity_plot
 

@@ -212,11 +212,17 @@ def emit(args: argparse.Namespace, results: list[dict], compare) -> None:
                 print("\n" + table(results[0]["run"]["shadow_log"]), end="")
         else:
             print(reports.tables(results[0]), end="")
-    if args.json:
-        text = reports.to_json(results if compare else results[0])
-        if args.json == "-":
-            sys.stdout.write(text)
-        else:
-            Path(args.json).write_text(text)
+    write_json(args.json, results if compare else results[0])
+
+
+def write_json(target: str | None, data) -> None:
+    """``--json OUT``: the report as data, to a file or (``-``) to standard output."""
+    if not target:
+        return
+    text = reports.to_json(data)
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        Path(target).write_text(text)
 
 
