@@ -65,8 +65,12 @@ def parse_on_error(text: str) -> str:
 
 
 def parse_text(text: str) -> str:
-    if any(c in text for c in "\r\n\0"):
-        raise ConfigError("text settings cannot contain CR, LF or NUL")
+    """Text that goes into an SMTP reply or a header: RFC 5321's reply text is printable
+    ASCII, space and tab; anything else (a control character, a line break) would break
+    the reply or the client's parser of it."""
+    bad = next((c for c in text if not (" " <= c <= "~" or c == "\t")), None)
+    if bad is not None:
+        raise ConfigError(f"text settings must be printable ASCII (RFC 5321), not {bad!r} in {text[:60]!r}")
     return text
 
 
@@ -101,7 +105,9 @@ def _integer(low: int, high: int):
 def parse_path(text: str) -> str:
     if text and not text.startswith("/"):
         raise ConfigError(f"give an absolute path, not {text!r}")
-    return parse_text(text)
+    if any(c in text for c in "\r\n\0"):
+        raise ConfigError("a path cannot contain CR, LF or NUL")
+    return text
 
 
 def parse_paths(text: str) -> str:

@@ -44,3 +44,15 @@ def test_boolean_flag_and_double_dash():
     assert load(flags, {}).enhanced is True
     assert program == ["--weird-program"]
     assert load(flags, {"GREYLIST_ENHANCED": "no"}).enhanced is False
+
+
+def test_reply_texts_are_printable_ascii_and_paths_need_only_be_one_line():
+    """A control character in GREYLIST_MESSAGE would go out in every 4xx reply (found by
+    the plugin's hypothesis suite: E451 with a 0x1f in it)."""
+    for bad in ("\x1f", "wait\r\n250 ok", "caf\u00e9"):
+        with pytest.raises(ConfigError, match="printable ASCII"):
+            load({"message": bad}, {})
+    assert load({"message": "come back\tlater"}, {}).message == "come back\tlater"
+    assert load({"whitelist": "/etc/gr\u00fcn/clients"}, {}).whitelist == "/etc/gr\u00fcn/clients"
+    with pytest.raises(ConfigError, match="CR, LF or NUL"):
+        load({"whitelist": "/etc/a\nb"}, {})

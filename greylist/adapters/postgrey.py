@@ -85,6 +85,17 @@ def _whole(value: str, option: str) -> int:
     return int(value)
 
 
+def _reply_text(value: str, option: str) -> str:
+    """Text that goes into the reply line: a line break would end it early and start
+    another attribute (postgrey takes it as it is)."""
+    from greylist.config import ConfigError, parse_text
+
+    try:
+        return parse_text(value)
+    except ConfigError as exc:
+        raise PostgreyError(f"{option}: {exc}") from None
+
+
 def _existing(paths: list[str], warn) -> str:
     """The whitelist files that exist, joined; a missing file given by hand is warned about
     (as postgrey does), a missing ``.local`` companion is not."""
@@ -188,11 +199,11 @@ def parse(argv: list[str], warn=lambda text: None) -> Plan:
         elif opt == "--syslog-facility":
             plan.facility = value
         elif opt == "--greylist-action":
-            plan.action = value
+            plan.action = _reply_text(value, opt)
         elif opt == "--greylist-text":
-            plan.text = value
+            plan.text = _reply_text(value, opt)
         elif opt == "--x-greylist-header":
-            plan.header = value
+            plan.header = _reply_text(value, opt)
         elif opt == "--privacy":
             plan.flags["privacy"] = "1"
         elif opt == "--exim":

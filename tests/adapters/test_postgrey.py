@@ -37,7 +37,9 @@ def test_postgreys_units_and_defaults():
     assert parse(["--inet=10023", "--exim"]).one_request
     for bad, message in ((["--inet=10023", "--noaction"], "not supported"), ([], "--unix or --inet"),
                          (["--inet=10023", "--retry-window=2w"], "number of days"),
-                         (["--inet=10023", "--delay=soon"], "whole number"), (["--bogus"], "not recognized")):
+                         (["--inet=10023", "--delay=soon"], "whole number"), (["--bogus"], "not recognized"),
+                         (["--inet=10023", "--greylist-text=wait\naction=OK"], "--greylist-text: .*printable"),
+                         (["--inet=10023", "--x-greylist-header=X\x1b"], "--x-greylist-header")):
         with pytest.raises(PostgreyError, match=message):
             parse(bad)
 
