@@ -44,6 +44,8 @@ MAX_VALUE = 512          # postgrey's cut
 MAX_REQUEST = 32 * 1024
 MAX_ATTRIBUTES = 100
 IDLE_TIMEOUT = 300.0
+LOG_WINDOW = 0.2         # log lines are written together, at most this late
+LOG_BATCH = 256          # or when this many wait
 DEFAULT_MAX_CONNECTIONS = 4000
 
 
@@ -159,7 +161,10 @@ class Replies:
             if "etrn_domain" in attrs and not text[:1].isdigit():
                 text = "4.2.0 " + text
             text = text.replace("%s", str(max(0, int(verdict.retry_in + 0.999))), 1)
-            text = text.replace("%r", attrs.get("recipient", "").rpartition("@")[2], 1)
+            domain = attrs.get("recipient", "").rpartition("@")[2]
+            if not (domain.isascii() and domain.isprintable()):  # the client's text, in our reply
+                domain = "".join(c if " " < c <= "~" else "?" for c in domain)
+            text = text.replace("%r", domain, 1)
         return f"action={self.action} {text}"
 
     def passed(self, config, verdict: Verdict) -> str:
@@ -268,24 +273,37 @@ class PolicyServer:
         self.max_connections = max_connections
         self.greylister = Greylister(config, clock=self.clock, commit_window=COMMIT_WINDOW)
         self.flush_timer = None
-        self.lines: list[bytes] = []  # log lines of this round of the loop
+        self.program = "greylist-policyd"
+        self.lines: list[dict[str, object]] = []  # log lines (their fields) of this window
+        self.log_timer = None
         self.clients: dict[Client, None] = {}  # in order of arrival
         self.loop = Loop()  # not asyncio's: 9 MB less resident memory, less work per callback
-        self.loop.before_wait = self.write_log
         self.acceptor = Acceptor(self.loop, listener, self.accepted, self.at_bound, self.accept_failed)
         self.evicted = 0
 
     def log(self, fields: dict[str, object]) -> None:
-        """One line per request, written when the loop has answered every ready client
-        (one write for a round of requests, before the loop waits again)."""
+        """One line per request, formatted and written with the others of its window:
+        at most ``LOG_WINDOW`` seconds after the first, at once when ``LOG_BATCH`` are
+        waiting, and when the server stops. A log reader (multilog, journald) then
+        wakes once per window, not per request, and the lines are formatted in one hot
+        loop; a crash loses the lines of at most one window, as it loses the window's
+        held decisions."""
         if self.quiet and fields.get("verdict") == "pass":
             return  # -q: greylisting and errors only
-        self.lines.append(log_line("greylist-policyd", fields))
+        lines = self.lines
+        lines.append(fields)
+        if len(lines) == 1:
+            self.log_timer = self.loop.call_later(LOG_WINDOW, self.write_log)
+        elif len(lines) >= LOG_BATCH:
+            self.write_log()
 
     def write_log(self) -> None:
+        if self.log_timer is not None:
+            self.log_timer.cancel()
+            self.log_timer = None
         if not self.lines:
             return
-        data = b"".join(self.lines)
+        data = b"".join([log_line(self.program, fields) for fields in self.lines])
         self.lines.clear()
         try:
             while data:  # a pipe may take part of it

@@ -255,3 +255,19 @@ def test_sqlite_decisions_are_committed_within_the_window_and_at_sigterm(policyd
     proc.terminate()
     proc.wait(timeout=10)
     assert keys() == {"192.0.2.7", "192.0.2.8"}
+
+
+def test_the_recipients_domain_in_a_reply_text_is_printable_ascii():
+    """postgrey's %r puts the client's recipient domain into our reply: a control
+    character there must not reach Postfix's reply line."""
+    from greylist.adapters.policyd import Replies
+    from greylist.config import load
+    from greylist.core.policy import TEMPFAIL, Verdict
+
+    replies = Replies(text="Greylisted, see http://example.org/%r.html")
+    config = load({}, {})
+    verdict = Verdict(TEMPFAIL, "new", 0.0, 300.0)
+    assert replies.tempfail(config, verdict, {"recipient": "a@example.net"}) == \
+        "action=DEFER_IF_PERMIT Greylisted, see http://example.org/example.net.html"
+    line = replies.tempfail(config, verdict, {"recipient": "a@ex\rample\x1b.n\u00e9t"})
+    assert line == "action=DEFER_IF_PERMIT Greylisted, see http://example.org/ex?ample?.n?t.html"
