@@ -36,7 +36,7 @@ SUITE = {
     "decisions": (decisions.measure, {"calls": 100_000}, {"calls": 20_000}),
     "simulated_day": (simulated_day.measure, {"hours": 24.0}, {"hours": 3.0, "file_hours": 1.0}),
     "serve_cpu": (serve_cpu.measure, {"connections": 3000, "idle": 5000}, {"connections": 1000, "idle": 2000}),
-    "policy_servers": (policy_servers.measure, {"requests": 10_000, "triplets": 100_000},
+    "policy_servers": (policy_servers.measure, {"requests": 10_000, "triplets": 100_000, "repeats": 3},
                        {"requests": 1000, "idle": 300, "settings": ((10, True), (10, False))}),
     "live_capacity": (live_capacity.measure, {"step_seconds": 5.0},
                       {"step_seconds": 2.0, "start_rate": 30.0, "max_rate": 70.0}),
