@@ -228,7 +228,8 @@ def measure(requests: int = 4000, idle: int = 1000, settings=((1, True), (10, Tr
         for clients, persistent, variant in runs:
             figures: dict[str, list[float]] = {}
             for _ in range(repeats):
-                for kind in kinds:
+                count = max(1, requests // clients) * clients
+                for kind in kinds:  # the same requests for each: both hold the same triplets
                     proc, port, pid = servers[kind]
                     name = f"{kind}_{'persistent' if persistent else 'new'}_{clients}{variant}"
                     per_client = max(1, requests // clients)
@@ -246,13 +247,12 @@ def measure(requests: int = 4000, idle: int = 1000, settings=((1, True), (10, Tr
                         if variant:
                             os.sched_setaffinity(0, mine)
                             os.sched_setaffinity(pid, theirs)
-                    count = per_client * clients
-                    offset += count
                     for figure, value in ((f"{name}_per_second", count / wall),
                                           (f"{name}_cpu_us", 1e6 * used / count),
                                           (f"{name}_driver_cpu_us", 1e6 * driver / count),
                                           (f"{name}_p99_ms", 1000 * lat[int(0.99 * (len(lat) - 1))])):
                         figures.setdefault(figure, []).append(value)
+                offset += count
             for figure, values in figures.items():  # the median of the turns
                 value = sorted(values)[len(values) // 2]
                 out[figure] = round(value) if figure.endswith("_per_second") else round(value, 2)
