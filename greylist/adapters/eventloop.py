@@ -61,7 +61,9 @@ class Loop:
         self.handlers: dict[int, object] = {}
         self.timers: list[tuple[float, int, Timer]] = []
         self.cancelled = 0  # cancelled timers still in the heap
-        self.before_wait = None  # called each round before the loop waits (a server's buffered writes)
+        #: on_error(exc, callback): a callback raised; the loop goes on (None: the loop stops
+        #: and the exception propagates). A server logs it as its bug and closes that session.
+        self.on_error = None
         self.sequence = count()
         self.running = False
         self.signals: dict[int, object] = {}
@@ -120,8 +122,6 @@ class Loop:
         self.running = True
         timers, poll, handlers = self.timers, self.poller.poll, self.handlers
         while self.running:
-            if self.before_wait is not None:
-                self.before_wait()
             timeout = -1.0
             if self.cancelled > 256 and 2 * self.cancelled > len(timers):
                 # a connection per request leaves a cancelled timer each: clear them out
@@ -141,7 +141,10 @@ class Loop:
             for fd, _events in ready:
                 handler = handlers.get(fd)
                 if handler is not None:  # None: removed by an earlier callback of this round
-                    handler()
+                    try:
+                        handler()
+                    except Exception as exc:  # noqa: BLE001 - reported; one client never stops a server
+                        self._failed(exc, handler)
                 if not self.running:
                     return
             now = monotonic()
@@ -151,9 +154,18 @@ class Loop:
                     self.cancelled -= 1
                 else:
                     timer.cancelled = True  # fired: cancelling it later changes nothing
-                    timer.callback()
+                    callback = timer.callback
+                    try:
+                        callback()
+                    except Exception as exc:  # noqa: BLE001 - as above
+                        self._failed(exc, callback)
             if self.pending_signals:
                 self._drain_signals()
+
+    def _failed(self, exc: Exception, callback) -> None:
+        if self.on_error is None:
+            raise exc
+        self.on_error(exc, callback)
 
     def close(self) -> None:
         for signum in self.signals:

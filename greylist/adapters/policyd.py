@@ -215,6 +215,14 @@ def answer(greylister, attrs: dict[str, str], replies: Replies = OUR_REPLIES) ->
     return reply, outcome.fields()
 
 
+def _safe_line(program: str, fields: dict[str, object], exc: Exception) -> bytes:
+    try:
+        return log_line(program, fields)
+    except Exception:  # noqa: BLE001
+        return log_line(program, {"verdict": "error", "error": f"internal error {type(exc).__name__}: "
+                                  "a log line could not be written"})
+
+
 class Client(SocketSession):
     """One Postfix connection on the event loop."""
 
@@ -278,8 +286,18 @@ class PolicyServer:
         self.log_timer = None
         self.clients: dict[Client, None] = {}  # in order of arrival
         self.loop = Loop()  # not asyncio's: 9 MB less resident memory, less work per callback
+        self.loop.on_error = self.internal_error
         self.acceptor = Acceptor(self.loop, listener, self.accepted, self.at_bound, self.accept_failed)
         self.evicted = 0
+
+    def internal_error(self, exc: Exception, callback) -> None:
+        """A callback raised: a bug of ours. Logged as one; the client it served is
+        disconnected (Postfix asks again on a new connection) and the others go on."""
+        where = getattr(callback, "__qualname__", type(callback).__name__)
+        self.log({"verdict": "error", "error": f"internal error {type(exc).__name__} in {where}: {exc}"})
+        owner = getattr(callback, "__self__", None)
+        if isinstance(owner, SocketSession):
+            owner.close()
 
     def log(self, fields: dict[str, object]) -> None:
         """One line per request, formatted and written with the others of its window:
@@ -303,8 +321,11 @@ class PolicyServer:
             self.log_timer = None
         if not self.lines:
             return
-        data = b"".join([log_line(self.program, fields) for fields in self.lines])
-        self.lines.clear()
+        lines, self.lines = self.lines, []
+        try:
+            data = b"".join([log_line(self.program, fields) for fields in lines])
+        except Exception as exc:  # noqa: BLE001 - a field that cannot be written: our bug, said once
+            data = b"".join(_safe_line(self.program, fields, exc) for fields in lines)
         try:
             while data:  # a pipe may take part of it
                 data = data[os.write(2, data):]

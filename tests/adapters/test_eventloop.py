@@ -48,14 +48,32 @@ def test_cancelled_timers_release_their_sessions_and_leave_the_heap():
     loop.close()
 
 
-def test_before_wait_runs_each_round_before_the_loop_sleeps():
-    """The policy server writes a round's log lines there: before the loop waits again."""
+def test_a_failing_callback_is_reported_and_the_loop_goes_on():
+    """A bug met by one client's callback must not stop a server that holds thousands:
+    with on_error set the loop reports it and carries on; without, it propagates."""
     loop = Loop()
-    rounds = []
-    loop.before_wait = lambda: rounds.append(len(fired))
-    fired = []
-    loop.call_later(0.01, lambda: fired.append(1))
-    loop.call_later(0.02, lambda: (fired.append(2), loop.stop()))
+    seen, fired = [], []
+
+    def broken():
+        raise ZeroDivisionError("a bug")
+
+    loop.on_error = lambda exc, callback: seen.append((type(exc), callback))
+    a, b = socket.socketpair()
+    loop.add_reader(a.fileno(), broken)
+    b.send(b"x")
+    loop.call_later(0.01, broken)
+    loop.call_later(0.03, lambda: (fired.append(1), loop.stop()))
     loop.run_forever()
-    assert rounds[:1] == [0] and 1 in rounds  # once before the first wait, again after the first timer
+    assert fired == [1] and (ZeroDivisionError, broken) in seen and len(seen) >= 2
+    loop.remove_reader(a.fileno())
+    loop.on_error = None
+    loop.call_later(0, broken)
+    try:
+        loop.run_forever()
+    except ZeroDivisionError:
+        pass
+    else:
+        raise AssertionError("without on_error the exception must propagate")
     loop.close()
+    a.close()
+    b.close()

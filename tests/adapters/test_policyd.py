@@ -271,3 +271,41 @@ def test_the_recipients_domain_in_a_reply_text_is_printable_ascii():
         "action=DEFER_IF_PERMIT Greylisted, see http://example.org/example.net.html"
     line = replies.tempfail(config, verdict, {"recipient": "a@ex\rample\x1b.n\u00e9t"})
     assert line == "action=DEFER_IF_PERMIT Greylisted, see http://example.org/ex?ample?.n?t.html"
+
+
+def test_a_bug_met_by_one_client_closes_that_connection_and_the_server_goes_on(tmp_path):
+    """A callback that raises (here the request reader, made to fail on one input) is
+    logged as our bug and costs that one connection, never the server."""
+    port = free_port()
+    script = f"""
+from greylist.adapters import policyd
+real_feed = policyd.RequestReader.feed
+def feed(self, data):
+    if b"poison" in data:
+        raise KeyError("a bug of ours")
+    return real_feed(self, data)
+policyd.RequestReader.feed = feed
+from greylist.config import load
+policyd.serve("127.0.0.1:{port}", load({{"store": "sqlite://{tmp_path}/g.db"}}, {{}}))
+"""
+    python = os.path.join(os.path.dirname(command("greylist")[0]), "python")
+    proc = subprocess.Popen([python, "-c", script], env=base_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stderr.readline()  # the "started" log line
+        proc.stderr.readline()  # "listening on"
+        request = (b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\n"
+                   b"sender=a@example.org\nrecipient=b@example.net\n\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as good, \
+                socket.create_connection(("127.0.0.1", port), timeout=5) as bad:
+            bad.sendall(b"poison\n\n")
+            assert bad.recv(100) == b""  # disconnected
+            good.sendall(request)
+            assert good.recv(1000).startswith(b"action=DEFER_IF_PERMIT")
+            good.sendall(request)
+            assert good.recv(1000).startswith(b"action=DEFER_IF_PERMIT")
+    finally:
+        proc.terminate()
+        log = proc.stderr.read()
+        proc.wait(10)
+    assert "internal error KeyError in " in log and "a bug of ours" in log and "Traceback" not in log
+    assert proc.returncode == 0
