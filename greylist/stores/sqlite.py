@@ -32,9 +32,15 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS greylist (
 ) WITHOUT ROWID"""
 
 
+#: what a held write expects to find at the flush (besides a Record read from the database)
+_ABSENT = "absent"    # no row when read: the write creates it, unless another writer did meanwhile
+_ANY = "any"          # not read, or a row that was not a record: the write replaces whatever is there
+
+
 class _Transaction:
-    """One decision's transaction; with commits held, one of many decisions in a transaction
-    that commits when the window has passed (or at :meth:`SqliteStore.flush`)."""
+    """One decision's transaction. With commits held (a long-lived server), no database
+    transaction at all: the decision's writes are kept, with what each key held when it
+    was read, and written with the window's others at :meth:`SqliteStore.flush`."""
 
     __slots__ = ("store",)
 
@@ -43,22 +49,35 @@ class _Transaction:
 
     def __enter__(self) -> None:
         store = self.store
-        if not store.pending:
-            store._execute("BEGIN IMMEDIATE")
-            store.opened = monotonic()
+        if store.window:
+            store.decision = {}
+            store.read = {}
+            return
+        store._execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         store = self.store
+        if store.window:
+            writes, store.decision, store.read = store.decision, None, None
+            if exc_type is not None or not writes:
+                return  # a failed decision leaves nothing behind
+            held = store.held
+            for key, (expected, record) in writes.items():
+                earlier = held.get(key)
+                # a key written twice in a window keeps what it held when first read
+                held[key] = (expected if earlier is None else earlier[0], record)
+            if not store.pending:
+                store.pending = True
+                store.opened = monotonic()
+            elif monotonic() - store.opened >= store.window:
+                store.flush()  # the server's timer is late: never hold longer than the window
+            return
         if exc_type is not None:
-            store.pending = False
             try:
                 store._execute("ROLLBACK")
             except StoreError:
                 pass  # the failure being raised says more
-        elif store.window and monotonic() - store.opened < store.window:
-            store.pending = True
         else:
-            store.pending = False
             store._execute("COMMIT")
 
 
@@ -83,8 +102,12 @@ class SqliteStore(Store):
         except sqlite.Error as exc:
             raise StoreError(f"cannot open {path}: {exc}") from None
         self._transaction = _Transaction(self)
-        self.window = 0.0   # hold_commits: seconds a transaction may stay open
-        self.opened = 0.0   # when the open transaction began
+        self.window = 0.0   # hold_commits: seconds a decision's writes may wait
+        self.opened = 0.0   # when the first held write of the window was made
+        #: held writes of the window: key -> (what it held when read, the record to write)
+        self.held: dict[str, tuple[object, Record]] = {}
+        self.decision: dict[str, tuple[object, Record]] | None = None  # the deciding one's writes
+        self.read: dict[str, object] | None = None  # what the deciding one read from the database
 
     def _setup(self) -> None:
         """WAL mode is kept in the file, so only a new database needs it set.
@@ -169,27 +192,91 @@ class SqliteStore(Store):
         return self._transaction
 
     def hold_commits(self, seconds: float) -> None:
-        """A server that decides thousands of times a second commits once per window:
-        BEGIN and COMMIT were two of a decision's four statements, and the commit the
-        dearest. The write lock is held meanwhile (other writers, ``greylist expire``,
-        wait up to their busy timeout; readers see the last commit); a crash, or a
-        decision that fails and rolls back, loses the decisions of at most one window,
-        which costs those clients one more delay."""
+        """A server that decides thousands of times a second writes once per window:
+        a decision's writes wait (at most ``seconds``) and are written with the window's
+        others in one short transaction at :meth:`flush`. No lock is held in between,
+        so other writers (the qmail front ends on the same file, ``greylist expire``)
+        get in at any time; the server reads its own held writes before the database.
+        At the flush, a write whose key another writer changed since it was read is
+        dropped (theirs is the newer news): each write is conditional on what the key
+        held when read. A crash, or a flush that fails, loses the writes of at most one
+        window, which costs those clients one more delay."""
         self.window = max(0.0, seconds)
 
     def flush(self) -> None:
-        if self.pending:
+        if not self.held:
             self.pending = False
+            return
+        held, self.held = self.held, {}
+        self.pending = False
+        create, update, replace = [], [], []
+        for key, (expected, record) in held.items():
+            values = (text_key(key), record.first_seen, record.last_seen, record.passes)
+            if expected is _ABSENT:
+                create.append(values)
+            elif expected is _ANY:
+                replace.append(values)
+            else:
+                update.append((record.first_seen, record.last_seen, record.passes, values[0],
+                               expected.first_seen, expected.last_seen, expected.passes))
+        self._execute("BEGIN IMMEDIATE")
+        try:
+            written = 0
+            if create:
+                written += self._many("INSERT OR IGNORE INTO greylist VALUES (?, ?, ?, ?)", create)
+            if update:
+                written += self._many("UPDATE greylist SET first_seen = ?, last_seen = ?, passes = ? WHERE key = ?"
+                                      " AND first_seen = ? AND last_seen = ? AND passes = ?", update)
+            if replace:
+                written += self._many("INSERT OR REPLACE INTO greylist VALUES (?, ?, ?, ?)", replace)
             self._execute("COMMIT")
+        except BaseException:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite.Error:
+                pass
+            raise
+        if written < len(held):  # another writer was first: its record stays
+            self.count("superseded", len(held) - written)
 
-    def get(self, key: str) -> Record | None:
+    def _many(self, sql: str, rows: list) -> int:
+        self.count("query")
+        try:
+            cursor = self.db.executemany(sql, rows)
+        except sqlite.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+        return len(rows) if cursor.rowcount < 0 else cursor.rowcount
+
+    def _row(self, key: str) -> object:
+        """What the database holds for ``key``: a Record, _ABSENT, or _ANY (not a record)."""
         row = self._execute("SELECT first_seen, last_seen, passes FROM greylist WHERE key = ?",
                             (text_key(key),)).fetchone()
-        return None if row is None else record_of(*row)  # a garbage row counts as absent: replaced
+        if row is None:
+            return _ABSENT
+        record = record_of(*row)
+        return _ANY if record is None else record
+
+    def get(self, key: str) -> Record | None:
+        decision = self.decision
+        if decision is not None:  # holding: the deciding one's writes, the window's, then the file
+            if key in decision:
+                return decision[key][1]
+            if key in self.held:
+                return self.held[key][1]
+            found = self.read[key] = self._row(key)
+        else:
+            found = self._row(key)
+        return found if type(found) is Record else None  # a garbage row counts as absent: replaced
 
     def get_or_add(self, key: str, record: Record, ttl: float | None = None) -> Record | None:
         """Inside the decision's write transaction no other writer can come between, so a
-        new key (most keys at a busy MX) costs one INSERT instead of a SELECT and an INSERT."""
+        new key (most keys at a busy MX) costs one INSERT instead of a SELECT and an INSERT.
+        With writes held, the key is looked up (held writes first) and a new one held."""
+        if self.decision is not None:
+            existing = self.get(key)
+            if existing is None:
+                self.put(key, record, ttl)
+            return existing
         if not self.db.in_transaction:
             return super().get_or_add(key, record, ttl)
         if self.add(key, record, ttl):
@@ -200,15 +287,27 @@ class SqliteStore(Store):
         return existing
 
     def add(self, key: str, record: Record, ttl: float | None = None) -> bool:
+        if self.decision is not None:
+            if self.get(key) is not None:
+                return False
+            self.put(key, record, ttl)
+            return True
         cursor = self._execute("INSERT OR IGNORE INTO greylist VALUES (?, ?, ?, ?)",
                                (text_key(key), record.first_seen, record.last_seen, record.passes))
         return cursor.rowcount == 1
 
     def put(self, key: str, record: Record, ttl: float | None = None) -> None:
+        decision = self.decision
+        if decision is not None:
+            earlier = decision.get(key)
+            decision[key] = (self.read.get(key, _ANY) if earlier is None else earlier[0], record)
+            return
         self._execute("INSERT OR REPLACE INTO greylist VALUES (?, ?, ?, ?)",
                       (text_key(key), record.first_seen, record.last_seen, record.passes))
 
     def delete(self, key: str, expected: Record | None = None) -> bool:
+        if self.held:
+            self.flush()  # an admin command on a store that holds writes: theirs first
         if expected is None:
             cursor = self._execute("DELETE FROM greylist WHERE key = ?", (text_key(key),))
         else:
@@ -244,7 +343,7 @@ class SqliteStore(Store):
         """Admin commands close (and checkpoint) the database. The wrapper does not:
         the last connection to close checkpoints the WAL and deletes it, 0.5 ms
         at every SMTP connection; exec or exit drops the handle just as safely.
-        Held decisions are committed first, in every case; a transaction a failure left
+        Held writes are written first, in every case; a transaction a failure left
         open is rolled back, so the handle never keeps the write lock."""
         try:
             self.flush()
