@@ -309,3 +309,59 @@ policyd.serve("127.0.0.1:{port}", load({{"store": "sqlite://{tmp_path}/g.db"}}, 
         proc.wait(10)
     assert "internal error KeyError in " in log and "a bug of ours" in log and "Traceback" not in log
     assert proc.returncode == 0
+
+
+def test_expire_and_the_qmail_front_ends_share_the_file_with_a_busy_policy_server(policyd, tmp_path):
+    """Decisions held for a window take no lock: greylist expire from cron and the
+    qmail-spp plugin on the same SQLite file get in while the server never pauses."""
+    db = f"sqlite://{tmp_path}/g.db"
+    _, address = policyd("--store", db, "--key", "triplet")
+    busy, done = [0], threading.Event()
+
+    def hammer():
+        c = Client(address)
+        while not done.is_set():
+            busy[0] += 1
+            c.ask(request(client_address=f"10.0.{busy[0] >> 8 & 255}.{busy[0] & 255}",
+                          sender=f"s{busy[0]}@example.org", recipient="r@example.net"))
+        c.close()
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        expire = subprocess.run([*command("greylist"), "expire", "--store", db], env=base_env(),
+                                capture_output=True, text=True, timeout=60)
+        assert expire.returncode == 0, expire.stderr
+        env = base_env(GREYLIST_STORE=db, GREYLIST_KEY="triplet", TCPREMOTEIP="192.0.2.9",
+                       SMTPMAILFROM="a@example.org", SMTPRCPTTO="b@example.net")
+        plugin = subprocess.run(command("greylist-spp"), env=env, capture_output=True, timeout=60)
+        took = time.monotonic() - started
+        assert plugin.stdout.startswith(b"E451"), plugin.stderr  # decided, not a store error
+        assert b"store-error" not in plugin.stderr
+        assert took < 10  # each waited at most one short flush, not its 2 s busy timeout
+    finally:
+        done.set()
+        thread.join(10)
+    assert busy[0] > 50
+
+
+def test_a_log_reader_that_stops_reading_never_stops_the_answers(policyd):
+    """multilog stuck on a full disk: the pipe fills, and the server goes on answering,
+    keeps what it can (1 MiB) and says how many lines it dropped once the reader is back."""
+    proc, address = policyd("--key", "triplet")  # its stderr is a pipe nobody reads now
+    c = Client(address)
+    for n in range(9000):
+        reply = c.ask(request(client_address=f"10.1.{n >> 8 & 255}.{n & 255}", sender=f"s{n}@example.org",
+                              recipient="r@example.net"))
+        assert reply.startswith("action=DEFER_IF_PERMIT")
+    c.close()
+    lines, dropped = 0, 0
+    deadline = time.monotonic() + 30
+    while lines + dropped < 9000 and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines += line.startswith("greylist-policyd: ip=")
+        if "log_lines_dropped=" in line:
+            dropped += int(line.split("log_lines_dropped=")[1].split()[0])
+    assert dropped and lines + dropped == 9000  # every line written or counted as dropped
