@@ -34,6 +34,7 @@ import time
 
 from greylist.adapters.acceptor import Acceptor, SocketSession, raise_descriptor_limit
 from greylist.adapters.eventloop import Loop
+from greylist.adapters.logwriter import STOP_WAIT, LogWriter
 from greylist.adapters.smtp import tempfail_text
 from greylist.core.keys import BadAddress, parse_ip
 from greylist.core.policy import PASSED, TEMPFAIL, Verdict
@@ -46,8 +47,6 @@ MAX_ATTRIBUTES = 100
 IDLE_TIMEOUT = 300.0
 LOG_WINDOW = 0.2         # log lines are written together, at most this late
 LOG_BATCH = 256          # or when this many wait
-LOG_BACKLOG = 1 << 20    # bytes of lines kept while the log reader is behind
-STOP_LOG_WAIT = 2.0      # seconds a stopping server waits for the log reader
 DEFAULT_MAX_CONNECTIONS = 4000
 
 
@@ -286,10 +285,9 @@ class PolicyServer:
         self.program = "greylist-policyd"
         self.lines: list[dict[str, object]] = []  # log lines (their fields) of this window
         self.log_timer = None
-        self.unwritten = b""  # formatted lines the log reader has not taken yet
-        self.dropped = 0      # lines dropped since because it did not
         self.clients: dict[Client, None] = {}  # in order of arrival
         self.loop = Loop()  # not asyncio's: 9 MB less resident memory, less work per callback
+        self.log_writer = LogWriter(self.loop, self.program)
         self.loop.on_error = self.internal_error
         self.acceptor = Acceptor(self.loop, listener, self.accepted, self.at_bound, self.accept_failed)
         self.evicted = 0
@@ -320,47 +318,18 @@ class PolicyServer:
             self.write_log()
 
     def write_log(self) -> None:
-        """Write the window's lines without ever waiting for the log reader: mail must
-        not stop because multilog is stuck on a full disk. What the pipe does not take
-        is kept (up to ``LOG_BACKLOG`` bytes, then the oldest lines go, counted, and a
-        line says how many) and tried again a window later."""
+        """The window's lines, to a writer that never waits for the log reader."""
         if self.log_timer is not None:
             self.log_timer.cancel()
             self.log_timer = None
-        if self.lines:
-            lines, self.lines = self.lines, []
-            try:
-                data = b"".join([log_line(self.program, fields) for fields in lines])
-            except Exception as exc:  # noqa: BLE001 - a field that cannot be written: our bug, said once
-                data = b"".join(_safe_line(self.program, fields, exc) for fields in lines)
-            self.unwritten += data
-        if not self.unwritten:
+        if not self.lines:
             return
-        if self.dropped and len(self.unwritten) < LOG_BACKLOG // 2:  # the reader caught up: say so
-            self.unwritten = log_line(self.program, {"error": "the log reader fell behind",
-                                                     "log_lines_dropped": self.dropped}) + self.unwritten
-            self.dropped = 0
+        lines, self.lines = self.lines, []
         try:
-            blocking = os.get_blocking(2)
-            if blocking:
-                os.set_blocking(2, False)
-            try:
-                while self.unwritten:  # a pipe may take part of it
-                    self.unwritten = self.unwritten[os.write(2, self.unwritten):]
-            finally:
-                if blocking:
-                    os.set_blocking(2, True)
-        except BlockingIOError:
-            pass  # the reader is behind: kept for the next window
-        except OSError:
-            self.unwritten = b""  # no stderr to write to: nothing to keep
-        excess = len(self.unwritten) - LOG_BACKLOG
-        if excess > 0:
-            cut = self.unwritten.find(b"\n", excess) + 1 or len(self.unwritten)
-            self.dropped += self.unwritten.count(b"\n", 0, cut)
-            self.unwritten = self.unwritten[cut:]
-        if self.unwritten or self.dropped:
-            self.log_timer = self.loop.call_later(LOG_WINDOW, self.write_log)
+            data = b"".join([log_line(self.program, fields) for fields in lines])
+        except Exception as exc:  # noqa: BLE001 - a field that cannot be written: our bug, said once
+            data = b"".join(_safe_line(self.program, fields, exc) for fields in lines)
+        self.log_writer.write(data)
 
     def clock(self) -> float:
         return time.time() if self.now is None else self.now
@@ -432,20 +401,8 @@ class PolicyServer:
             self.greylister.close()
             self.acceptor.close()
             self.loop.close()
-            self.drain_log(STOP_LOG_WAIT)
-
-    def drain_log(self, seconds: float) -> None:
-        """Stopping: give a slow log reader a moment to take the last lines."""
-        import select
-
-        deadline = time.monotonic() + seconds
-        self.write_log()
-        while self.unwritten and time.monotonic() < deadline:
-            try:
-                select.select([], [2], [], max(0.0, deadline - time.monotonic()))
-            except (OSError, ValueError):
-                return
             self.write_log()
+            self.log_writer.drain(STOP_WAIT)
 
 
 def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o660) -> tuple[socket.socket, str]:

@@ -33,12 +33,13 @@ import sys
 from collections import deque
 
 from greylist.adapters.acceptor import Acceptor, SocketSession, drop_privileges, raise_descriptor_limit
+from greylist.adapters.logwriter import STOP_WAIT, LogWriter
 from greylist.adapters.smtp import Dialogue, TempfailSession, encode, unavailable
 from greylist.adapters.tcprules import Rules, RulesError
 from greylist.config import LIST_SETTINGS, SETTINGS, ConfigError, load, usage
 from greylist.core.keys import BadAddress, parse_ip
 from greylist.core.policy import PASS
-from greylist.service import COMMIT_WINDOW, Connection, Greylister, log_line
+from greylist.service import COMMIT_WINDOW, Connection, Greylister, log_line, write
 
 USAGE = ("usage: greylist serve [ -qQvRrhHpPUXdDoO1 ] [ -c limit ] [ -x rules.cdb ] [ -g gid ] [ -u uid ] "
          "[ -b backlog ] [ -l localname ] [ -t timeout ] [ --max-sessions N ] [ --grace SECONDS ] "
@@ -291,13 +292,15 @@ class Server:
         self.hostnames: dict[str, str] = {}
         self.max_sessions = options.max_sessions
         self.lookups = None
+        self.log_writer: LogWriter | None = None
 
     # -- logging ------------------------------------------------------------------
     def log(self, lines: list[bytes]) -> None:
-        try:
-            os.write(2, b"".join(lines))
-        except OSError:
-            pass
+        """tcpserver's lines and ours, in order, never waiting for a stuck log reader."""
+        if self.log_writer is None:  # not serving yet
+            write(2, b"".join(lines))
+            return
+        self.log_writer.write(b"".join(lines))
 
     def tcp_line(self, text: str) -> bytes:
         return f"tcpserver: {text}\n".encode("ascii", "replace")
@@ -310,6 +313,7 @@ class Server:
         self.listener = sock
         self.loop = asyncio.new_event_loop()
         loop = self.loop
+        self.log_writer = LogWriter(loop, "greylist-serve")
         self.acceptor = Acceptor(loop, sock, self.accepted, self.at_bound, self.accept_failed)
         for signum, handler in ((signal.SIGCHLD, self.reap), (signal.SIGTERM, self.stop),
                                 (signal.SIGHUP, self.reload), (signal.SIGINT, self.stop)):
@@ -324,6 +328,7 @@ class Server:
         finally:
             self.greylister.close()
             self.loop.close()
+            self.log_writer.drain(STOP_WAIT)
         return 0
 
     def stop(self) -> None:

@@ -43,12 +43,13 @@ class Serve:
     """``greylist serve`` (or the real tcpserver, for comparison) as a real process."""
 
     def __init__(self, tmp: Path, args: list[str], program: list[str], env: dict[str, str] | None = None,
-                 real_tcpserver: bool = False, preexec=None) -> None:
+                 real_tcpserver: bool = False, preexec=None, stderr=None) -> None:
         self.log_path = tmp / ("tcpserver.log" if real_tcpserver else "serve.log")
         head = ["tcpserver"] if real_tcpserver else command("greylist") + ["serve"]
         self.proc = subprocess.Popen(head + ["-1"] + args + ["127.0.0.1", "0"] + program,
                                      env=env or base_env(), stdout=subprocess.PIPE,
-                                     stderr=self.log_path.open("wb"), preexec_fn=preexec)
+                                     stderr=self.log_path.open("wb") if stderr is None else stderr,
+                                     preexec_fn=preexec)
         line = self.proc.stdout.readline()
         assert line.strip().isdigit(), (line, self.log_path.read_text())
         self.port = int(line)
@@ -304,3 +305,29 @@ def test_serve_runs_as_the_user_it_is_told(tmp_path, servers):
     status = Path(f"/proc/{s.proc.pid}/status").read_text()
     assert "\nUid:\t65534\t65534\t65534\t65534" in status
     shutil.rmtree(base)
+
+
+def test_a_log_reader_that_stops_reading_never_stops_the_service(tmp_path, servers):
+    """tcpserver would block with its log pipe full (multilog stuck on a full disk), and
+    every client with it; greylist serve goes on and keeps the lines for the reader."""
+    read, write = os.pipe()  # a log pipe nobody reads for now
+    s = Serve(tmp_path, ["-v", "-H", "--store", f"file://{tmp_path}/store", "--hostname", "mx.test"], STANDIN,
+              stderr=write)
+    servers.append(s)
+    os.close(write)
+    try:
+        for i in range(800):
+            reply = s.talk(f"127.0.{1 + i // 250}.{1 + i % 250}", b"QUIT\r\n")
+            assert reply.startswith(b"220 mx.test"), (i, reply)
+        os.set_blocking(read, False)
+        logged = b""
+        deadline = time.monotonic() + 20
+        while logged.count(b"greylist-serve: pid=") < 800 and time.monotonic() < deadline:
+            try:
+                logged += os.read(read, 1 << 16)
+            except BlockingIOError:
+                time.sleep(0.05)
+        assert logged.count(b"greylist-serve: pid=") >= 800  # and nothing lost: 1 MiB is kept
+    finally:
+        s.stop()
+        os.close(read)

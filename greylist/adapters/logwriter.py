@@ -1,0 +1,87 @@
+"""Log lines to stderr that never make a long-lived server wait for its log reader.
+
+``greylist policyd`` and ``greylist serve`` write one line per request or
+connection to stderr: a pipe to multilog, or journald's socket. When the
+reader stops (multilog on a full disk, a stopped journald) a blocking write
+would stop every answer with it, and mail with them. Here a write that the
+pipe does not take is kept, up to :data:`BACKLOG` bytes, and tried again a
+moment later; beyond that the oldest lines go, counted, and once the reader
+is back a line says how many. Stopping, the server gives the reader a
+moment to take what is left (:meth:`LogWriter.drain`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from greylist.service import log_line
+
+BACKLOG = 1 << 20   # bytes of lines kept while the log reader is behind
+RETRY = 0.2         # seconds between tries while it is
+STOP_WAIT = 2.0     # seconds a stopping server gives the reader for the last lines
+
+
+class LogWriter:
+    """Writes to descriptor ``fd`` (stderr) without waiting. ``loop`` gives ``call_later``
+    (this package's loop or asyncio's), for the retries."""
+
+    def __init__(self, loop, program: str, fd: int = 2) -> None:
+        self.loop = loop
+        self.program = program
+        self.fd = fd
+        self.unwritten = b""  # lines the reader has not taken yet
+        self.dropped = 0      # lines dropped because it did not
+        self.retry = None
+
+    def write(self, data: bytes) -> None:
+        self.unwritten += data
+        self.flush()
+
+    def flush(self) -> None:
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
+        if self.dropped and len(self.unwritten) < BACKLOG // 2:  # the reader caught up: say so
+            self.unwritten = log_line(self.program, {"error": "the log reader fell behind",
+                                                     "log_lines_dropped": self.dropped}) + self.unwritten
+            self.dropped = 0
+        if not self.unwritten:
+            return
+        try:
+            blocking = os.get_blocking(self.fd)
+            if blocking:
+                os.set_blocking(self.fd, False)
+            try:
+                while self.unwritten:  # a pipe may take part of it
+                    self.unwritten = self.unwritten[os.write(self.fd, self.unwritten):]
+            finally:
+                if blocking:
+                    os.set_blocking(self.fd, True)
+        except BlockingIOError:
+            pass  # the reader is behind: kept for the next try
+        except OSError:
+            self.unwritten = b""  # no stderr to write to: nothing to keep
+        excess = len(self.unwritten) - BACKLOG
+        if excess > 0:
+            cut = self.unwritten.find(b"\n", excess) + 1 or len(self.unwritten)
+            self.dropped += self.unwritten.count(b"\n", 0, cut)
+            self.unwritten = self.unwritten[cut:]
+        if self.unwritten or self.dropped:
+            self.retry = self.loop.call_later(RETRY, self.flush)
+
+    def drain(self, seconds: float) -> None:
+        """Stopping (the loop no longer runs): wait up to ``seconds`` for the reader."""
+        import select
+
+        deadline = time.monotonic() + seconds
+        self.flush()
+        while (self.unwritten or self.dropped) and time.monotonic() < deadline:
+            try:
+                select.select([], [self.fd], [], max(0.0, deadline - time.monotonic()))
+            except (OSError, ValueError):
+                return
+            self.flush()
+        if self.retry is not None:
+            self.retry.cancel()
+            self.retry = None
