@@ -65,10 +65,10 @@ def parse_on_error(text: str) -> str:
 
 
 def parse_text(text: str) -> str:
-    """Text that goes into an SMTP reply or a header: RFC 5321's reply text is printable
-    ASCII, space and tab; anything else (a control character, a line break) would break
-    the reply or the client's parser of it."""
-    bad = next((c for c in text if not (" " <= c <= "~" or c == "\t")), None)
+    """Text that goes into an SMTP reply or a header: printable ASCII and spaces (RFC 5321
+    allows a tab too, which no greylisting message needs and some parsers choke on);
+    anything else (a control character, a line break) would break the reply."""
+    bad = next((c for c in text if not " " <= c <= "~"), None)
     if bad is not None:
         raise ConfigError(f"text settings must be printable ASCII (RFC 5321), not {bad!r} in {text[:60]!r}")
     return text
