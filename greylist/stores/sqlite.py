@@ -60,6 +60,8 @@ class _Transaction:
         if store.window:
             writes, store.decision, store.read = store.decision, None, None
             if exc_type is not None or not writes:
+                if store.pending and monotonic() - store.opened >= store.window:
+                    store.flush()  # a window of reads only ends too
                 return  # a failed decision leaves nothing behind
             held = store.held
             for key, (expected, record) in writes.items():
@@ -182,8 +184,8 @@ class SqliteStore(Store):
                 self.db.execute("ROLLBACK")
             self._setup()
             self.db.execute(SCHEMA)
-            if in_transaction:
-                self.db.execute("BEGIN IMMEDIATE")
+            if in_transaction:  # holding writes, the only one open between flushes is a read snapshot
+                self.db.execute("BEGIN" if self.window else "BEGIN IMMEDIATE")
             return self.db.execute(sql, args)
         except sqlite.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from None
@@ -196,7 +198,8 @@ class SqliteStore(Store):
         a decision's writes wait (at most ``seconds``) and are written with the window's
         others in one short transaction at :meth:`flush`. No lock is held in between,
         so other writers (the qmail front ends on the same file, ``greylist expire``)
-        get in at any time; the server reads its own held writes before the database.
+        get in at any time; the server reads its own held writes before the database,
+        and the database from one read snapshot per window (which blocks no writer).
         At the flush, a write whose key another writer changed since it was read is
         dropped (theirs is the newer news): each write is conditional on what the key
         held when read. A crash, or a flush that fails, loses the writes of at most one
@@ -204,11 +207,16 @@ class SqliteStore(Store):
         self.window = max(0.0, seconds)
 
     def flush(self) -> None:
+        self.pending = False
+        if self.db.in_transaction:  # the window's read snapshot: a write needs a fresh one
+            try:
+                self.db.execute("COMMIT")
+            except sqlite.Error as exc:
+                self.held = {}
+                raise StoreError(f"{self.path}: {exc}") from None
         if not self.held:
-            self.pending = False
             return
         held, self.held = self.held, {}
-        self.pending = False
         create, update, replace = [], [], []
         for key, (expected, record) in held.items():
             values = (text_key(key), record.first_seen, record.last_seen, record.passes)
@@ -263,6 +271,13 @@ class SqliteStore(Store):
                 return decision[key][1]
             if key in self.held:
                 return self.held[key][1]
+            if not self.db.in_transaction:
+                # one read snapshot for the window, not one per statement (each costs a
+                # few microseconds); it blocks no writer in WAL mode, and the flush ends it
+                self._execute("BEGIN")
+                if not self.pending:
+                    self.pending = True
+                    self.opened = monotonic()
             found = self.read[key] = self._row(key)
         else:
             found = self._row(key)
