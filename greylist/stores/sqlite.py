@@ -32,6 +32,9 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS greylist (
 ) WITHOUT ROWID"""
 
 
+#: a server holding writes flushes at this many, before its window has passed
+HELD_ROWS = 1024
+
 #: what a held write expects to find at the flush (besides a Record read from the database)
 _ABSENT = "absent"    # no row when read: the write creates it, unless another writer did meanwhile
 _ANY = "any"          # not read, or a row that was not a record: the write replaces whatever is there
@@ -71,8 +74,10 @@ class _Transaction:
             if not store.pending:
                 store.pending = True
                 store.opened = monotonic()
-            elif monotonic() - store.opened >= store.window:
-                store.flush()  # the server's timer is late: never hold longer than the window
+            elif len(held) >= HELD_ROWS or monotonic() - store.opened >= store.window:
+                # the server's timer is late, or a busy server holds many: a flush of a
+                # thousand rows takes milliseconds in which no client is answered
+                store.flush()
             return
         if exc_type is not None:
             try:

@@ -135,3 +135,18 @@ def test_a_flush_that_fails_leaves_no_transaction_open(tmp_path):
     check(store, "b", 1000.0, load({}, {}).policy)
     store.close()
     assert committed(path) == {"b"}  # the failed window's write is lost: "a" waits once more
+
+
+def test_a_busy_server_flushes_by_size_before_its_window_ends(tmp_path):
+    from greylist.stores.sqlite import HELD_ROWS
+
+    path = tmp_path / "g.db"
+    store = open_store(f"sqlite://{path}")
+    store.hold_commits(60)
+    policy = load({}, {}).policy
+    for n in range(HELD_ROWS):
+        check(store, f"k{n}", 1000.0, policy)
+    assert len(committed(path)) == HELD_ROWS  # the last one's decision flushed them all
+    check(store, "one more", 1000.0, policy)
+    assert store.pending and len(committed(path)) == HELD_ROWS
+    store.close()
