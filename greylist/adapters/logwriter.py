@@ -32,6 +32,7 @@ class LogWriter:
         self.fd = fd
         self.unwritten = b""  # lines the reader has not taken yet
         self.dropped = 0      # lines dropped because it did not
+        self.midline = False  # the reader has the start of unwritten's first line
         self.retry = None
 
     def write(self, data: bytes) -> None:
@@ -43,8 +44,10 @@ class LogWriter:
             self.retry.cancel()
             self.retry = None
         if self.dropped and len(self.unwritten) < BACKLOG // 2:  # the reader caught up: say so
-            self.unwritten = log_line(self.program, {"error": "the log reader fell behind",
-                                                     "log_lines_dropped": self.dropped}) + self.unwritten
+            note = log_line(self.program, {"error": "the log reader fell behind",
+                                           "log_lines_dropped": self.dropped})
+            first = self.unwritten.find(b"\n") + 1 if self.midline else 0
+            self.unwritten = self.unwritten[:first] + note + self.unwritten[first:]
             self.dropped = 0
         if not self.unwritten:
             return
@@ -54,7 +57,10 @@ class LogWriter:
                 os.set_blocking(self.fd, False)
             try:
                 while self.unwritten:  # a pipe may take part of it
-                    self.unwritten = self.unwritten[os.write(self.fd, self.unwritten):]
+                    taken = os.write(self.fd, self.unwritten)
+                    if taken:
+                        self.midline = self.unwritten[taken - 1:taken] != b"\n"
+                    self.unwritten = self.unwritten[taken:]
             finally:
                 if blocking:
                     os.set_blocking(self.fd, True)
@@ -64,9 +70,12 @@ class LogWriter:
             self.unwritten = b""  # no stderr to write to: nothing to keep
         excess = len(self.unwritten) - BACKLOG
         if excess > 0:
-            cut = self.unwritten.find(b"\n", excess) + 1 or len(self.unwritten)
-            self.dropped += self.unwritten.count(b"\n", 0, cut)
-            self.unwritten = self.unwritten[cut:]
+            # whole lines go, never the rest of one the pipe took the start of (the reader
+            # would get half a line run into another)
+            first = self.unwritten.find(b"\n") + 1 if self.midline else 0
+            cut = self.unwritten.find(b"\n", first + excess) + 1 or len(self.unwritten)
+            self.dropped += self.unwritten.count(b"\n", first, cut)
+            self.unwritten = self.unwritten[:first] + self.unwritten[cut:]
         if self.unwritten or self.dropped:
             self.retry = self.loop.call_later(RETRY, self.flush)
 
