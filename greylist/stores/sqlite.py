@@ -35,6 +35,15 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS greylist (
 #: a server holding writes flushes at this many, before its window has passed
 HELD_ROWS = 1024
 
+#: rows a decision writes of the batch being written, after its own answer is known: a
+#: flush of a thousand rows at once held every client for milliseconds
+DRAIN_STEP = 16
+
+_CREATE = "INSERT OR IGNORE INTO greylist VALUES (?, ?, ?, ?)"
+_REPLACE = "INSERT OR REPLACE INTO greylist VALUES (?, ?, ?, ?)"
+_UPDATE = ("UPDATE greylist SET first_seen = ?, last_seen = ?, passes = ? WHERE key = ?"
+           " AND first_seen = ? AND last_seen = ? AND passes = ?")
+
 #: what a held write expects to find at the flush (besides a Record read from the database)
 _ABSENT = "absent"    # no row when read: the write creates it, unless another writer did meanwhile
 _ANY = "any"          # not read, or a row that was not a record: the write replaces whatever is there
@@ -62,22 +71,24 @@ class _Transaction:
         store = self.store
         if store.window:
             writes, store.decision, store.read = store.decision, None, None
-            if exc_type is not None or not writes:
-                if store.pending and monotonic() - store.opened >= store.window:
-                    store.flush()  # a window of reads only ends too
-                return  # a failed decision leaves nothing behind
             held = store.held
-            for key, (expected, record) in writes.items():
-                earlier = held.get(key)
-                # a key written twice in a window keeps what it held when first read
-                held[key] = (expected if earlier is None else earlier[0], record)
-            if not store.pending:
-                store.pending = True
-                store.opened = monotonic()
-            elif len(held) >= HELD_ROWS or monotonic() - store.opened >= store.window:
-                # the server's timer is late, or a busy server holds many: a flush of a
-                # thousand rows takes milliseconds in which no client is answered
-                store.flush()
+            if exc_type is None:  # a failed decision leaves nothing behind
+                for key, (expected, record) in writes.items():
+                    earlier = held.get(key)
+                    # a key written twice in a window keeps what it held when first read
+                    held[key] = (expected if earlier is None else earlier[0], record)
+                if writes and not store.pending:
+                    store.pending = True
+                    store.opened = monotonic()
+            if store.draining is not None:
+                store._drain(DRAIN_STEP)
+            elif store.pending and (len(held) >= HELD_ROWS or monotonic() - store.opened >= store.window):
+                # a busy server (or the server's timer is late): the window's writes go
+                # out a few rows a decision, the write lock held only until the last
+                store._start_drain()
+                store.opened = monotonic()  # pending still: the server's timer ends what is left
+                if store.draining is not None:
+                    store._drain(DRAIN_STEP)
             return
         if exc_type is not None:
             try:
@@ -115,6 +126,9 @@ class SqliteStore(Store):
         self.held: dict[str, tuple[object, Record]] = {}
         self.decision: dict[str, tuple[object, Record]] | None = None  # the deciding one's writes
         self.read: dict[str, object] | None = None  # what the deciding one read from the database
+        self.draining: dict[str, tuple[object, Record]] | None = None  # the batch being written
+        self.todo: list[tuple[str, tuple]] = []  # its rows not written yet
+        self.unwritten = 0  # its rows not written yet or not taken (another writer was first)
 
     def _setup(self) -> None:
         """WAL mode is kept in the file, so only a new database needs it set.
@@ -212,8 +226,18 @@ class SqliteStore(Store):
         self.window = max(0.0, seconds)
 
     def flush(self) -> None:
+        """Write everything held now (the server's timer, an admin command, close)."""
         self.pending = False
-        if self.db.in_transaction:  # the window's read snapshot: a write needs a fresh one
+        if self.draining is not None:
+            self._drain(len(self.todo))
+        self._start_drain()
+        if self.draining is not None:
+            self._drain(len(self.todo))
+
+    def _start_drain(self) -> None:
+        """End the window's read snapshot and begin writing what it held: the write lock
+        is taken now and kept until :meth:`_drain` has written the last row."""
+        if self.db.in_transaction:  # the read snapshot: the writes need the write lock
             try:
                 self.db.execute("COMMIT")
             except sqlite.Error as exc:
@@ -222,35 +246,43 @@ class SqliteStore(Store):
         if not self.held:
             return
         held, self.held = self.held, {}
-        create, update, replace = [], [], []
+        todo = []
         for key, (expected, record) in held.items():
             values = (text_key(key), record.first_seen, record.last_seen, record.passes)
             if expected is _ABSENT:
-                create.append(values)
+                todo.append((_CREATE, values))
             elif expected is _ANY:
-                replace.append(values)
+                todo.append((_REPLACE, values))
             else:
-                update.append((record.first_seen, record.last_seen, record.passes, values[0],
-                               expected.first_seen, expected.last_seen, expected.passes))
+                todo.append((_UPDATE, (record.first_seen, record.last_seen, record.passes, values[0],
+                                       expected.first_seen, expected.last_seen, expected.passes)))
+        todo.sort(key=lambda item: item[0])  # the same statement for runs of rows
         self._execute("BEGIN IMMEDIATE")
+        self.draining, self.todo, self.unwritten = held, todo, len(held)
+
+    def _drain(self, rows: int) -> None:
+        """Write up to ``rows`` of the rows being written; commit after the last."""
         try:
-            written = 0
-            if create:
-                written += self._many("INSERT OR IGNORE INTO greylist VALUES (?, ?, ?, ?)", create)
-            if update:
-                written += self._many("UPDATE greylist SET first_seen = ?, last_seen = ?, passes = ? WHERE key = ?"
-                                      " AND first_seen = ? AND last_seen = ? AND passes = ?", update)
-            if replace:
-                written += self._many("INSERT OR REPLACE INTO greylist VALUES (?, ?, ?, ?)", replace)
-            self._execute("COMMIT")
+            todo = self.todo
+            while rows > 0 and todo:
+                sql = todo[-1][0]
+                run = []
+                while rows > 0 and todo and todo[-1][0] is sql:
+                    run.append(todo.pop()[1])
+                    rows -= 1
+                self.unwritten -= self._many(sql, run)
+            if not todo:
+                self._execute("COMMIT")
+                if self.unwritten:  # another writer was first: its record stays
+                    self.count("superseded", self.unwritten)
+                self.draining = None
         except BaseException:
+            self.draining, self.todo = None, []
             try:
                 self.db.execute("ROLLBACK")
             except sqlite.Error:
                 pass
             raise
-        if written < len(held):  # another writer was first: its record stays
-            self.count("superseded", len(held) - written)
 
     def _many(self, sql: str, rows: list) -> int:
         self.count("query")
@@ -276,6 +308,10 @@ class SqliteStore(Store):
                 return decision[key][1]
             if key in self.held:
                 return self.held[key][1]
+            draining = self.draining
+            if draining is not None and key in draining:  # being written: what the file will hold
+                found = self.read[key] = draining[key][1]
+                return found
             if not self.db.in_transaction:
                 # one read snapshot for the window, not one per statement (each costs a
                 # few microseconds); it blocks no writer in WAL mode, and the flush ends it
@@ -326,7 +362,7 @@ class SqliteStore(Store):
                       (text_key(key), record.first_seen, record.last_seen, record.passes))
 
     def delete(self, key: str, expected: Record | None = None) -> bool:
-        if self.held:
+        if self.held or self.draining is not None:
             self.flush()  # an admin command on a store that holds writes: theirs first
         if expected is None:
             cursor = self._execute("DELETE FROM greylist WHERE key = ?", (text_key(key),))
