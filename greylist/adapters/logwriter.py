@@ -33,6 +33,7 @@ class LogWriter:
         self.unwritten = b""  # lines the reader has not taken yet
         self.dropped = 0      # lines dropped because it did not
         self.midline = False  # the reader has the start of unwritten's first line
+        self.note_end = 0     # where the note of dropped lines ends, until it is written
         self.retry = None
 
     def write(self, data: bytes) -> None:
@@ -48,6 +49,7 @@ class LogWriter:
                                            "log_lines_dropped": self.dropped})
             first = self.unwritten.find(b"\n") + 1 if self.midline else 0
             self.unwritten = self.unwritten[:first] + note + self.unwritten[first:]
+            self.note_end = first + len(note)  # never dropped in turn: it counts the others
             self.dropped = 0
         if not self.unwritten:
             return
@@ -61,6 +63,7 @@ class LogWriter:
                     if taken:
                         self.midline = self.unwritten[taken - 1:taken] != b"\n"
                     self.unwritten = self.unwritten[taken:]
+                    self.note_end = max(0, self.note_end - taken)
             finally:
                 if blocking:
                     os.set_blocking(self.fd, True)
@@ -68,11 +71,12 @@ class LogWriter:
             pass  # the reader is behind: kept for the next try
         except OSError:
             self.unwritten = b""  # no stderr to write to: nothing to keep
+            self.note_end = 0
         excess = len(self.unwritten) - BACKLOG
         if excess > 0:
             # whole lines go, never the rest of one the pipe took the start of (the reader
             # would get half a line run into another)
-            first = self.unwritten.find(b"\n") + 1 if self.midline else 0
+            first = max(self.unwritten.find(b"\n") + 1 if self.midline else 0, self.note_end)
             cut = self.unwritten.find(b"\n", first + excess) + 1 or len(self.unwritten)
             self.dropped += self.unwritten.count(b"\n", first, cut)
             self.unwritten = self.unwritten[:first] + self.unwritten[cut:]
