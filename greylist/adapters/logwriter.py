@@ -81,7 +81,10 @@ class LogWriter:
             self.dropped += self.unwritten.count(b"\n", first, cut)
             self.unwritten = self.unwritten[:first] + self.unwritten[cut:]
         if self.unwritten or self.dropped:
-            self.retry = self.loop.call_later(RETRY, self.flush)
+            try:
+                self.retry = self.loop.call_later(RETRY, self.flush)
+            except RuntimeError:  # asyncio's loop is closed: the server is stopping, drain() goes on
+                self.retry = None
 
     def drain(self, seconds: float) -> None:
         """Stopping (the loop no longer runs): wait up to ``seconds`` for the reader."""

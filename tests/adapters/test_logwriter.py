@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -99,3 +100,32 @@ def test_every_line_arrives_whole_or_is_counted_as_dropped(script):
             numbers.append(int(line.split(b"n=")[1].split()[0]))
     assert numbers == sorted(numbers)  # in order
     assert len(numbers) + dropped == sent  # each written once or counted
+
+
+def test_a_server_stopping_with_its_reader_stuck_drains_without_a_loop():
+    """greylist serve drains after asyncio's loop is closed: no retry can be scheduled
+    then, and the lines the reader takes in the moment given still arrive."""
+    import asyncio
+
+    read, write = os.pipe()
+    fcntl.fcntl(write, 1031, 4096)
+    loop = asyncio.new_event_loop()
+    writer = LogWriter(loop, "test", fd=write)
+    writer.write(b"".join(b"test: n=%d %s\n" % (n, b"x" * 100) for n in range(200)))  # 20 KiB > the pipe
+    assert writer.unwritten
+    loop.close()
+    writer.write(b"test: last\n")  # no retry to schedule: kept
+    chunks = []
+
+    def reader() -> None:  # the log reader, back in time for the drain
+        while chunk := os.read(read, 1 << 16):
+            chunks.append(chunk)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    writer.drain(5.0)
+    os.close(write)
+    thread.join(5)
+    os.close(read)
+    got = b"".join(chunks)
+    assert got.endswith(b"test: last\n") and got.count(b"\n") == 201
