@@ -137,6 +137,7 @@ class Greylister:
         self.clock = clock
         self.keep_store = keep_store
         self.commit_window = commit_window
+        self._flush_timer = None
         self._store = store
         self._own_store = store is None
         self._base = _prepared(config)  # policy and keying built and checked once, not per decision
@@ -292,6 +293,16 @@ class Greylister:
         """Decisions the store holds uncommitted: :meth:`flush` them within the window."""
         store = self._store
         return store is not None and store.pending
+
+    def flush_in_time(self, loop) -> None:
+        """After a decision of a long-lived server: decisions the store now holds are
+        flushed within the window, by a timer on ``loop`` (this package's or asyncio's)."""
+        if self._flush_timer is None and self.pending:
+            self._flush_timer = loop.call_later(self.commit_window, self._timed_flush)
+
+    def _timed_flush(self) -> None:
+        self._flush_timer = None
+        self.flush()
 
     def flush(self) -> None:
         """Commit held decisions; a store that fails here is closed, like one that fails

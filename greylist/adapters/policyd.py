@@ -281,7 +281,6 @@ class PolicyServer:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.greylister = Greylister(config, clock=self.clock, commit_window=COMMIT_WINDOW)
-        self.flush_timer = None
         self.program = "greylist-policyd"
         self.lines: list[dict[str, object]] = []  # log lines (their fields) of this window
         self.log_timer = None
@@ -347,13 +346,8 @@ class PolicyServer:
             return "action=DUNNO", {"verdict": "error", "error": f"internal error {type(exc).__name__}: {exc}"}
         if "_truncated" in attrs:
             fields["truncated"] = attrs["_truncated"]
-        if self.flush_timer is None and self.greylister.pending:
-            self.flush_timer = self.loop.call_later(COMMIT_WINDOW, self.flush)
+        self.greylister.flush_in_time(self.loop)
         return reply, fields
-
-    def flush(self) -> None:
-        self.flush_timer = None
-        self.greylister.flush()
 
     def start(self) -> None:
         loop = self.loop

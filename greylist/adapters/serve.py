@@ -39,7 +39,7 @@ from greylist.adapters.tcprules import Rules, RulesError
 from greylist.config import LIST_SETTINGS, SETTINGS, ConfigError, load, usage
 from greylist.core.keys import BadAddress, parse_ip
 from greylist.core.policy import PASS
-from greylist.service import COMMIT_WINDOW, Connection, Greylister, log_line, write
+from greylist.service import COMMIT_WINDOW, Connection, Greylister, log_line
 
 USAGE = ("usage: greylist serve [ -qQvRrhHpPUXdDoO1 ] [ -c limit ] [ -x rules.cdb ] [ -g gid ] [ -u uid ] "
          "[ -b backlog ] [ -l localname ] [ -t timeout ] [ --max-sessions N ] [ --grace SECONDS ] "
@@ -277,7 +277,6 @@ class Server:
         self.config = config
         self.base_env = dict(environ)
         self.greylister = Greylister(config, commit_window=COMMIT_WINDOW)
-        self.flush_timer: asyncio.TimerHandle | None = None
         self.rules = Rules(options.rules, options.rules_missing_ok) if options.rules else None
         self.pid = os.getpid()
         self.children: dict[int, str] = {}
@@ -292,14 +291,11 @@ class Server:
         self.hostnames: dict[str, str] = {}
         self.max_sessions = options.max_sessions
         self.lookups = None
-        self.log_writer: LogWriter | None = None
+        self.log_writer: LogWriter  # made with the loop, in start(), before anything is logged
 
     # -- logging ------------------------------------------------------------------
     def log(self, lines: list[bytes]) -> None:
         """tcpserver's lines and ours, in order, never waiting for a stuck log reader."""
-        if self.log_writer is None:  # not serving yet
-            write(2, b"".join(lines))
-            return
         self.log_writer.write(b"".join(lines))
 
     def tcp_line(self, text: str) -> bytes:
@@ -353,11 +349,6 @@ class Server:
             session.send(session.session.expired())
             session.close()
         self.loop.stop()
-
-    def flush(self) -> None:
-        """Commit the decisions the store holds (SQLite: one commit for all of them)."""
-        self.flush_timer = None
-        self.greylister.flush()
 
     def reload(self) -> None:
         """SIGHUP: whitelists read again, the store reopened, host names looked up again."""
@@ -499,8 +490,7 @@ class Server:
             self._refuse(sock)
             self._ended()
             return
-        if self.flush_timer is None and self.greylister.pending:
-            self.flush_timer = self.loop.call_later(COMMIT_WINDOW, self.flush)
+        self.greylister.flush_in_time(self.loop)
         fields = outcome.fields()
         if outcome.verdict.action == PASS:
             self.hand_over(peer, peer.environment(self.base_env, rule_env), fields)
