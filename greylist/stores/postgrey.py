@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 
+from greylist.core.check import AWL_PREFIX
 from greylist.core.keys import BadAddress, normalize_recipient, normalize_sender, parse_ip
 from greylist.core.policy import Record
 from greylist.stores.base import SCAN, Store, StoreError
@@ -152,7 +153,7 @@ class PostgreyStore(Store):
         if numbers is None or numbers[0] < 0:
             return None
         count, last = numbers
-        return f"awl|{address}", Record(last, last, int(count))
+        return AWL_PREFIX + address, Record(last, last, int(count))
 
 
 def _is_hash(key: str) -> bool:
