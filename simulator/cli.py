@@ -88,15 +88,19 @@ def run_synthetic(args: argparse.Namespace) -> int:
                 check_whitelist(config)  # an unreadable whitelist stops the plan before it runs
                 server = simulate(scenario, config, store, options, progress=progress)
                 progress.close()
-                run = {"scenario": scenario.source.rsplit("/", 1)[-1],
-                       "rate_per_day": round((rate or scenario.rate) * 86400, 3), "seed": args.seed,
-                       "warmup_hours": round(warmup / 3600, 3)}
-                results.append(reports.build(server, run, label))
+                results.append(reports.build(server, run_info(scenario, rate, args.seed, warmup), label))
     finally:
         factory.cleanup()
     compare = parse_compare(args.compare)
     emit(args, results, compare)
     return 0
+
+
+def run_info(scenario, rate: float | None, seed: int, warmup: float) -> dict:
+    """What a synthetic run's report says it ran."""
+    return {"scenario": scenario.source.rsplit("/", 1)[-1],
+            "rate_per_day": round((rate or scenario.rate) * 86400, 3), "seed": seed,
+            "warmup_hours": round(warmup / 3600, 3)}
 
 
 def run_sensitivity(args: argparse.Namespace, config, options: RunOptions, factory: StoreFactory,
@@ -113,18 +117,16 @@ def run_sensitivity(args: argparse.Namespace, config, options: RunOptions, facto
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SimulateError(f"cannot read scenario {path}: {exc}") from None
+    check_whitelist(config)  # once: every run uses the same configuration
     results = []
     try:
         for i, (name, end, variant) in enumerate(sensitivity.variants(data)):
             scenario = from_dict(variant, path)
             progress = Progress(sys.stderr.isatty() and not args.quiet, f"{name} {end} ")
             with factory.open(i) as store:
-                check_whitelist(config)
                 server = simulate(scenario, config, store, options, progress=progress)
                 progress.close()
-            run = {"scenario": path.rsplit("/", 1)[-1], "rate_per_day": round((rate or scenario.rate) * 86400, 3),
-                   "seed": args.seed, "warmup_hours": round(options.warmup / 3600, 3),
-                   "assumption": name, "moved_to": end}
+            run = {**run_info(scenario, rate, args.seed, options.warmup), "assumption": name, "moved_to": end}
             results.append((name, end, build(server, run)))
     finally:
         factory.cleanup()
