@@ -23,6 +23,7 @@ from time import monotonic
 
 from greylist.core.policy import Record
 from greylist.stores.base import COUNT, DISK_USAGE, SCAN, Store, StoreError, record_of, text_key
+from greylist.stores.keyfilter import KeyFilter
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS greylist (
     key TEXT PRIMARY KEY,
@@ -38,6 +39,10 @@ HELD_ROWS = 1024
 #: rows a decision writes of the batch being written, after its own answer is known: a
 #: flush of a thousand rows at once held every client for milliseconds
 DRAIN_STEP = 16
+
+#: keys of the table a decision adds to the key filter being built (about 60 us): a
+#: server starts with none, and builds one again after another connection has written
+BUILD_STEP = 128
 
 _CREATE = "INSERT OR IGNORE INTO greylist VALUES (?, ?, ?, ?)"
 _REPLACE = "INSERT OR REPLACE INTO greylist VALUES (?, ?, ?, ?)"
@@ -129,6 +134,12 @@ class SqliteStore(Store):
         self.draining: dict[str, tuple[object, Record]] | None = None  # the batch being written
         self.todo: list[tuple[str, tuple]] = []  # its rows not written yet
         self.unwritten = 0  # its rows not written yet or not taken (another writer was first)
+        #: holding: every key the file may hold (a key it rules out needs no query), complete
+        #: while no other connection has written since it was begun (``version``)
+        self.known: KeyFilter | None = None
+        self.building: KeyFilter | None = None  # the next one, a few keys a decision
+        self.version: object = None  # SQLite's data_version when last looked at
+        self.sized = 0  # keys in the last complete filter: the next one starts that large
 
     def _setup(self) -> None:
         """WAL mode is kept in the file, so only a new database needs it set.
@@ -259,6 +270,7 @@ class SqliteStore(Store):
         todo.sort(key=lambda item: item[0])  # the same statement for runs of rows
         self._execute("BEGIN IMMEDIATE")
         self.draining, self.todo, self.unwritten = held, todo, len(held)
+        self._look_for_others()  # the write lock reads the newest state: did anyone else write?
 
     def _drain(self, rows: int) -> None:
         """Write up to ``rows`` of the rows being written; commit after the last."""
@@ -292,10 +304,46 @@ class SqliteStore(Store):
             raise StoreError(f"{self.path}: {exc}") from None
         return len(rows) if cursor.rowcount < 0 else cursor.rowcount
 
+    def _look_for_others(self) -> None:
+        """At the start of each read snapshot (and of each batch's write transaction): if
+        another connection has committed since we last looked (SQLite's data_version
+        changed), what it wrote is unknown, and the key filter can no longer rule a key
+        out: it is dropped, and built again a few keys a decision."""
+        version = self._execute("PRAGMA data_version").fetchone()[0]
+        if version != self.version:
+            self.version = version
+            if self.known is not None:
+                self.sized = max(self.sized, self.known.count)
+            self.known = self.building = None
+        if self.building is None and self.known is None:
+            building = self.building = KeyFilter(2 * self.sized)
+            for writes in (self.held, self.draining, self.decision):  # held, so not in the file yet
+                for key in writes or ():
+                    building.add(text_key(key))
+
+    def _build_step(self) -> None:
+        """Scan the next ``BUILD_STEP`` keys of the table into the filter being built (in the
+        snapshot just checked by :meth:`_look_for_others`); the last step completes it."""
+        building = self.building
+        if building.after is None:
+            cursor = self._execute("SELECT key FROM greylist ORDER BY key LIMIT ?", (BUILD_STEP,))
+        else:
+            cursor = self._execute("SELECT key FROM greylist WHERE key > ? ORDER BY key LIMIT ?",
+                                   (building.after, BUILD_STEP))
+        rows = cursor.fetchall()
+        add = building.add
+        for (key,) in rows:
+            add(key)
+        if len(rows) < BUILD_STEP:
+            self.known, self.building = building, None
+            self.sized = building.count
+        else:
+            building.after = rows[-1][0]
+
     def _row(self, key: str) -> object:
         """What the database holds for ``key``: a Record, _ABSENT, or _ANY (not a record)."""
         row = self._execute("SELECT first_seen, last_seen, passes FROM greylist WHERE key = ?",
-                            (text_key(key),)).fetchone()
+                            (key,)).fetchone()
         if row is None:
             return _ABSENT
         record = record_of(*row)
@@ -316,12 +364,20 @@ class SqliteStore(Store):
                 # one read snapshot for the window, not one per statement (each costs a
                 # few microseconds); it blocks no writer in WAL mode, and the flush ends it
                 self._execute("BEGIN")
+                self._look_for_others()
                 if not self.pending:
                     self.pending = True
                     self.opened = monotonic()
-            found = self.read[key] = self._row(key)
+            if self.building is not None and not self.read:  # once a decision
+                self._build_step()
+            stored = text_key(key)
+            known = self.known
+            if known is not None and stored not in known:
+                found = self.read[key] = _ABSENT  # certainly not in the file: no query
+            else:
+                found = self.read[key] = self._row(stored)
         else:
-            found = self._row(key)
+            found = self._row(text_key(key))
         return found if type(found) is Record else None  # a garbage row counts as absent: replaced
 
     def get_or_add(self, key: str, record: Record, ttl: float | None = None) -> Record | None:
@@ -357,6 +413,12 @@ class SqliteStore(Store):
         if decision is not None:
             earlier = decision.get(key)
             decision[key] = (self.read.get(key, _ANY) if earlier is None else earlier[0], record)
+            if earlier is None:  # the file will hold it: the key filters must say so already
+                stored = text_key(key)
+                if self.known is not None:
+                    self.known.add(stored)
+                if self.building is not None:
+                    self.building.add(stored)
             return
         self._execute("INSERT OR REPLACE INTO greylist VALUES (?, ?, ?, ?)",
                       (text_key(key), record.first_seen, record.last_seen, record.passes))
