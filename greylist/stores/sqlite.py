@@ -257,33 +257,34 @@ class SqliteStore(Store):
         if not self.held:
             return
         held, self.held = self.held, {}
-        todo = []
-        for key, (expected, record) in held.items():
-            values = (text_key(key), record.first_seen, record.last_seen, record.passes)
-            if expected is _ABSENT:
-                todo.append((_CREATE, values))
-            elif expected is _ANY:
-                todo.append((_REPLACE, values))
-            else:
-                todo.append((_UPDATE, (record.first_seen, record.last_seen, record.passes, values[0],
-                                       expected.first_seen, expected.last_seen, expected.passes)))
-        todo.sort(key=lambda item: item[0])  # the same statement for runs of rows
         self._execute("BEGIN IMMEDIATE")
-        self.draining, self.todo, self.unwritten = held, todo, len(held)
+        # the rows are made into statements as they are written (a thousand at once took
+        # most of a millisecond, every client waiting)
+        self.draining, self.todo, self.unwritten = held, list(held.items()), len(held)
         self._look_for_others()  # the write lock reads the newest state: did anyone else write?
 
     def _drain(self, rows: int) -> None:
         """Write up to ``rows`` of the rows being written; commit after the last."""
         try:
             todo = self.todo
-            while rows > 0 and todo:
-                sql = todo[-1][0]
-                run = []
-                while rows > 0 and todo and todo[-1][0] is sql:
-                    run.append(todo.pop()[1])
-                    rows -= 1
-                self.unwritten -= self._many(sql, run)
-            if not todo:
+            if rows < len(todo):
+                batch = todo[-rows:]
+                del todo[-rows:]
+            else:
+                batch, self.todo = todo, []
+            creates, replaces, updates = [], [], []
+            for key, (expected, record) in batch:
+                if expected is _ABSENT:
+                    creates.append((text_key(key), record.first_seen, record.last_seen, record.passes))
+                elif expected is _ANY:
+                    replaces.append((text_key(key), record.first_seen, record.last_seen, record.passes))
+                else:
+                    updates.append((record.first_seen, record.last_seen, record.passes, text_key(key),
+                                    expected.first_seen, expected.last_seen, expected.passes))
+            for sql, run in ((_CREATE, creates), (_REPLACE, replaces), (_UPDATE, updates)):
+                if run:
+                    self.unwritten -= self._many(sql, run)
+            if not self.todo:
                 self._execute("COMMIT")
                 if self.unwritten:  # another writer was first: its record stays
                     self.count("superseded", self.unwritten)
