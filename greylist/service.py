@@ -120,6 +120,8 @@ class Outcome:
 
 #: how long a long-lived server (policyd, serve) may hold decisions before committing them
 COMMIT_WINDOW = 0.2
+#: a server that decided this recently is busy: its decisions write the held rows
+FLUSH_BUSY = 0.02
 
 
 class Greylister:
@@ -138,6 +140,8 @@ class Greylister:
         self.keep_store = keep_store
         self.commit_window = commit_window
         self._flush_timer = None
+        self._flush_loop = None
+        self._last_decision = 0.0
         self._store = store
         self._own_store = store is None
         self._base = _prepared(config)  # policy and keying built and checked once, not per decision
@@ -297,11 +301,22 @@ class Greylister:
     def flush_in_time(self, loop) -> None:
         """After a decision of a long-lived server: decisions the store now holds are
         flushed within the window, by a timer on ``loop`` (this package's or asyncio's)."""
+        self._last_decision = time.monotonic()
         if self._flush_timer is None and self.pending:
+            self._flush_loop = loop
             self._flush_timer = loop.call_later(self.commit_window, self._timed_flush)
 
     def _timed_flush(self) -> None:
+        """At the window's end. On a busy server its decisions write what is held, a few
+        rows each, from the window's end on (the timer writing all of it at once held
+        every client for a millisecond or more); the timer then only looks again, and
+        writes what is left itself once decisions pause or stop writing (whitelisted)."""
         self._flush_timer = None
+        store = self._store
+        if (store is not None and store.pending and time.monotonic() - self._last_decision < FLUSH_BUSY
+                and store.writes_as_it_decides()):
+            self._flush_timer = self._flush_loop.call_later(FLUSH_BUSY, self._timed_flush)
+            return
         self.flush()
 
     def flush(self) -> None:

@@ -180,6 +180,11 @@ class Store:
         the first: it then calls :meth:`flush` within that time. Stores that make every
         write durable at once (memory, files, Redis) have nothing to hold."""
 
+    def writes_as_it_decides(self) -> bool:
+        """Whether the decisions being made write what is held, a few rows each, so that
+        a timer need not write it all at once (True only while they keep up)."""
+        return False
+
     def flush(self) -> None:
         """Commit what :meth:`hold_commits` held back."""
 

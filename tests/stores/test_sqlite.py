@@ -158,3 +158,105 @@ def test_a_busy_server_flushes_by_size_before_its_window_ends(tmp_path):
     store.flush()
     assert len(committed(path)) == n
     store.close()
+
+
+class HandTimers:
+    """A loop's call_later whose timers a test runs by hand."""
+
+    def __init__(self) -> None:
+        self.due: list = []
+
+    def call_later(self, _delay: float, callback):
+        self.due.append(callback)
+        return callback
+
+    def run(self) -> None:
+        due, self.due = self.due, []
+        for callback in due:
+            callback()
+
+
+def test_a_busy_server_writes_its_window_a_few_rows_a_decision_and_its_timer_only_the_rest(tmp_path):
+    """The window's timer wrote everything held at once: a millisecond or more with every
+    client waiting, five times a second. While decisions keep coming they write it, a few
+    rows each, and the timer only looks again; once they pause it writes the rest."""
+    from greylist.service import FLUSH_BUSY
+    from greylist.stores.sqlite import DRAIN_STEP
+
+    path = tmp_path / "g.db"
+    config = load({"store": f"sqlite://{path}", "key": "ip"}, {})
+    greylister = Greylister(config, clock=lambda: 1000.0, commit_window=0.05)
+    timers = HandTimers()
+    for n in range(5 * DRAIN_STEP):
+        greylister.decide(Connection(f"192.0.2.{n}"))
+        greylister.flush_in_time(timers)
+    time.sleep(0.06)  # the window has passed: the next decision begins writing the batch
+    greylister.decide(Connection("198.51.100.1"))
+    greylister.flush_in_time(timers)
+    timers.run()  # a decision a moment ago: the timer leaves the batch to the decisions
+    assert committed(path) == set() and timers.due
+    time.sleep(2 * FLUSH_BUSY)  # the decisions pause: the timer writes the rest
+    timers.run()
+    assert len(committed(path)) == 5 * DRAIN_STEP + 1 and not greylister.pending
+    greylister.close()
+
+
+def _wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_holding_server_checkpoints_on_a_thread_of_its_own(tmp_path, monkeypatch):
+    """SQLite's own checkpoint (a thousand page writes and two fsyncs, 7 ms and more) ran
+    in the committing connection with every client waiting; a holding store turns it
+    off there and a thread copies each batch into the database file."""
+    import shutil
+
+    from greylist.stores import checkpointer
+
+    monkeypatch.setattr(checkpointer, "IDLE_CHECK", 60.0)  # woken by each batch's commit
+    path = tmp_path / "g.db"
+    store = open_store(f"sqlite://{path}")
+    store.hold_commits(60)
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    policy = load({}, {}).policy
+    for n in range(2000):
+        check(store, f"k{n}", 1000.0, policy)
+    store.flush()
+    alone = tmp_path / "alone"
+    alone.mkdir()
+
+    def checkpointed() -> bool:  # the database file without its log holds them all
+        shutil.copy(path, alone / "g.db")
+        try:
+            return len(committed(alone / "g.db")) == 2000
+        except sqlite3.DatabaseError:  # copied halfway through a page write
+            return False
+
+    assert _wait_for(checkpointed) and store.checkpointer.checkpoints >= 1
+    checkpointer = store.checkpointer
+    store.close()
+    assert checkpointer.stopped and store.checkpointer is None
+
+
+def test_when_the_checkpoint_thread_ends_the_server_checkpoints_again_and_says_so(tmp_path, monkeypatch):
+    """A log nobody copies would grow without end."""
+    from greylist.stores.sqlite import SqliteStore
+
+    def cannot(self):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(SqliteStore, "_connect_checkpointer", cannot)
+    store = open_store(f"sqlite://{tmp_path}/g.db")
+    store.hold_commits(60)
+    assert _wait_for(lambda: store.checkpointer.failure is not None)
+    check(store, "a", 1000.0, load({}, {}).policy)
+    store.flush()
+    assert store.checkpointer is None
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    assert "checkpoint thread ended (OperationalError: unable to open database file)" in store.warnings[0]
+    store.close()
