@@ -39,10 +39,11 @@ HELD_ROWS = 1024
 
 #: rows a decision writes of the batch being written, after its own answer is known: a
 #: flush of a thousand rows at once held every client for milliseconds, and 16 a decision
-#: still added 50 us to one decision in four (p99 with 50 clients 5.6 -> 5.0 ms at 4). A
-#: decision makes at most two rows, so the batch is always written before the next; the
-#: write lock is held for at most a quarter of the window (or 256 decisions)
-DRAIN_STEP = 4
+#: still added 50 us to one decision in eight (50 persistent clients, p99: 4.7 ms at 16,
+#: 4.3 at 8; at 4 the statements' own cost showed). A decision makes at most two rows,
+#: so a batch is always written before the next; the write lock is held for at most an
+#: eighth of the window (or 128 decisions)
+DRAIN_STEP = 8
 
 #: keys of the table a decision adds to the key filter being built (about 60 us): a
 #: server starts with none, and builds one again after another connection has written
@@ -252,10 +253,9 @@ class SqliteStore(Store):
         return sqlite.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
 
     def _checkpoint(self) -> None:
-        """After a batch's commit: the checkpoint thread copies it into the file."""
+        """After a batch's commit: is the checkpoint thread still there to copy it?"""
         checkpointer = self.checkpointer
         if checkpointer.failure is None:
-            checkpointer.poke()
             return
         self.checkpointer = None  # it ended: this connection checkpoints again, as SQLite does
         self.warnings.append(f"checkpoint thread ended ({checkpointer.failure}): checkpoints "
