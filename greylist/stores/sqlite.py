@@ -48,6 +48,10 @@ DRAIN_STEP = 8
 #: keys of the table a decision adds to the key filter being built (about 60 us): a
 #: server starts with none, and builds one again after another connection has written
 BUILD_STEP = 128
+#: seconds without another writer before it is built again (doubled while others keep
+#: writing before a build is done, up to MAX_QUIET)
+QUIET = 1.0
+MAX_QUIET = 600.0
 
 _CREATE = "INSERT OR IGNORE INTO greylist VALUES (?, ?, ?, ?)"
 _REPLACE = "INSERT OR REPLACE INTO greylist VALUES (?, ?, ?, ?)"
@@ -145,6 +149,8 @@ class SqliteStore(Store):
         self.building: KeyFilter | None = None  # the next one, a few keys a decision
         self.version: object = None  # SQLite's data_version when last looked at
         self.sized = 0  # keys in the last complete filter: the next one starts that large
+        self.others_wrote = float("-inf")  # when another connection's commit was last seen
+        self.quiet = QUIET  # seconds of no other writer before a filter is built again
         self.checkpointer: Checkpointer | None = None  # holding: the WAL's copying thread
 
     def _setup(self) -> None:
@@ -345,14 +351,21 @@ class SqliteStore(Store):
         """At the start of each read snapshot (and of each batch's write transaction): if
         another connection has committed since we last looked (SQLite's data_version
         changed), what it wrote is unknown, and the key filter can no longer rule a key
-        out: it is dropped, and built again a few keys a decision."""
+        out: it is dropped, and built again a few keys a decision once the others have
+        been quiet for a while (a second; twice as long each time they came back before
+        a build was complete, up to ten minutes: qmail front ends writing all the time
+        on the same file would make every decision pay for builds never finished)."""
         version = self._execute("PRAGMA data_version").fetchone()[0]
         if version != self.version:
+            if self.version is not None:
+                self.others_wrote = monotonic()
+                if self.building is not None:
+                    self.quiet = min(2 * self.quiet, MAX_QUIET)
             self.version = version
             if self.known is not None:
                 self.sized = max(self.sized, self.known.count)
             self.known = self.building = None
-        if self.building is None and self.known is None:
+        if self.building is None and self.known is None and monotonic() - self.others_wrote >= self.quiet:
             building = self.building = KeyFilter(2 * self.sized)
             for writes in (self.held, self.draining, self.decision):  # held, so not in the file yet
                 for key in writes or ():
@@ -374,6 +387,7 @@ class SqliteStore(Store):
         if len(rows) < BUILD_STEP:
             self.known, self.building = building, None
             self.sized = building.count
+            self.quiet = QUIET
         else:
             building.after = rows[-1][0]
 

@@ -66,9 +66,11 @@ def test_a_holding_store_asks_the_file_for_no_new_key_once_its_filter_is_built(t
     store.close()
 
 
-def test_its_own_writes_are_read_back_once_written(tmp_path):
+def test_its_own_writes_are_read_back_once_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "QUIET", 0.0)
     store = open_store(f"sqlite://{tmp_path}/g.db")
     store.hold_commits(60)
+    store.quiet = 0.0
     for n in range(3):  # the first window creates the table: a change the filter notices too
         with store.transaction():
             store.get(f"k{n}")
@@ -80,12 +82,14 @@ def test_its_own_writes_are_read_back_once_written(tmp_path):
     store.close()
 
 
-def test_another_writer_is_seen_at_once_though_the_filter_never_had_its_key(tmp_path):
+def test_another_writer_is_seen_at_once_though_the_filter_never_had_its_key(tmp_path, monkeypatch):
     """A qmail front end (or greylist expire) on the same file writes: the filter is
     dropped at the next snapshot and rebuilt, and the key it never heard of is read."""
+    monkeypatch.setattr(sqlite_store, "QUIET", 0.0)  # built again at once
     path = tmp_path / "g.db"
     mine = open_store(f"sqlite://{path}")
     mine.hold_commits(60)
+    mine.quiet = 0.0
     with mine.transaction():
         mine.get("warm-up")  # builds the filter: the table is empty
     assert mine.known is not None
@@ -109,6 +113,7 @@ def test_keys_held_when_a_rebuild_begins_are_in_the_new_filter(tmp_path):
     path = tmp_path / "g.db"
     mine = open_store(f"sqlite://{path}")
     mine.hold_commits(60)
+    mine.quiet = 0.0
     with mine.transaction():
         mine.put("held", Record(1.0, 1.0, 0))  # held: not in the file yet
     theirs = open_store(f"sqlite://{path}")
@@ -141,11 +146,13 @@ def test_a_holding_store_reads_what_its_snapshot_holds_whoever_wrote(tmp_path_fa
     own writes first, else a query in the same snapshot. Another connection writes and
     deletes at any point, a rebuild included (two keys a decision)."""
     monkeypatch.setattr(sqlite_store, "BUILD_STEP", 2)
+    monkeypatch.setattr(sqlite_store, "QUIET", 0.0)  # built again as soon as it is dropped
     monkeypatch.setattr(sqlite_store, "HELD_ROWS", 3)  # batches written a row a decision:
     monkeypatch.setattr(sqlite_store, "DRAIN_STEP", 1)  # reads in the batch's write transaction
     path = tmp_path_factory.mktemp("kf") / "g.db"
     mine = open_store(f"sqlite://{path}")
     mine.hold_commits(60)
+    mine.quiet = 0.0
     with mine.transaction():
         mine.get("k0")  # creates the file's table (a change the filter must notice too)
     mine.flush()
@@ -180,5 +187,52 @@ def test_a_holding_store_reads_what_its_snapshot_holds_whoever_wrote(tmp_path_fa
             theirs.execute("DELETE FROM greylist WHERE key = ?", (key,))
         elif op == "flush":
             mine.flush()
+    theirs.close()
+    mine.close()
+
+
+def test_while_others_keep_writing_no_filter_is_built_and_no_decision_pays_for_one(tmp_path):
+    """qmail front ends on the same file commit all the time: each commit drops the
+    filter, and builds never finished would cost every decision a scan step. After
+    one comes back before a build is done, the next waits twice as long."""
+    path = tmp_path / "g.db"
+    mine = open_store(f"sqlite://{path}")
+    mine.hold_commits(60)
+    theirs = open_store(f"sqlite://{path}")
+    with mine.transaction():
+        mine.get("first")  # a first look: no writer seen yet, so a filter is begun
+    assert mine.building is not None or mine.known is not None
+    for n in range(5):
+        theirs.put(f"t{n}", Record(1.0, 1.0, 0))
+        mine.flush()
+        with mine.transaction():
+            assert mine.get(f"t{n}") == Record(1.0, 1.0, 0)
+        assert mine.building is None and mine.known is None  # dropped, and not begun again
+    assert mine.quiet == sqlite_store.QUIET  # no build was cut short: nothing doubled
+    mine.others_wrote -= sqlite_store.QUIET  # a second of quiet
+    mine.flush()  # the window ends: its next snapshot looks again
+    with mine.transaction():
+        mine.get("x")
+    assert mine.known is not None  # the table is small: built in one step
+    theirs.close()
+    mine.close()
+
+
+def test_a_build_cut_short_by_another_writer_waits_twice_as_long_next_time(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "BUILD_STEP", 2)
+    path = tmp_path / "g.db"
+    theirs = open_store(f"sqlite://{path}")
+    for n in range(10):
+        theirs.put(f"t{n}", Record(1.0, 1.0, 0))
+    mine = open_store(f"sqlite://{path}")
+    mine.hold_commits(60)
+    with mine.transaction():
+        mine.get("a")  # a first look: building, two keys a decision
+    assert mine.building is not None
+    theirs.put("cut", Record(1.0, 1.0, 0))
+    mine.flush()
+    with mine.transaction():
+        mine.get("b")
+    assert mine.building is None and mine.quiet == 2 * sqlite_store.QUIET
     theirs.close()
     mine.close()
