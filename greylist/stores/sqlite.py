@@ -464,7 +464,11 @@ class SqliteStore(Store):
         if decision is not None:
             earlier = decision.get(key)
             decision[key] = (self.read.get(key, _ANY) if earlier is None else earlier[0], record)
-            if earlier is None:  # the file will hold it: the key filters must say so already
+            if (earlier is None and type(self.read.get(key)) is not Record and key not in self.held
+                    and (self.draining is None or key not in self.draining)):
+                # new to the file: the key filters must say so already (a key read from the
+                # file is in them, or in the scan still to come; added again at every update,
+                # a busy server's filter grew two bytes a write, for ever)
                 stored = text_key(key)
                 if self.known is not None:
                     self.known.add(stored)

@@ -236,3 +236,35 @@ def test_a_build_cut_short_by_another_writer_waits_twice_as_long_next_time(tmp_p
     assert mine.building is None and mine.quiet == 2 * sqlite_store.QUIET
     theirs.close()
     mine.close()
+
+
+def test_updating_a_key_the_file_holds_does_not_grow_the_filter(tmp_path, monkeypatch):
+    """A returning client's triplet and tally are written at every pass: counted as new
+    keys each time, the filter grew two bytes a write for as long as the server ran."""
+    monkeypatch.setattr(sqlite_store, "QUIET", 0.0)
+    store = open_store(f"sqlite://{tmp_path}/g.db")
+    store.hold_commits(60)
+    store.quiet = 0.0
+    for n in range(3):
+        with store.transaction():
+            store.get(f"k{n}")
+            store.put(f"k{n}", Record(1.0, 1.0, 0))
+    store.flush()  # the first window created the table: the filter is built again
+    with store.transaction():
+        store.get("k0")
+    assert store.known is not None
+    added = store.known.count
+    for when in range(2, 50):
+        with store.transaction():
+            record = store.get("k1")
+            store.put("k1", Record(record.first_seen, float(when), record.passes + 1))
+        if when % 10 == 0:
+            store.flush()
+    with store.transaction():
+        store.get("new")
+        store.put("new", Record(1.0, 1.0, 0))
+        store.put("new", Record(1.0, 2.0, 0))
+    with store.transaction():
+        store.put("new", Record(1.0, 3.0, 0))  # held from the decision before
+    assert store.known.count == added + 1
+    store.close()
