@@ -10,10 +10,11 @@ them from memory (a false "maybe" costs the query it would have cost anyway;
 it can never say absent for a key that is there).
 
 It is only as good as its completeness, so :class:`SqliteStore` builds it by
-scanning the table a few hundred keys per decision, adds every key it writes,
-and throws it away whenever another connection has committed (SQLite's
+scanning the table 128 keys a decision, adds every key it writes new, and
+throws it away whenever another connection has committed (SQLite's
 ``data_version``: ``greylist expire``, a qmail front end on the same file),
-when it builds it again. Until a filter is complete, every lookup is a query.
+to build it again once the others have been quiet for a second (longer while
+they keep coming back). Until a filter is complete, every lookup is a query.
 """
 
 from __future__ import annotations

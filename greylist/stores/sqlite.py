@@ -141,7 +141,7 @@ class SqliteStore(Store):
         self.decision: dict[str, tuple[object, Record]] | None = None  # the deciding one's writes
         self.read: dict[str, object] | None = None  # what the deciding one read from the database
         self.draining: dict[str, tuple[object, Record]] | None = None  # the batch being written
-        self.todo: list[tuple[str, tuple]] = []  # its rows not written yet
+        self.todo: list[tuple[str, tuple[object, Record]]] = []  # its rows not written yet
         self.unwritten = 0  # its rows not written yet or not taken (another writer was first)
         #: holding: every key the file may hold (a key it rules out needs no query), complete
         #: while no other connection has written since it was begun (``version``)
