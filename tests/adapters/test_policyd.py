@@ -313,9 +313,11 @@ policyd.serve("127.0.0.1:{port}", load({{"store": "sqlite://{tmp_path}/g.db"}}, 
 
 def test_expire_and_the_qmail_front_ends_share_the_file_with_a_busy_policy_server(policyd, tmp_path):
     """Decisions held for a window take no lock: greylist expire from cron and the
-    qmail-spp plugin on the same SQLite file get in while the server never pauses."""
+    qmail-spp plugin on the same SQLite file get in while the server never pauses.
+    And what the plugin wrote, the server reads, though its key filter (built again
+    after expire) never had the key: the client that waited passes."""
     db = f"sqlite://{tmp_path}/g.db"
-    _, address = policyd("--store", db, "--key", "triplet")
+    _, address = policyd("--store", db, "--key", "triplet", "--delay", "1")
     busy, done = [0], threading.Event()
 
     def hammer():
@@ -334,6 +336,7 @@ def test_expire_and_the_qmail_front_ends_share_the_file_with_a_busy_policy_serve
         expire = subprocess.run([*command("greylist"), "expire", "--store", db], env=base_env(),
                                 capture_output=True, text=True, timeout=60)
         assert expire.returncode == 0, expire.stderr
+        time.sleep(1.5)  # the server's key filter is built again meanwhile (a second's quiet)
         env = base_env(GREYLIST_STORE=db, GREYLIST_KEY="triplet", TCPREMOTEIP="192.0.2.9",
                        SMTPMAILFROM="a@example.org", SMTPRCPTTO="b@example.net")
         plugin = subprocess.run(command("greylist-spp"), env=env, capture_output=True, timeout=60)
@@ -341,6 +344,10 @@ def test_expire_and_the_qmail_front_ends_share_the_file_with_a_busy_policy_serve
         assert plugin.stdout.startswith(b"E451"), plugin.stderr  # decided, not a store error
         assert b"store-error" not in plugin.stderr
         assert took < 10  # each waited at most one short flush, not its 2 s busy timeout
+        time.sleep(1.2)  # the delay
+        reply = Client(address).ask(request(client_address="192.0.2.9", sender="a@example.org",
+                                            recipient="b@example.net"))
+        assert reply.startswith("action=PREPEND X-Greylist: delayed"), reply
     finally:
         done.set()
         thread.join(10)
