@@ -280,7 +280,7 @@ class Greylister:
         from greylist.stores import StoreError, parse_url, store_class
 
         try:
-            store_class(parse_url(self.config.store))
+            store_class(parse_url(self.config.store)).prepare_server()
         except StoreError:
             pass  # reported per connection, as on_error says
         extra: dict[str, object] = {}

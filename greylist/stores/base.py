@@ -180,6 +180,11 @@ class Store:
         the first: it then calls :meth:`flush` within that time. Stores that make every
         write durable at once (memory, files, Redis) have nothing to hold."""
 
+    @classmethod
+    def prepare_server(cls) -> None:
+        """Import now what a long-lived server of this store will use (it may drop its
+        privileges next, after which it may no longer read its own installation)."""
+
     def writes_as_it_decides(self) -> bool:
         """Whether the decisions being made write what is held, a few rows each, so that
         a timer need not write it all at once (True only while they keep up)."""

@@ -23,8 +23,11 @@ from time import monotonic
 
 from greylist.core.policy import Record
 from greylist.stores.base import COUNT, DISK_USAGE, SCAN, Store, StoreError, record_of, text_key
-from greylist.stores.checkpointer import Checkpointer
-from greylist.stores.keyfilter import KeyFilter
+
+# What only a long-lived server uses (a key filter, a checkpoint thread) is imported when
+# it holds its commits (and before it drops privileges: prepare_server), never by the
+# wrapper, which starts once per SMTP connection
+KeyFilter = Checkpointer = None
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS greylist (
     key TEXT PRIMARY KEY,
@@ -247,6 +250,8 @@ class SqliteStore(Store):
         held when read. A crash, or a flush that fails, loses the writes of at most one
         window, which costs those clients one more delay."""
         self.window = max(0.0, seconds)
+        if self.window:
+            self.prepare_server()
         if self.window and self.checkpointer is None:
             # its checkpoints on a thread of its own (see greylist.stores.checkpointer)
             try:
@@ -254,6 +259,12 @@ class SqliteStore(Store):
             except sqlite.Error as exc:
                 raise StoreError(f"{self.path}: {exc}") from None
             self.checkpointer = Checkpointer(self._connect_checkpointer, sqlite.Error)
+
+    @classmethod
+    def prepare_server(cls) -> None:
+        global KeyFilter, Checkpointer
+        from greylist.stores.checkpointer import Checkpointer
+        from greylist.stores.keyfilter import KeyFilter
 
     def _connect_checkpointer(self):
         return sqlite.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)

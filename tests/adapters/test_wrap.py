@@ -210,7 +210,7 @@ def test_fifty_concurrent_connections_from_one_new_ip(wrapper, store_dir):
 
 HEAVY = {"argparse", "logging", "tabulate", "redis", "asyncio", "re", "dataclasses", "typing",
          "inspect", "socket", "enum", "json", "subprocess", "sqlite3", "datetime", "urllib",
-         "greylist.stores.memory"}
+         "greylist.stores.memory", "greylist.stores.keyfilter", "greylist.stores.checkpointer"}
 
 
 EXEC_PROBE = (
