@@ -248,17 +248,18 @@ class SqliteStore(Store):
         At the flush, a write whose key another writer changed since it was read is
         dropped (theirs is the newer news): each write is conditional on what the key
         held when read. A crash, or a flush that fails, loses the writes of at most one
-        window, which costs those clients one more delay."""
+        window, which costs those clients one more delay. Such a server also keeps a
+        filter of the file's keys (greylist.stores.keyfilter: a key never seen costs no
+        query) and checkpoints on a thread of its own (greylist.stores.checkpointer)."""
         self.window = max(0.0, seconds)
-        if self.window:
-            self.prepare_server()
-        if self.window and self.checkpointer is None:
-            # its checkpoints on a thread of its own (see greylist.stores.checkpointer)
-            try:
-                self.db.execute("PRAGMA wal_autocheckpoint=0")
-            except sqlite.Error as exc:
-                raise StoreError(f"{self.path}: {exc}") from None
-            self.checkpointer = Checkpointer(self._connect_checkpointer, sqlite.Error)
+        if not self.window or self.checkpointer is not None:
+            return
+        self.prepare_server()
+        try:
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
+        except sqlite.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+        self.checkpointer = Checkpointer(self._connect_checkpointer, sqlite.Error)
 
     @classmethod
     def prepare_server(cls) -> None:
@@ -269,7 +270,7 @@ class SqliteStore(Store):
     def _connect_checkpointer(self):
         return sqlite.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
 
-    def _checkpoint(self) -> None:
+    def _watch_checkpointer(self) -> None:
         """After a batch's commit: is the checkpoint thread still there to copy it?"""
         checkpointer = self.checkpointer
         if checkpointer.failure is None:
@@ -341,7 +342,7 @@ class SqliteStore(Store):
                     self.count("superseded", self.unwritten)
                 self.draining = None
                 if self.checkpointer is not None:
-                    self._checkpoint()
+                    self._watch_checkpointer()
         except BaseException:
             self.draining, self.todo = None, []
             try:
