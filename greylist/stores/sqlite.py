@@ -61,6 +61,12 @@ _REPLACE = "INSERT OR REPLACE INTO greylist VALUES (?, ?, ?, ?)"
 _UPDATE = ("UPDATE greylist SET first_seen = ?, last_seen = ?, passes = ? WHERE key = ?"
            " AND first_seen = ? AND last_seen = ? AND passes = ?")
 
+
+def _values(key: str, record: Record) -> tuple:
+    """A row of the table, as _CREATE and _REPLACE take it."""
+    return (text_key(key), record.first_seen, record.last_seen, record.passes)
+
+
 #: what a held write expects to find at the flush (besides a Record read from the database)
 _ABSENT = "absent"    # no row when read: the write creates it, unless another writer did meanwhile
 _ANY = "any"          # not read, or a row that was not a record: the write replaces whatever is there
@@ -327,9 +333,9 @@ class SqliteStore(Store):
             creates, replaces, updates = [], [], []
             for key, (expected, record) in batch:
                 if expected is _ABSENT:
-                    creates.append((text_key(key), record.first_seen, record.last_seen, record.passes))
+                    creates.append(_values(key, record))
                 elif expected is _ANY:
-                    replaces.append((text_key(key), record.first_seen, record.last_seen, record.passes))
+                    replaces.append(_values(key, record))
                 else:
                     updates.append((record.first_seen, record.last_seen, record.passes, text_key(key),
                                     expected.first_seen, expected.last_seen, expected.passes))
@@ -467,9 +473,7 @@ class SqliteStore(Store):
                 return False
             self.put(key, record, ttl)
             return True
-        cursor = self._execute("INSERT OR IGNORE INTO greylist VALUES (?, ?, ?, ?)",
-                               (text_key(key), record.first_seen, record.last_seen, record.passes))
-        return cursor.rowcount == 1
+        return self._execute(_CREATE, _values(key, record)).rowcount == 1
 
     def put(self, key: str, record: Record, ttl: float | None = None) -> None:
         decision = self.decision
@@ -487,8 +491,7 @@ class SqliteStore(Store):
                 if self.building is not None:
                     self.building.add(stored)
             return
-        self._execute("INSERT OR REPLACE INTO greylist VALUES (?, ?, ?, ?)",
-                      (text_key(key), record.first_seen, record.last_seen, record.passes))
+        self._execute(_REPLACE, _values(key, record))
 
     def delete(self, key: str, expected: Record | None = None) -> bool:
         if self.held or self.draining is not None:
