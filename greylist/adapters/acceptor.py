@@ -46,15 +46,18 @@ class Acceptor:
     ``at_bound()`` is asked before each accept: True means the server is full and
     accepting pauses until :meth:`resume`; a server that makes room returns False.
     ``on_error(exc)`` logs an accept failure (out of descriptors, say).
+    ``after_round()``, if given, is called once the round's accepts are done (however
+    the round ended), so a server can leave work on its new sockets until then.
     """
 
     def __init__(self, loop, listener: socket.socket, on_socket: Callable, at_bound: Callable[[], bool],
-                 on_error: Callable[[OSError], None]) -> None:
+                 on_error: Callable[[OSError], None], after_round: Callable[[], None] | None = None) -> None:
         self.loop = loop
         self.listener = listener
         self.on_socket = on_socket
         self.at_bound = at_bound
         self.on_error = on_error
+        self.after_round = after_round
         self.accepting = False
         self.closed = False
 
@@ -74,6 +77,13 @@ class Acceptor:
         self.listener.close()
 
     def accept(self) -> None:
+        try:
+            self._accept_round()
+        finally:
+            if self.after_round is not None:
+                self.after_round()
+
+    def _accept_round(self) -> None:
         for _ in range(BATCH):
             if self.at_bound():
                 self.pause()

@@ -288,7 +288,9 @@ class PolicyServer:
         self.loop = Loop()  # not asyncio's: 9 MB less resident memory, less work per callback
         self.log_writer = LogWriter(self.loop, self.program)
         self.loop.on_error = self.internal_error
-        self.acceptor = Acceptor(self.loop, listener, self.accepted, self.at_bound, self.accept_failed)
+        self.acceptor = Acceptor(self.loop, listener, self.accepted, self.at_bound, self.accept_failed,
+                                 self.read_the_rest)
+        self.fresh: list[Client] | None = None  # accepted this round, read once its accepts are done
         self.evicted = 0
 
     def internal_error(self, exc: Exception, callback) -> None:
@@ -374,12 +376,30 @@ class PolicyServer:
         self.log({"error": f"accept: {exc.strerror}", "connections": len(self.clients)})
 
     def accepted(self, sock: socket.socket, _address) -> None:
+        """Postfix writes its request as soon as it has connected, so it is nearly always
+        here already, and it is answered in this round of the loop, not the next (a busy
+        server's round is every other client's request: it doubled a new connection's
+        wait). The round's first connection is answered at once (a quiet server's only
+        one); the others once the round's accepts are done: accepting all, then answering
+        all, cost 12% less CPU a request than taking turns (50 clients, a connection per
+        request, medians of 5 turns: 69.4 against 78.9 us, p50 3.2 against 3.8 ms; 10
+        clients 72.0 against 73.9 us, p99 1.6 against 2.2 ms; one client unchanged)."""
         sock.setblocking(False)
         client = Client(self, sock)
         self.clients[client] = None
-        # Postfix writes its request as soon as it has connected: it is nearly always here
-        # already, and answered now rather than a round of the loop later (a busy server's
-        # round is every other client's request: it doubled a new connection's wait)
+        if self.fresh is None:
+            self.fresh = []
+            self.read_now(client)
+        else:
+            self.fresh.append(client)
+
+    def read_the_rest(self) -> None:
+        """The round's accepts are done: read the connections it left (see accepted)."""
+        fresh, self.fresh = self.fresh, None
+        for client in fresh or ():
+            self.read_now(client)
+
+    def read_now(self, client: Client) -> None:
         try:
             client.readable()
         except Exception as exc:  # noqa: BLE001 - as the loop does: our bug costs this client only

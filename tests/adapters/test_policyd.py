@@ -384,21 +384,31 @@ def test_a_log_reader_that_stops_reading_never_stops_the_answers(policyd):
     assert dropped and lines + dropped == 9000  # every line written or counted as dropped
 
 
-def test_a_request_waiting_when_its_connection_is_accepted_is_answered_then(tmp_path):
-    """Postfix writes as soon as it has connected: the request is read and answered as
-    the connection is accepted, not a round of the loop later, behind every other
+@pytest.mark.parametrize("waiting", [1, 3])
+def test_requests_waiting_when_their_connections_are_accepted_are_answered_in_that_round(tmp_path, waiting):
+    """Postfix writes as soon as it has connected: each request is read and answered in
+    the round its connection is accepted in (the first at once, the others once the
+    round's accepts are done), not a round of the loop later, behind every other
     client's request of that round (it doubled a new connection's wait under load)."""
     from greylist.adapters.policyd import PolicyServer, make_listener
     from greylist.config import load
 
     listener, where = make_listener("127.0.0.1:0")
     server = PolicyServer(listener, load({"store": f"sqlite://{tmp_path}/g.db"}, {}), where)
-    with socket.create_connection(listener.getsockname(), timeout=5) as client:
-        client.sendall(request(client_address="192.0.2.1", sender="a@example.org", recipient="b@example.net"))
-        time.sleep(0.05)  # on loopback, the request is in the server's socket by now
+    clients = [socket.create_connection(listener.getsockname(), timeout=5) for _ in range(waiting)]
+    try:
+        for n, client in enumerate(clients):
+            client.sendall(request(client_address=f"192.0.2.{n + 1}", sender="a@example.org",
+                                   recipient="b@example.net"))
+        time.sleep(0.05)  # on loopback, the requests are in the server's sockets by now
         server.acceptor.accept()  # the listener's callback alone: no round of the loop
-        client.setblocking(False)
-        assert client.recv(1000).startswith(b"action=DEFER_IF_PERMIT")
+        assert server.fresh is None  # nothing left for a later round
+        for client in clients:
+            client.setblocking(False)
+            assert client.recv(1000).startswith(b"action=DEFER_IF_PERMIT")
+    finally:
+        for client in clients:
+            client.close()
     server.greylister.close()
     server.loop.close()
     listener.close()
