@@ -134,11 +134,12 @@ class Greylister:
     """
 
     def __init__(self, config, store=None, clock=time.time, keep_store: bool = True,
-                 commit_window: float = 0.0) -> None:
+                 commit_window: float = 0.0, in_rounds: bool = False) -> None:
         self.config = config
         self.clock = clock
         self.keep_store = keep_store
         self.commit_window = commit_window
+        self.in_rounds = in_rounds  # the server calls write_owed at the end of each loop round
         self._flush_timer = None
         self._flush_loop = None
         self._last_decision = 0.0
@@ -231,7 +232,7 @@ class Greylister:
 
             store = self._store = open_store(config.store)
             if self.commit_window:
-                store.hold_commits(self.commit_window)
+                store.hold_commits(self.commit_window, self.in_rounds)
         try:
             return check(store, key, self.clock(), policy, client)
         finally:
@@ -318,6 +319,23 @@ class Greylister:
             self._flush_timer = self._flush_loop.call_later(FLUSH_BUSY, self._timed_flush)
             return
         self.flush()
+
+    def write_owed(self) -> None:
+        """The end of a round of the server's event loop (``in_rounds``): what the round's
+        decisions left to write, written together. A store that fails here is closed,
+        like one that fails in a decision; anything else is our bug, and the loop's."""
+        store = self._store
+        if store is None:
+            return
+        try:
+            store.write_owed()
+        except Exception as exc:
+            from greylist.stores.base import StoreError
+
+            if not isinstance(exc, (StoreError, OSError)):
+                raise
+            if self._own_store:
+                self.close()  # opened again at the next decision, which reports the failure
 
     def flush(self) -> None:
         """Commit held decisions; a store that fails here is closed, like one that fails

@@ -68,6 +68,9 @@ class Loop:
         self.running = False
         self.signals: dict[int, object] = {}
         self.pending_signals: list[int] = []
+        #: called once a round's events and timers are done, before the loop waits again:
+        #: work that its callbacks leave to be done together (a store's rows, say)
+        self.at_round_end: list = []
         self.waker, self.wakee = socket.socketpair()
         self.waker.setblocking(False)
         self.wakee.setblocking(False)
@@ -120,8 +123,13 @@ class Loop:
 
     def run_forever(self) -> None:
         self.running = True
-        timers, poll, handlers = self.timers, self.poller.poll, self.handlers
+        timers, poll, handlers, at_round_end = self.timers, self.poller.poll, self.handlers, self.at_round_end
         while self.running:
+            for callback in at_round_end:
+                try:
+                    callback()
+                except Exception as exc:  # noqa: BLE001 - as a reader's or a timer's
+                    self._failed(exc, callback)
             timeout = -1.0
             if self.cancelled > 256 and 2 * self.cancelled > len(timers):
                 # a connection per request leaves a cancelled timer each: clear them out

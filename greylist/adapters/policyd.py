@@ -280,12 +280,13 @@ class PolicyServer:
         self.where = where
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
-        self.greylister = Greylister(config, clock=self.clock, commit_window=COMMIT_WINDOW)
+        self.greylister = Greylister(config, clock=self.clock, commit_window=COMMIT_WINDOW, in_rounds=True)
         self.program = "greylist-policyd"
         self.lines: list[dict[str, object]] = []  # log lines (their fields) of this window
         self.log_timer = None
         self.clients: dict[Client, None] = {}  # in order of arrival
         self.loop = Loop()  # not asyncio's: 9 MB less resident memory, less work per callback
+        self.loop.at_round_end.append(self.greylister.write_owed)  # the round's rows, written together
         self.log_writer = LogWriter(self.loop, self.program)
         self.loop.on_error = self.internal_error
         self.acceptor = Acceptor(self.loop, listener, self.accepted, self.at_bound, self.accept_failed,

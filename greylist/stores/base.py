@@ -175,10 +175,15 @@ class Store:
     #: decisions written but not yet committed (a store holding commits, see hold_commits)
     pending = False
 
-    def hold_commits(self, seconds: float) -> None:
+    def hold_commits(self, seconds: float, in_rounds: bool = False) -> None:
         """Let a long-lived server commit many decisions at once, at most ``seconds`` after
-        the first: it then calls :meth:`flush` within that time. Stores that make every
-        write durable at once (memory, files, Redis) have nothing to hold."""
+        the first: it then calls :meth:`flush` within that time (and, ``in_rounds``,
+        :meth:`write_owed` at the end of each round of its event loop). Stores that make
+        every write durable at once (memory, files, Redis) have nothing to hold."""
+
+    def write_owed(self) -> None:
+        """A server's loop round is over: write what its decisions left to it (see
+        hold_commits); stores that hold nothing have nothing to write."""
 
     @classmethod
     def prepare_server(cls) -> None:

@@ -77,3 +77,30 @@ def test_a_failing_callback_is_reported_and_the_loop_goes_on():
     loop.close()
     a.close()
     b.close()
+
+
+def test_work_left_to_the_round_end_is_done_once_a_round_before_the_loop_waits():
+    """A server's decisions leave their store rows to the end of the loop round: the
+    hook runs once per round, after the round's readers and timers, and a bug in it is
+    reported as a callback's is."""
+    loop = Loop()
+    order, seen = [], []
+    a, b = socket.socketpair()
+    loop.add_reader(a.fileno(), lambda: order.append(("read", a.recv(10))))
+
+    def round_end():
+        order.append("end")
+        if len(order) == 1:
+            raise ZeroDivisionError("a bug")
+
+    loop.at_round_end.append(round_end)
+    loop.on_error = lambda exc, callback: seen.append(type(exc))
+    b.send(b"x")
+    loop.call_later(0.05, loop.stop)
+    loop.run_forever()
+    assert order[:3] == ["end", ("read", b"x"), "end"] and seen == [ZeroDivisionError]
+    assert order.count(("read", b"x")) == 1 and order.count("end") <= 4  # not a busy loop
+    loop.remove_reader(a.fileno())
+    loop.close()
+    a.close()
+    b.close()

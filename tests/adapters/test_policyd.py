@@ -412,3 +412,27 @@ def test_requests_waiting_when_their_connections_are_accepted_are_answered_in_th
     server.greylister.close()
     server.loop.close()
     listener.close()
+
+
+def test_the_rows_a_rounds_decisions_owe_are_written_at_the_round_end(tmp_path, monkeypatch):
+    """policyd's decisions leave the batch's rows to the end of the loop round, written
+    together once the round's answers are out (see greylist.stores.sqlite.DRAIN_STEP)."""
+    from greylist.adapters.policyd import PolicyServer, RequestReader, make_listener
+    from greylist.config import load
+    from greylist.stores import sqlite as sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "HELD_ROWS", 64)
+    listener, where = make_listener("127.0.0.1:0")
+    server = PolicyServer(listener, load({"store": f"sqlite://{tmp_path}/g.db"}, {}), where)
+    for n in range(67):  # the 64th begins writing the batch; three more decide meanwhile
+        attrs = RequestReader().feed(request(client_address=f"192.0.2.{n + 1}", sender="a@example.org",
+                                             recipient="b@example.net"))[0]
+        assert server.answer(attrs)[0].startswith("action=DEFER_IF_PERMIT")
+    store = server.greylister._store
+    assert store.owed == 4 * sqlite_store.DRAIN_STEP and len(store.todo) == 64  # owed, not written
+    server.loop.call_later(0, server.loop.stop)
+    server.loop.run_forever()  # one round
+    assert store.owed == 0 and len(store.todo) == 64 - 4 * sqlite_store.DRAIN_STEP
+    server.greylister.close()
+    server.loop.close()
+    listener.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -134,6 +135,7 @@ operations = st.lists(st.one_of(
     st.tuples(st.just("theirs"), st.integers(0, 12)),
     st.tuples(st.just("delete"), st.integers(0, 12)),
     st.tuples(st.just("flush"), st.just(0)),
+    st.tuples(st.just("round"), st.just(0)),  # a server in rounds writes what its decisions owe
 ), max_size=60)
 
 
@@ -141,17 +143,19 @@ operations = st.lists(st.one_of(
 @given(operations)
 @example([("write", 1), ("flush", 0), ("read", 1)])  # its own write, read back from the file
 @example([("write", 1), ("write", 2), ("theirs", 3), ("write", 4), ("read", 3)])  # theirs, read in a batch
-def test_a_holding_store_reads_what_its_snapshot_holds_whoever_wrote(tmp_path_factory, monkeypatch, steps):
+@pytest.mark.parametrize("in_rounds", [False, True])
+def test_a_holding_store_reads_what_its_snapshot_holds_whoever_wrote(tmp_path_factory, monkeypatch, in_rounds, steps):
     """Reads through the filter against the same reads without it: the holding store's
     own writes first, else a query in the same snapshot. Another connection writes and
-    deletes at any point, a rebuild included (two keys a decision)."""
+    deletes at any point, a rebuild included (two keys a decision); in rounds, the
+    batch's rows are written when a round ends, not by the decisions."""
     monkeypatch.setattr(sqlite_store, "BUILD_STEP", 2)
     monkeypatch.setattr(sqlite_store, "QUIET", 0.0)  # built again as soon as it is dropped
     monkeypatch.setattr(sqlite_store, "HELD_ROWS", 3)  # batches written a row a decision:
     monkeypatch.setattr(sqlite_store, "DRAIN_STEP", 1)  # reads in the batch's write transaction
     path = tmp_path_factory.mktemp("kf") / "g.db"
     mine = open_store(f"sqlite://{path}")
-    mine.hold_commits(60)
+    mine.hold_commits(60, in_rounds)
     mine.quiet = 0.0
     with mine.transaction():
         mine.get("k0")  # creates the file's table (a change the filter must notice too)
@@ -187,6 +191,8 @@ def test_a_holding_store_reads_what_its_snapshot_holds_whoever_wrote(tmp_path_fa
             theirs.execute("DELETE FROM greylist WHERE key = ?", (key,))
         elif op == "flush":
             mine.flush()
+        elif op == "round":
+            mine.write_owed()
     theirs.close()
     mine.close()
 

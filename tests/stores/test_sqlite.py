@@ -160,6 +160,37 @@ def test_a_busy_server_flushes_by_size_before_its_window_ends(tmp_path):
     store.close()
 
 
+def test_a_server_in_rounds_has_the_rows_its_decisions_owe_written_at_the_round_end(tmp_path):
+    """On the server's own event loop, a decision only counts the DRAIN_STEP rows it
+    owes; write_owed (the end of the loop round) writes them together, after the
+    round's answers, and commits the batch after its last row."""
+    from greylist.stores.sqlite import DRAIN_STEP, HELD_ROWS
+
+    path = tmp_path / "g.db"
+    store = open_store(f"sqlite://{path}")
+    store.hold_commits(60, in_rounds=True)
+    policy = load({}, {}).policy
+    for n in range(HELD_ROWS):  # the last one begins writing the batch
+        check(store, f"k{n}", 1000.0, policy)
+    assert store.draining is not None and len(store.todo) == HELD_ROWS  # begun, nothing written
+    for n in range(HELD_ROWS, HELD_ROWS + 3):
+        check(store, f"k{n}", 1000.0, policy)
+    assert store.owed == 4 * DRAIN_STEP and len(store.todo) == HELD_ROWS  # the decisions wrote nothing
+    store.write_owed()  # one round's end: the four decisions' rows, together
+    assert store.owed == 0 and len(store.todo) == HELD_ROWS - 4 * DRAIN_STEP
+    assert committed(path) == set()  # one transaction: committed after its last row
+    n = HELD_ROWS + 3
+    while store.draining is not None:
+        check(store, f"k{n}", 1000.0, policy)
+        assert check(store, f"k{n}", 1001.0, policy).reason == "too-soon"  # its own writes, read back
+        n += 1
+        store.write_owed()
+    assert len(committed(path)) == HELD_ROWS
+    store.flush()
+    assert len(committed(path)) == n and store.owed == 0
+    store.close()
+
+
 class HandTimers:
     """A loop's call_later whose timers a test runs by hand."""
 
