@@ -322,30 +322,29 @@ class Greylister:
 
     def write_owed(self) -> None:
         """The end of a round of the server's event loop (``in_rounds``): what the round's
-        decisions left to write, written together. A store that fails here is closed,
-        like one that fails in a decision; anything else is our bug, and the loop's."""
+        decisions left to write, written together."""
         store = self._store
-        if store is None:
-            return
+        if store is not None:
+            self._writing(store.write_owed)
+
+    def flush(self) -> None:
+        """Commit held decisions (the window's timer, a server stopping)."""
+        store = self._store
+        if store is not None and store.pending:
+            self._writing(store.flush)
+
+    def _writing(self, write) -> None:
+        """A store that fails while writing what decisions held is closed, like one that
+        fails in a decision (opened again at the next, which reports the failure; those
+        clients are greylisted once more, nothing else is lost). Anything else is our bug,
+        raised to the event loop, which logs it as one (the store has rolled back)."""
         try:
-            store.write_owed()
+            write()
         except Exception as exc:
             from greylist.stores.base import StoreError
 
             if not isinstance(exc, (StoreError, OSError)):
                 raise
-            if self._own_store:
-                self.close()  # opened again at the next decision, which reports the failure
-
-    def flush(self) -> None:
-        """Commit held decisions; a store that fails here is closed, like one that fails
-        in a decision (those clients are greylisted once more, nothing else is lost)."""
-        store = self._store
-        if store is None or not store.pending:
-            return
-        try:
-            store.flush()
-        except Exception:  # noqa: BLE001 - logged by the next decision that reopens it
             if self._own_store:
                 self.close()
 

@@ -226,24 +226,26 @@ def test_decide_does_not_read_the_real_clock(monkeypatch):
     assert g.decide(Connection("192.0.2.1")).verdict.retry_in == 60
 
 
-def test_a_store_failing_at_the_round_end_is_closed_and_a_bug_is_not_hidden(tmp_path, monkeypatch):
-    """write_owed (a server's loop round is over): a store failure closes the store, as
-    in a decision (opened again at the next); anything else is our bug, raised to the
-    loop, which logs it."""
+@pytest.mark.parametrize("write", ["write_owed", "flush"])
+def test_a_store_failing_as_it_writes_held_rows_is_closed_and_a_bug_is_not_hidden(tmp_path, monkeypatch, write):
+    """write_owed (a server's loop round is over) and flush (the window's timer): a store
+    failure closes the store, as in a decision (opened again at the next); anything else
+    is our bug, raised to the loop, which logs it."""
     greylister = Greylister(load({"store": f"sqlite://{tmp_path}/g.db", "key": "ip"}, {}),
                             clock=lambda: 1000.0, commit_window=60, in_rounds=True)
     greylister.decide(Connection("192.0.2.1"))
     store = greylister._store
-    assert store.in_rounds
+    assert store.in_rounds and store.pending
 
     def failing():
         raise StoreError("disk full")
 
-    monkeypatch.setattr(store, "write_owed", failing)
-    greylister.write_owed()
+    monkeypatch.setattr(store, write, failing)
+    getattr(greylister, write)()
     assert greylister._store is None
     assert greylister.decide(Connection("192.0.2.1")).verdict.action == TEMPFAIL  # reopened, decided
-    monkeypatch.setattr(greylister._store, "write_owed", lambda: 1 / 0)
+    assert greylister._store.pending
+    monkeypatch.setattr(greylister._store, write, lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        greylister.write_owed()
+        getattr(greylister, write)()
     greylister.close()

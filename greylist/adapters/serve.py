@@ -310,6 +310,7 @@ class Server:
         self.loop = asyncio.new_event_loop()
         loop = self.loop
         self.log_writer = LogWriter(loop, "greylist-serve")
+        loop.set_exception_handler(self.internal_error)
         self.acceptor = Acceptor(loop, sock, self.accepted, self.at_bound, self.accept_failed)
         for signum, handler in ((signal.SIGCHLD, self.reap), (signal.SIGTERM, self.stop),
                                 (signal.SIGHUP, self.reload), (signal.SIGINT, self.stop)):
@@ -364,6 +365,16 @@ class Server:
     def at_bound(self) -> bool:
         """Full: accepting pauses, and resumes when a session ends (the backlog holds the rest)."""
         return self.busy() >= self.max_sessions
+
+    def internal_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """A callback raised (the store's timed flush, say): a bug of ours, logged as one
+        on our log, not as asyncio's traceback on stderr; the loop goes on."""
+        exc = context.get("exception")
+        callback = getattr(context.get("handle"), "_callback", None)
+        where = getattr(callback, "__qualname__", None) or type(callback).__name__
+        error = (f"internal error {type(exc).__name__} in {where}: {exc}" if exc is not None
+                 else f"internal error: {context.get('message')}")
+        self.log([log_line("greylist-serve", {"pid": self.pid, "verdict": "error", "error": error})])
 
     def accept_failed(self, exc: OSError) -> None:
         self.log([log_line("greylist-serve", {"pid": self.pid, "error": f"accept: {exc.strerror}",

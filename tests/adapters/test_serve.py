@@ -286,6 +286,50 @@ def test_a_failing_store_follows_on_error(tmp_path, servers):
         assert "reason=store-error" in s.log()
 
 
+def test_a_bug_in_a_timed_flush_is_logged_as_ours_and_the_server_goes_on(tmp_path):
+    """The store's timed flush raising something that is not a store failure: a bug of
+    ours, on our log in our format (not asyncio's traceback), and the server serves on."""
+    script = f"""
+import sys
+from greylist.stores import sqlite
+real_flush, calls = sqlite.SqliteStore.flush, []
+def flush(self):
+    calls.append(1)
+    if len(calls) == 1:
+        raise KeyError("a bug of ours")
+    return real_flush(self)
+sqlite.SqliteStore.flush = flush
+from greylist.adapters import serve
+sys.exit(serve.main(["-1", "-R", "-H", "--store", "sqlite://{tmp_path}/g.db", "--hostname", "mx.test",
+                     "127.0.0.1", "0"] + {STANDIN!r}))
+"""
+    python = os.path.join(os.path.dirname(command("greylist")[0]), "python")
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([python, "-c", script], env=base_env(), stdout=subprocess.PIPE, stderr=log)
+    try:
+        port = int(proc.stdout.readline())
+
+        def talk(source: str) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as s:
+                s.sendall(b"QUIT\r\n")
+                return s.recv(1000)
+
+        assert talk("127.0.0.2").startswith(b"220 mx.test cqgreylist")  # held: the timer flushes it
+        deadline = time.monotonic() + 10
+        while "a bug of ours" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert talk("127.0.0.3").startswith(b"220 mx.test cqgreylist")
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    lines = [line for line in parse_lines(log_path.read_text()) if line.get("verdict") == "error"]
+    assert [line["error"] for line in lines] == [
+        "internal error KeyError in Greylister._timed_flush: 'a bug of ours'"]
+    assert "Traceback" not in log_path.read_text()
+
+
 def test_serve_runs_as_the_user_it_is_told(tmp_path, servers):
     if os.getuid() != 0:
         pytest.skip("dropping privileges needs root")
