@@ -241,6 +241,10 @@ class SqliteStore(Store):
             self.db.execute(SCHEMA)
             if in_transaction:  # holding writes, the only one open between flushes is a read snapshot
                 self.db.execute("BEGIN" if self.window else "BEGIN IMMEDIATE")
+            if self.version is not None:
+                # switching to WAL moved data_version as another writer's commit would: taken
+                # for one, it cost a new server's key filter (every lookup a query) for a second
+                self.version = self.db.execute("PRAGMA data_version").fetchone()[0]
             return self.db.execute(sql, args)
         except sqlite.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from None
