@@ -371,7 +371,8 @@ class Server:
         on our log, not as asyncio's traceback on stderr; the loop goes on."""
         exc = context.get("exception")
         callback = getattr(context.get("handle"), "_callback", None)
-        where = getattr(callback, "__qualname__", None) or type(callback).__name__
+        where = getattr(callback, "__qualname__", None) or (
+            type(callback).__name__ if callback is not None else "a callback")
         error = (f"internal error {type(exc).__name__} in {where}: {exc}" if exc is not None
                  else f"internal error: {context.get('message')}")
         self.log([log_line("greylist-serve", {"pid": self.pid, "verdict": "error", "error": error})])
