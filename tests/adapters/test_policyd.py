@@ -436,3 +436,49 @@ def test_the_rows_a_rounds_decisions_owe_are_written_at_the_round_end(tmp_path, 
     server.greylister.close()
     server.loop.close()
     listener.close()
+
+
+def test_stopping_answers_every_request_already_sent_before_closing(tmp_path):
+    """SIGTERM stops the loop at the end of a round; requests that arrived during that
+    round, on open connections and on connections still in the listen queue, are answered
+    (and their decisions committed) before the server closes: not cut off, which Postfix
+    turns into 451 4.3.5 for its client."""
+    import sqlite3
+
+    from greylist.adapters.policyd import PolicyServer, make_listener
+    from greylist.config import load
+
+    listener, where = make_listener("127.0.0.1:0")
+    address = listener.getsockname()
+    server = PolicyServer(listener, load({"store": f"sqlite://{tmp_path}/g.db", "key": "ip"}, {}), where)
+    server.acceptor.resume()
+    kept = [socket.create_connection(address, timeout=5) for _ in range(3)]
+    time.sleep(0.05)
+    server.acceptor.accept()  # open, idle connections, as Postfix keeps them
+    assert len(server.clients) == 3
+    late: list[socket.socket] = []
+
+    def last_round() -> None:  # the round in which SIGTERM's handler stops the loop
+        for n, sock in enumerate(kept):
+            sock.sendall(request(client_address=f"192.0.2.{n + 1}"))
+        for n in range(2):
+            sock = socket.create_connection(address, timeout=5)  # not accepted yet
+            sock.sendall(request(client_address=f"192.0.2.{n + 11}"))
+            late.append(sock)
+        time.sleep(0.05)
+        server.loop.stop()
+
+    server.loop.call_later(0, last_round)
+    server.serve()
+    try:
+        for sock in kept + late:
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+            assert reply.startswith(b"action=DEFER_IF_PERMIT") and reply.endswith(b"\n\n"), reply
+    finally:
+        for sock in kept + late:
+            sock.close()
+    with sqlite3.connect(tmp_path / "g.db") as db:
+        keys = {row[0] for row in db.execute("SELECT key FROM greylist")}
+    assert keys == {"192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.11", "192.0.2.12"}
