@@ -411,14 +411,15 @@ class PolicyServer:
         closes, on connections already accepted and on those waiting in the listen queue.
         The loop stops at the end of a round, and requests that arrived during that round
         (or whose connections were not accepted yet) would otherwise be cut off: Postfix
-        would answer its client 451 4.3.5 (server configuration problem) for each."""
+        would answer its client 451 4.3.5 (server configuration problem) for each. Open
+        connections first: at the connection bound, accepting closes the one idle longest."""
+        for client in list(self.clients):
+            self.read_now(client)
         if self.acceptor.accepting:
             try:
                 self.acceptor.accept()  # one round: up to BATCH, each read as it is accepted
             except Exception as exc:  # noqa: BLE001 - a bug of ours: logged, the others still answered
                 self.internal_error(exc, self.acceptor.accept)
-        for client in list(self.clients):
-            self.read_now(client)
 
     def make_room(self) -> None:
         """At the bound: close the connection idle the longest (Postfix reconnects)."""
