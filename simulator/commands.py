@@ -21,6 +21,7 @@ _SOURCES = {
     "greylist-wrap": ["bin/greylist-wrap"],
     "greylist-spp": ["bin/greylist-spp"],
     "greylist": ["-m", "greylist.admin"],
+    "greylist-postgrey": ["-m", "greylist.adapters.postgrey"],
     "simulate": ["-m", "simulator.cli"],
 }
 

@@ -32,4 +32,22 @@ def test_contrib_run_scripts_are_valid_shell_and_name_real_commands():
         assert subprocess.run(["sh", "-n", str(script)]).returncode == 0, script
     units = {p.name: p.read_text() for p in contrib.glob("*.service")}
     assert "greylist serve" in units["greylist-smtpd.service"]
-    assert "greylist postgrey $POSTGREY_OPTS" in units["greylist-postgrey.service"]
+    assert "greylist-postgrey \\\n $POSTGREY_OPTS" in units["greylist-postgrey.service"]
+
+
+def test_the_contrib_postgrey_unit_is_debians_with_one_path_changed():
+    """What the README promises: the admin swaps one path and keeps the rest of Debian's
+    unit (POSTGREY_OPTS and POSTGREY_TEXT from /etc/default/postgrey)."""
+    from pathlib import Path
+
+    import pytest
+
+    debian = Path("/lib/systemd/system/postgrey.service")
+    if not debian.exists():
+        pytest.skip("needs Debian's postgrey package (its unit)")
+    ours = (Path(__file__).resolve().parent.parent / "contrib" / "greylist-postgrey.service").read_text()
+    lines = [line for line in ours.splitlines() if not line.startswith("#")]
+    expected = debian.read_text().replace("/usr/sbin/postgrey", "/opt/greylist/bin/greylist-postgrey")
+    added = {"ExecReload=/bin/kill -HUP $MAINPID"}
+    assert [line for line in lines if line not in added] == expected.splitlines()
+    assert added <= set(lines)

@@ -130,8 +130,11 @@ def parse(argv: list[str], warn=lambda text: None) -> Plan:
         pairs, rest = getopt.gnu_getopt(argv, SHORT, LONG)
     except getopt.GetoptError as exc:
         raise PostgreyError(str(exc)) from None
-    if rest:
-        raise PostgreyError(f"unexpected argument {rest[0]!r}")
+    for stray in rest:
+        # postgrey (Getopt::Long) leaves arguments that are no option alone, and Debian's
+        # init script always passes "$POSTGREY_TEXT_OPT", an empty one unless POSTGREY_TEXT is set
+        if stray:
+            warn(f"argument {stray!r} is not an option: ignored, as postgrey ignores it")
     plan = Plan()
     clients: list[str] = []
     recipients: list[str] = []
@@ -270,8 +273,9 @@ def write_pidfile(path: str) -> None:
     os.replace(tmp, path)
 
 
-def daemonize(facility: str) -> None:
-    """Detach as postgrey --daemonize does; from then on log lines go to syslog."""
+def daemonize(facility: str, drop=lambda: None) -> None:
+    """Detach as postgrey --daemonize does; from then on log lines go to syslog, through a
+    process that ``drop``s root's privileges as the server will (it reads what clients wrote)."""
     import syslog
 
     if os.fork():
@@ -283,17 +287,26 @@ def daemonize(facility: str) -> None:
     for fd in (0, 1):
         os.dup2(null, fd)
     read, write = os.pipe()
-    if os.fork() == 0:  # the log forwarder: stderr lines to syslog
-        os.close(write)
-        code = getattr(syslog, f"LOG_{facility.upper()}", syslog.LOG_MAIL)
-        syslog.openlog("postgrey", syslog.LOG_PID, code)
-        with os.fdopen(read, "rb") as lines:
-            for line in lines:
-                syslog.syslog(syslog.LOG_INFO, line.decode("ascii", "replace").rstrip("\n"))
-        os._exit(0)
+    if os.fork() == 0:  # the log forwarder: stderr lines to syslog, until the server exits
+        try:
+            # nothing of the server's or the caller's: the server's listening socket held here
+            # would keep the port taken for a restart until this process has read the last
+            # line, and the caller's stderr would keep an init script's output pipe open
+            os.dup2(null, 2)
+            os.closerange(3, read)
+            os.closerange(read + 1, 1 << 30)
+            drop()
+            code = getattr(syslog, f"LOG_{facility.upper()}", syslog.LOG_MAIL)
+            syslog.openlog("postgrey", syslog.LOG_PID, code)
+            with os.fdopen(read, "rb") as lines:
+                for line in lines:
+                    syslog.syslog(syslog.LOG_INFO, line.decode("ascii", "replace").rstrip("\n"))
+        finally:
+            os._exit(0)  # never the server's code in a second process
     os.close(read)
     os.dup2(write, 2)
     os.close(write)
+    os.close(null)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def after_bind() -> None:
         if plan.daemonize:
-            daemonize(plan.facility)
+            daemonize(plan.facility, lambda: drop_privileges(uid, gid))
         if plan.pidfile:
             write_pidfile(plan.pidfile)
         drop_privileges(uid, gid)

@@ -44,6 +44,16 @@ def test_postgreys_units_and_defaults():
             parse(bad)
 
 
+def test_arguments_that_are_no_option_are_ignored_as_postgrey_ignores_them():
+    """Debian's init script always passes "$POSTGREY_TEXT_OPT", an empty argument unless
+    POSTGREY_TEXT is set; postgrey's Getopt::Long leaves such arguments alone."""
+    warnings: list[str] = []
+    plan = parse(["--pidfile=/run/postgrey.pid", "--daemonize", "--inet=10023", ""], warnings.append)
+    assert plan.listen == "localhost:10023" and plan.daemonize and not [w for w in warnings if "argument" in w]
+    parse(["--inet=10023", "stray"], warnings.append)
+    assert "argument 'stray' is not an option: ignored" in warnings[-1]
+
+
 @pytest.mark.skipif(not DEBIAN_WHITELIST.exists(), reason="needs Debian's postgrey package (its whitelists)")
 def test_debians_whitelist_files_read_with_no_unreadable_line():
     from greylist.whitelist import ClientWhitelist, load_recipients
@@ -353,3 +363,102 @@ def test_a_random_stream_of_300_requests_gets_postgreys_answers(tmp_path):
     assert answers["ours"] == answers["postgrey"]
     assert sum(a.startswith("action=DEFER_IF_PERMIT") for a in answers["ours"]) > 20  # both kinds seen
     assert sum(a.startswith("action=PREPEND") for a in answers["ours"]) > 5
+
+
+INIT_SCRIPT = Path("/etc/init.d/postgrey")
+
+
+def _uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for {pid}")
+
+
+def _listening_inode(port: int) -> str:
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+            return fields[9]
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+@pytest.mark.skipif(not (INIT_SCRIPT.exists() and shutil.which("start-stop-daemon")),
+                    reason="needs Debian's postgrey package (its init script) and start-stop-daemon")
+def test_debians_init_script_runs_greylist_postgrey_with_one_path_changed():
+    """Debian's own /etc/init.d/postgrey with DAEMON= pointing at greylist-postgrey (and, for
+    the test, its pid file and defaults file in a scratch directory): start (with its
+    --daemonize, --pidfile and the empty "$POSTGREY_TEXT_OPT" it always passes), reload,
+    stop. The daemon and its syslog forwarder run as postgrey; the forwarder holds neither
+    the listening socket (a restart could not bind) nor the caller's output pipe."""
+    import pwd
+    import sys
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("the init script starts it as root, to become the postgrey user")
+    daemon = Path(sys.executable).parent / "greylist-postgrey"
+    if not daemon.exists():
+        pytest.skip("needs the installed package's greylist-postgrey (make install)")
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # the postgrey user must reach it: pytest's tree is 0700
+    os.chmod(base, 0o755)
+    (base / "db").mkdir()
+    shutil.chown(base / "db", "postgrey")
+    port = free_port()
+    (base / "default").write_text(f'POSTGREY_OPTS="--inet=127.0.0.1:{port} --dbdir={base}/db --delay=1"\n'
+                                  '#POSTGREY_TEXT="Your customized rejection message here"\n')
+    script = INIT_SCRIPT.read_text()
+    for old, new in (("DAEMON=/usr/sbin/postgrey\n", f"DAEMON={daemon}\n"),
+                     ("PIDFILE=/var/run/$DAEMON_NAME.pid", f"PIDFILE={base}/postgrey.pid"),
+                     ("/etc/default/$DAEMON_NAME", f"{base}/default")):
+        assert old in script, f"Debian's init script changed: no {old!r}"
+        script = script.replace(old, new)
+    (base / "postgrey.init").write_text(script)
+    postgrey_uid = pwd.getpwnam("postgrey").pw_uid
+
+    def init(action: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["sh", str(base / "postgrey.init"), action], capture_output=True, text=True,
+                              timeout=60, env=base_env())
+
+    pid = None
+    try:
+        started = init("start")  # returns: nothing of ours keeps its output pipes open
+        assert started.returncode == 0, started.stderr
+        deadline = time.monotonic() + 20
+        while not (base / "postgrey.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pid = int((base / "postgrey.pid").read_text())
+        start(["true"], port)  # waits until it answers on the port
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert ask(s, client_address="192.0.2.5") == \
+                "action=DEFER_IF_PERMIT Greylisted, see http://postgrey.schweikert.ch/help/example.net.html"
+        forwarders = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                      and f"PPid:\t{pid}\n" in Path(p, "status").read_text()]
+        assert len(forwarders) == 1, forwarders
+        assert _uid(pid) == postgrey_uid and _uid(forwarders[0]) == postgrey_uid
+        listener = f"socket:[{_listening_inode(port)}]"
+        held = [os.readlink(fd) for fd in Path(f"/proc/{forwarders[0]}/fd").iterdir()]
+        assert listener not in held, held
+
+        assert init("reload").returncode == 0
+        time.sleep(1.1)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            assert ask(s, client_address="192.0.2.5").startswith("action=PREPEND X-Greylist: delayed 1 seconds")
+
+        stopped = init("stop")
+        assert stopped.returncode == 0, stopped.stderr
+        assert not Path(f"/proc/{pid}").exists()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{forwarders[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # it reads the last lines, then ends
+        assert not Path(f"/proc/{forwarders[0]}").exists()
+        pid = None
+        with socket.socket() as again:  # the port is free for the next start
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(("127.0.0.1", port))
+    finally:
+        if pid is None and (base / "postgrey.pid").exists():
+            pid = int((base / "postgrey.pid").read_text())  # failed before it was read
+        if pid is not None and Path(f"/proc/{pid}").exists():
+            os.kill(pid, 15)
+        shutil.rmtree(base, ignore_errors=True)
