@@ -383,8 +383,10 @@ def _listening_inode(port: int) -> str:
     raise AssertionError(f"nothing listens on port {port}")
 
 
-@pytest.mark.skipif(not (INIT_SCRIPT.exists() and shutil.which("start-stop-daemon")),
-                    reason="needs Debian's postgrey package (its init script) and start-stop-daemon")
+@pytest.mark.skipif(not (INIT_SCRIPT.exists() and shutil.which("start-stop-daemon")
+                         and Path("/lib/lsb/init-functions").exists()),
+                    reason="needs Debian's postgrey package (its init script), start-stop-daemon and "
+                           "/lib/lsb/init-functions (sysvinit-utils)")
 def test_debians_init_script_runs_greylist_postgrey_with_one_path_changed():
     """Debian's own /etc/init.d/postgrey with DAEMON= pointing at greylist-postgrey (and, for
     the test, its pid file and defaults file in a scratch directory): start (with its
