@@ -83,7 +83,7 @@ def run_replay(argv: list[str]) -> int:
         for i, (label, config) in enumerate(policies_for(args)):
             if config.keying.needs_envelope and len(events[0]) < 4:
                 raise SimulateError("logs of connections carry no envelope: replay with --key ip or subnet "
-                                    "(postgrey's log carries it: --format postgrey)")
+                                    "(postgrey's log and our policy servers' logs carry it)")
             with factory.open(i) as store:
                 check_whitelist(config)  # an unreadable whitelist stops the replay before it runs
                 server = replay(events, config, store, model, drain=not args.no_drain,

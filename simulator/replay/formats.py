@@ -8,8 +8,11 @@ Formats (``--format``, or ``auto`` to detect from the first lines):
 - ``postfix``: ``postfix/smtpd[PID]: connect from NAME[IP]`` syslog lines (no
   year in the stamp: ``--year``, and a year is added when the months wrap).
 - ``wrapper``: our own ``greylist-wrap: ... ip=IP verdict=...`` lines (and
-  ``greylist serve``'s), stamped as tcpserver's; in shadow mode they also
-  carry ``shadow=tempfail|pass``, kept in :attr:`ParsedLog.shadow`.
+  ``greylist serve``'s, ``greylist policyd``'s and ``greylist postgrey``'s),
+  stamped as tcpserver's or by syslog; in shadow mode they also carry
+  ``shadow=tempfail|pass``, kept in :attr:`ParsedLog.shadow`. Where every
+  decision line shows the envelope (``from=``, ``to=``: the policy servers,
+  one line a recipient), the events carry it, so triplet keys can be replayed.
 - ``postgrey``: postgrey's own ``action=greylist, reason=new, client_name=...,
   client_address=..., sender=..., recipient=...`` lines, one a request: the
   envelope is there, so triplet keys can be replayed, and the log already
@@ -50,7 +53,10 @@ _POSTFIX_GREYLISTED = re.compile(r"postfix(?:/[\w.-]+)*/smtpd\[\d+\]: (?:[0-9A-F
                                  r"from .*: 4\d\d .*greylist", re.IGNORECASE)
 _POSTFIX_REJECT = re.compile(r"postfix(?:/[\w.-]+)*/smtpd\[\d+\]: (?:[0-9A-F]+|NOQUEUE): reject: "
                              r"(?:RCPT|MAIL|DATA|CONNECT|EHLO|HELO) from [^\[\s]*\[([^\]]+)\]: 5")
-_WRAPPER = re.compile(r"greylist-(?:wrap|serve): (.*)$")
+_WRAPPER = re.compile(r"greylist-(?:wrap|serve|policyd|postgrey): (.*)$")
+#: one field of our own log lines (greylist.service.log_line): a plain value, or a quoted
+#: one with Python's escapes (\\, \", \xNN, \uNNNN, \UNNNNNNNN)
+_FIELD = re.compile(r'([^\s="]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
 _POSTGREY = re.compile(r"postgrey(?:\[\d+\])?: action=(greylist|pass), (.*)$")
 
 
@@ -157,7 +163,7 @@ def detect(sample: list[str]) -> str:
             scores["tcpserver"] += 1
         if "/smtpd[" in s and "connect from" in s:
             scores["postfix"] += 1
-        if ("greylist-wrap:" in s or "greylist-serve:" in s) and " ip=" in s:
+        if _WRAPPER.search(s) and " ip=" in s:
             scores["wrapper"] += 2  # beats tcpserver when both appear in one log
         if "postgrey" in s and "action=" in s and "client_address=" in s:
             scores["postgrey"] += 2
@@ -257,16 +263,40 @@ def _postfix(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
                 pass
 
 
+def our_fields(text: str) -> dict[str, str]:
+    """The fields of one of our own log lines, quoted values read back (the reverse of
+    greylist.service.log_line); text that is no field is passed over."""
+    fields = {}
+    for m in _FIELD.finditer(text):
+        name, value = m.groups()
+        if value[:1] == '"':
+            try:
+                value = value[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape")
+            except UnicodeDecodeError:
+                value = value[1:-1]
+        fields[name] = value
+    return fields
+
+
 def _wrapper(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+    envelopes = True  # every decision line shows the envelope (a policy server's log)
     for number, t, rest in _stamped(lines, out, stamps):
         m = _WRAPPER.search(rest)
-        fields = dict(part.split("=", 1) for part in m.group(1).split() if "=" in part) if m else {}
-        if not m or fields.get("verdict") == "error" or "started" in fields:
-            out.ignored += 1
+        fields = our_fields(m.group(1)) if m else {}
+        if not m or fields.get("verdict") in (None, "error") or "started" in fields or (
+                "ip" not in fields and "to" not in fields):
+            out.ignored += 1  # start-up, reload, refusal lines; a request outside RCPT
         elif not _event(out, number, t, fields.get("ip", "")):
             out.bad[-1] = (number, "no valid ip= field")
-        elif "shadow" in fields:
-            out.shadow.append((t, out.events[-1][1], fields["shadow"], fields.get("reason", "")))
+        else:
+            if "to" in fields:
+                out.events[-1] += (fields.get("from", "<>"), fields["to"])
+            else:
+                envelopes = False
+            if "shadow" in fields:
+                out.shadow.append((t, out.events[-1][1], fields["shadow"], fields.get("reason", "")))
+    if not envelopes:  # a wrapper's log, or one mixed: connections only
+        out.events = [event[:2] for event in out.events]
 
 
 def _postgrey(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:

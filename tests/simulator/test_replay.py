@@ -9,6 +9,7 @@ import sys
 from datetime import datetime, timezone
 
 import pytest
+from hypothesis import given, strategies as st
 
 from greylist.config import Config
 from greylist.stores.memory import MemoryStore
@@ -360,3 +361,83 @@ def test_a_postfix_log_of_a_server_that_greylists_gets_no_invented_retries(tmp_p
         [sys.executable, "-m", "simulator.cli", "replay", str(path), "--year", "2026", "--json", "-", "--quiet"],
         capture_output=True, text=True, timeout=60).stdout)
     assert report["run"]["retry_model"] == "none" and report["run"]["greylisting_rejections"] == 1
+
+
+def test_our_policy_servers_lines_replay_with_their_envelopes():
+    """greylist policyd's lines (one a recipient, with from= and to=) and greylist postgrey's
+    through syslog (its --daemonize forwarder logs as postgrey[PID]): the events carry the
+    envelope, quoted values read back; lines that decide nothing are ignored."""
+    text = (
+        "Mar  2 09:00:00 mx greylist[7]: greylist-policyd: started=127.0.0.1:10023 store=sqlite:///x\n"
+        "Mar  2 09:00:01 mx greylist[7]: greylist-policyd: ip=192.0.2.1 from=a@example.org "
+        "to=b@example.net verdict=tempfail reason=new age=0 retry_in=300\n"
+        'Mar  2 09:00:02 mx greylist[7]: greylist-policyd: ip=192.0.2.2 from="odd \\"one\\"\\x07@example.org" '
+        "to=c@example.net verdict=pass shadow=tempfail reason=new age=0\n"
+        'Mar  2 09:00:03 mx greylist[7]: greylist-policyd: verdict=pass reason="not at RCPT (DATA)"\n'
+        'Mar  2 09:00:04 mx greylist[7]: greylist-policyd: refused="connection limit" limit=4000\n'
+        "Mar  2 09:05:02 mx postgrey[9]: greylist-postgrey: ip=192.0.2.1 from=a@example.org "
+        "to=b@example.net verdict=pass reason=passed age=301\n")
+    log = parse(io.StringIO(text), "auto", year=2026, tz=timezone.utc)
+    assert log.format == "wrapper" and not log.bad and log.ignored == 3
+    assert log.events == [(T0 + 1, "192.0.2.1", "a@example.org", "b@example.net"),
+                          (T0 + 2, "192.0.2.2", 'odd "one"\x07@example.org', "c@example.net"),
+                          (T0 + 302, "192.0.2.1", "a@example.org", "b@example.net")]
+    assert log.shadow == [(T0 + 2, "192.0.2.2", "tempfail", "new")]
+
+
+def test_a_log_mixing_lines_with_and_without_the_envelope_replays_connections():
+    text = (f"{tai(T0)} greylist-wrap: pid=5 ip=192.0.2.1 verdict=tempfail reason=new age=0\n"
+            f"{tai(T0 + 1)} greylist-policyd: ip=192.0.2.2 from=a@x to=b@y verdict=tempfail reason=new age=0\n")
+    assert parse(io.StringIO(text), "auto").events == [(T0, "192.0.2.1"), (T0 + 1, "192.0.2.2")]
+
+
+@given(st.dictionaries(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8),
+                       st.text(max_size=40), max_size=6))
+def test_our_log_lines_read_back_as_written(fields):
+    """The reader is the writer's reverse (greylist.service.log_line), whatever a client put
+    into a value: spaces, quotes, '=', backslashes, controls, any character."""
+    from greylist.service import log_line
+    from simulator.replay.formats import our_fields
+
+    line = log_line("greylist-policyd", fields).decode("ascii")
+    assert line.endswith("\n") and "\n" not in line[:-1]
+    assert our_fields(line.removeprefix("greylist-policyd: ")) == fields
+
+
+def test_replay_of_a_real_policy_servers_log_with_triplet_keys(tmp_path):
+    """greylist policyd's own stderr, stamped as syslog stamps it, replayed with triplet keys."""
+    from benchmarks.redis_server import free_port
+    from conftest import base_env
+    from simulator.commands import command
+    import socket
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen([*command("greylist"), "policyd", "--listen", f"127.0.0.1:{port}", "--store",
+                             f"sqlite://{tmp_path}/g.db", "--key", "triplet", "--delay", "1"],
+                            env=base_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stderr.readline(), proc.stderr.readline()  # started; listening on
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            for client, sender, wait in (("192.0.2.1", "a@example.org", 0), ("192.0.2.2", "c@example.org", 1.1),
+                                         ("192.0.2.1", "a@example.org", 0)):
+                time.sleep(wait)
+                s.sendall(f"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={client}\n"
+                          f"sender={sender}\nrecipient=b@example.net\n\n".encode())
+                assert s.recv(4096).startswith(b"action=")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    lines = [line for line in err.splitlines() if " ip=" in line]
+    assert len(lines) == 3, err
+    stamp = datetime.fromtimestamp(T0, timezone.utc)
+    log = tmp_path / "mail.log"
+    log.write_text("".join(f"{stamp:%b %d %H:%M}:{i * 2:02d} mx greylist[1]: {line}\n"
+                           for i, line in enumerate(lines)))
+    result = subprocess.run([sys.executable, "-m", "simulator.cli", "replay", str(log), "--key", "triplet",
+                             "--delay", "1", "--tz", "UTC", "--year", "2026", "--json", "-", "--quiet"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    run = json.loads(result.stdout)["run"]
+    assert run["format"] == "wrapper" and run["logged_connections"] == 3 and run["bad_lines"] == 0
+    assert run["retry_model"] == "none"  # an enforcing server's log holds its retries
