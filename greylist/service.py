@@ -446,8 +446,9 @@ def _text(value: object) -> str:
 
 
 def _escape(c: str) -> str:
-    """A character of a quoted log value: controls and non-ASCII as escapes, so a value
-    (a sender's address, say) can never start a line of its own."""
+    """A character of a quoted log value: controls and non-ASCII as escapes (Python's, so
+    a reader gets the value back), so a value (a sender's address, say) can never start a
+    line of its own."""
     if c == "\\" or c == '"':
         return "\\" + c
     if " " <= c <= "~":

@@ -48,6 +48,6 @@ def test_the_contrib_postgrey_unit_is_debians_with_one_path_changed():
     ours = (Path(__file__).resolve().parent.parent / "contrib" / "greylist-postgrey.service").read_text()
     lines = [line for line in ours.splitlines() if not line.startswith("#")]
     expected = debian.read_text().replace("/usr/sbin/postgrey", "/opt/greylist/bin/greylist-postgrey")
-    added = {"ExecReload=/bin/kill -HUP $MAINPID"}
+    added = {"ExecReload=/bin/kill -HUP $MAINPID", "SyslogIdentifier=postgrey", "SyslogFacility=mail"}
     assert [line for line in lines if line not in added] == expected.splitlines()
     assert added <= set(lines)

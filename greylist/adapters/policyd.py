@@ -216,9 +216,15 @@ def answer(greylister, attrs: dict[str, str], replies: Replies = OUR_REPLIES) ->
     return reply, outcome.fields()
 
 
-def _safe_line(program: str, fields: dict[str, object], exc: Exception) -> bytes:
+def _safe_line(line_format, program: str, fields: dict[str, object], exc: Exception) -> bytes:
+    """A line that could not be formatted with the others: each alone, in our own format if
+    need be, or a line saying so (never the window's other lines lost with it)."""
     try:
-        return log_line(program, fields)
+        return line_format(program, fields)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        return log_line(program, {k: v for k, v in fields.items() if not k.startswith("_")})
     except Exception:  # noqa: BLE001
         return log_line(program, {"verdict": "error", "error": f"internal error {type(exc).__name__}: "
                                   "a log line could not be written"})
@@ -267,8 +273,13 @@ class PolicyServer:
 
     def __init__(self, listener: socket.socket, config, where: str, idle_timeout: float = IDLE_TIMEOUT,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, replies: Replies = OUR_REPLIES,
-                 quiet: bool = False, test_time: bool = False, one_request: bool = False) -> None:
+                 quiet: bool = False, test_time: bool = False, one_request: bool = False,
+                 line_format=None, program: str = "greylist-policyd") -> None:
         self.replies = replies
+        #: how a request's log line is written: ours (log_line), or postgrey's words for
+        #: greylist postgrey (given the request itself, as field "_request")
+        self.line_format = line_format or log_line
+        self.request_in_log = line_format is not None
         self.one_request = one_request  # postgrey --exim: Exim opens a connection per query
         self.quiet = quiet
         # postgrey's policy_test_time attribute, for differential tests only: a client that
@@ -281,7 +292,7 @@ class PolicyServer:
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.greylister = Greylister(config, clock=self.clock, commit_window=COMMIT_WINDOW, in_rounds=True)
-        self.program = "greylist-policyd"
+        self.program = program
         self.lines: list[dict[str, object]] = []  # log lines (their fields) of this window
         self.log_timer = None
         self.clients: dict[Client, None] = {}  # in order of arrival
@@ -328,9 +339,10 @@ class PolicyServer:
             return
         lines, self.lines = self.lines, []
         try:
-            data = b"".join([log_line(self.program, fields) for fields in lines])
+            line_format = self.line_format
+            data = b"".join([line_format(self.program, fields) for fields in lines])
         except Exception as exc:  # noqa: BLE001 - a field that cannot be written: our bug, said once
-            data = b"".join(_safe_line(self.program, fields, exc) for fields in lines)
+            data = b"".join(_safe_line(self.line_format, self.program, fields, exc) for fields in lines)
         self.log_writer.write(data)
 
     def clock(self) -> float:
@@ -349,6 +361,8 @@ class PolicyServer:
             return "action=DUNNO", {"verdict": "error", "error": f"internal error {type(exc).__name__}: {exc}"}
         if "_truncated" in attrs:
             fields["truncated"] = attrs["_truncated"]
+        if self.request_in_log:
+            fields["_request"] = attrs
         self.greylister.flush_in_time(self.loop)
         return reply, fields
 
@@ -481,13 +495,15 @@ def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o
 
 def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, replies: Replies = OUR_REPLIES,
           backlog: int | None = None, socket_mode: int = 0o660, quiet: bool = False, after_bind=None,
-          program: str = "greylist-policyd", test_time: bool = False, one_request: bool = False) -> int:
+          program: str = "greylist-policyd", test_time: bool = False, one_request: bool = False,
+          line_format=None) -> int:
     """Listen, then (``after_bind``: drop privileges, daemonize) serve until SIGTERM."""
     limit = raise_descriptor_limit()
     max_connections = max(1, min(max_connections, limit - 64))
     sock, where = make_listener(listen, backlog, socket_mode)
     server = PolicyServer(sock, config, where, max_connections=max_connections, replies=replies, quiet=quiet,
-                          test_time=test_time, one_request=one_request)
+                          test_time=test_time, one_request=one_request, line_format=line_format,
+                          program=program)
     server.greylister.prepare()  # before after_bind() may drop privileges
     if after_bind is not None:
         after_bind()

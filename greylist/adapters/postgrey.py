@@ -29,6 +29,7 @@ import sys
 
 from greylist import __version__
 from greylist.config import ConfigError, load
+from greylist.service import log_line
 
 POSTGREY_VERSION = "1.37"
 CONFIG_DIR = "/etc/postgrey"
@@ -77,6 +78,48 @@ class Plan:
         self.test_time = False  # honour policy_test_time (differential tests against postgrey only)
         self.one_request = False  # --exim: one request per connection
         self.help = False
+
+
+#: our reasons for a decision, in postgrey's words (its log's action= and reason=)
+POSTGREY_REASONS = {"new": ("greylist", "new"), "known": ("pass", "triplet found"),
+                    "passed": ("pass", "triplet found"), "auto-whitelisted": ("pass", "client AWL"),
+                    "whitelisted": ("pass", "client whitelist"),
+                    "whitelisted-recipient": ("pass", "recipient whitelist")}
+
+
+def postgrey_line(program: str, fields: dict) -> bytes:
+    """A decision's log line as postgrey writes it (``[QUEUE_ID: ]action=greylist,
+    reason=new, client_name=..., client_address=..., sender=..., recipient=...``), so
+    that Debian's logcheck rules, an admin's habits and ``simulate replay --format
+    postgrey`` keep working; it goes to syslog as ``postgrey[PID]:`` (--daemonize, or a
+    unit's SyslogIdentifier). Anything postgrey has no words for (errors, shadow mode,
+    start-up) is our own line. The request's values are postgrey's (as Postfix sent
+    them), anything unprintable written %XX as Net::Server writes postgrey's: a log line is
+    never split or forged."""
+    request = fields.get("_request") or {}
+    reason = fields.get("reason")
+    if "shadow" in fields or fields.get("verdict") not in ("pass", "tempfail") or not request or (
+            reason not in POSTGREY_REASONS and reason != "too-soon"):
+        return log_line(program, {k: v for k, v in fields.items() if k != "_request"})
+    if reason == "too-soon":
+        action, words = "greylist", f"early-retry ({max(0, int(float(fields.get('retry_in', 0)) + 0.999))}s missing)"
+    else:
+        action, words = POSTGREY_REASONS[reason]
+    info = [f"action={action}", f"reason={words}"]
+    if reason == "passed":
+        info.append(f"delay={int(float(fields.get('age', 0)))}")
+    for name in ("client_name", "client_address", "sender", "recipient"):
+        value = request.get(name)
+        if value and value != "0":  # Perl's truth, as postgrey tests it
+            info.append(f"{name}={value}")
+    line = ", ".join(info)
+    queue_id = request.get("queue_id")
+    if queue_id and queue_id != "0":
+        line = f"{queue_id}: {line}"
+    if not (line.isascii() and line.isprintable()):  # as Net::Server writes postgrey's log
+        line = "".join(c if " " <= c <= "~" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "replace"))
+                       for c in line)
+    return (line + "\n").encode("ascii")
 
 
 def _whole(value: str, option: str) -> int:
@@ -346,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(plan.listen, config, replies=replies, backlog=plan.backlog, socket_mode=plan.socket_mode,
                      quiet=plan.quiet, after_bind=after_bind, program="greylist-postgrey",
-                     test_time=plan.test_time, one_request=plan.one_request)
+                     test_time=plan.test_time, one_request=plan.one_request, line_format=postgrey_line)
     except OSError as exc:
         sys.stderr.write(f"greylist postgrey: ERROR: cannot listen on {plan.listen}: {exc}\n")
         return 1

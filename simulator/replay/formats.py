@@ -14,9 +14,11 @@ Formats (``--format``, or ``auto`` to detect from the first lines):
   decision line shows the envelope (``from=``, ``to=``: the policy servers,
   one line a recipient), the events carry it, so triplet keys can be replayed.
 - ``postgrey``: postgrey's own ``action=greylist, reason=new, client_name=...,
-  client_address=..., sender=..., recipient=...`` lines, one a request: the
-  envelope is there, so triplet keys can be replayed, and the log already
-  holds the real retries (the retry model defaults to none).
+  client_address=..., sender=..., recipient=...`` lines, one a request (and
+  ``greylist postgrey``'s, which decides in the same words, with or without
+  syslog's ``postgrey[PID]:``): the envelope is there, so triplet keys can be
+  replayed, and the log already holds the real retries (the retry model
+  defaults to none).
 - ``jsonl``: one JSON object a line, ``{"time": 1767571200.5, "ip": "192.0.2.1"}``;
   time is unix seconds or an ISO 8601 string; other fields are ignored.
 - ``csv``: a header line naming ``time`` and ``ip`` columns, then rows.
@@ -57,7 +59,9 @@ _WRAPPER = re.compile(r"greylist-(?:wrap|serve|policyd|postgrey): (.*)$")
 #: one field of our own log lines (greylist.service.log_line): a plain value, or a quoted
 #: one with Python's escapes (\\, \", \xNN, \uNNNN, \UNNNNNNNN)
 _FIELD = re.compile(r'([^\s="]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
-_POSTGREY = re.compile(r"postgrey(?:\[\d+\])?: action=(greylist|pass), (.*)$")
+#: postgrey's lines through syslog (postgrey[PID]: ...), or greylist postgrey's as it writes
+#: them to stderr (multilog); a Postfix queue id may come first
+_POSTGREY = re.compile(r"(?:^|\s)(?:[0-9A-Za-z]+: )?action=(greylist|pass), (.*)$")
 
 
 class LogError(ValueError):
@@ -165,7 +169,7 @@ def detect(sample: list[str]) -> str:
             scores["postfix"] += 1
         if _WRAPPER.search(s) and " ip=" in s:
             scores["wrapper"] += 2  # beats tcpserver when both appear in one log
-        if "postgrey" in s and "action=" in s and "client_address=" in s:
+        if "action=" in s and "client_address=" in s and _POSTGREY.search(s):
             scores["postgrey"] += 2
     first = next((line for line in sample if line.strip()), "")
     if "," in first and {"time", "ip"} <= {c.strip().lower() for c in first.split(",")}:

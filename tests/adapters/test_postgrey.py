@@ -79,8 +79,9 @@ def ask(sock: socket.socket, t: float | None = None, **attrs: str) -> str:
     return data.decode().strip()
 
 
-def start(cmd: list[str], port: int, env=None) -> subprocess.Popen:
-    log = open(os.devnull, "w") if cmd[0] == POSTGREY else subprocess.PIPE  # postgrey logs a lot: never a full pipe
+def start(cmd: list[str], port: int, env=None, log_file: Path | None = None) -> subprocess.Popen:
+    # postgrey logs a lot (to stderr unless it daemonizes): never into a pipe nobody reads
+    log = open(log_file or os.devnull, "w") if cmd[0] == POSTGREY else subprocess.PIPE
     proc = subprocess.Popen(cmd, env=env or base_env(), stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -158,6 +159,9 @@ DELIBERATE = {
     # triplets to postgrey, so its first-seen time, and the header's seconds, differ
     10: "the null sender as <> and as the empty string is one sender",
 }
+#: in the log the same difference shows one request earlier: "" after "<>" is a new triplet
+#: to postgrey (reason=new), an early retry to us (both greylist it)
+DELIBERATE_IN_LOG = {**DELIBERATE, 9: DELIBERATE[10]}
 
 
 def normalise(reply: str) -> str:
@@ -171,13 +175,16 @@ def normalise(reply: str) -> str:
 @pytest.mark.parametrize("options", [[], ["--privacy"]])
 def test_the_same_request_stream_gets_the_same_answers_as_the_real_postgrey(tmp_path, options):
     """Differential: both servers on one stream, their clocks moved by policy_test_time;
-    with --privacy too, and then our database holds no address, only hashes."""
+    with --privacy too, and then our database holds no address, only hashes. Their log
+    lines too: ours are postgrey's, word for word, and Debian's logcheck rules for
+    postgrey pass over them as over postgrey's own."""
     if os.geteuid() != 0:
         pytest.skip("postgrey runs as its own user: needs root to start it here")
     import tempfile
 
     t0 = 1_800_000_000
     answers = {}
+    logs = {}
     base = Path(tempfile.mkdtemp(dir="/tmp"))  # the postgrey user must reach it: pytest's tree is 0700
     os.chmod(base, 0o755)
     for name in ("postgrey", "ours"):
@@ -186,16 +193,21 @@ def test_the_same_request_stream_gets_the_same_answers_as_the_real_postgrey(tmp_
         shutil.chown(directory, "postgrey")
         port = free_port()
         if name == "postgrey":
-            proc = start([POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}", *options], port)
+            proc = start([POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}", *options], port,
+                         log_file=base / "postgrey.log")
         else:
             proc = start([*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={directory}",
                           "--accept-test-time", *options], port)
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                answers[name] = [normalise(ask(s, t0 + dt, client_address=ip, sender=sender, recipient=rcpt))
-                                 for dt, ip, sender, rcpt in STREAM]
+                answers[name] = [normalise(ask(s, t0 + dt, client_address=ip, sender=sender, recipient=rcpt,
+                                               client_name="unknown" if n % 3 else "mx.example.org",
+                                               **({"queue_id": f"4F2A{n}"} if n % 4 == 1 else {})))
+                                 for n, (dt, ip, sender, rcpt) in enumerate(STREAM)]
         finally:
             stop(proc)
+        text = (base / "postgrey.log").read_text() if name == "postgrey" else proc.stderr.read()
+        logs[name] = [line for line in text.splitlines() if "action=" in line]
     if options:
         import sqlite3
 
@@ -208,6 +220,24 @@ def test_the_same_request_stream_gets_the_same_answers_as_the_real_postgrey(tmp_
     assert set(differences) == set(DELIBERATE), differences
     # every action (greylist or pass) is the same; only the header's seconds differ, where deliberate
     assert all(a.split(":")[0] == b.split(":")[0] for _, a, b in differences.values())
+    assert len(logs["postgrey"]) == len(logs["ours"]) == len(STREAM), logs
+    differences = {i: (a, b) for i, (a, b) in enumerate(zip(logs["postgrey"], logs["ours"])) if a != b}
+    assert set(differences) == set(DELIBERATE_IN_LOG), differences
+    probe = logs["postgrey"][:1] + ["action=greylist, client_address=192.0.2.1"]  # no reason=: reported
+    assert ignored_by_logcheck(probe) == probe[:1]
+    assert ignored_by_logcheck(logs["ours"]) == logs["ours"]
+
+
+LOGCHECK_RULES = Path("/etc/logcheck/ignore.d.server/postgrey")
+
+
+def ignored_by_logcheck(lines: list[str]) -> list[str]:
+    """The lines, as syslog writes them (postgrey[PID]: ...), that Debian's logcheck rules for
+    postgrey pass over: egrep -f, as logcheck runs them (they come with the postgrey package)."""
+    stamped = [f"Nov 26 12:00:00 mx postgrey[4242]: {line}" for line in lines]
+    kept = subprocess.run(["grep", "-E", "-f", str(LOGCHECK_RULES)], input="\n".join(stamped) + "\n",
+                          capture_output=True, text=True).stdout.splitlines()
+    return [line for line, full in zip(lines, stamped) if full in kept]
 
 
 def migrate(base: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
@@ -464,3 +494,28 @@ def test_debians_init_script_runs_greylist_postgrey_with_one_path_changed():
         if pid is not None and Path(f"/proc/{pid}").exists():
             os.kill(pid, 15)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_decisions_are_logged_in_postgreys_words_and_the_rest_in_ours():
+    from greylist.adapters.postgrey import postgrey_line
+
+    request = {"client_address": "192.0.2.5", "client_name": "0", "sender": "", "recipient": "b@example.net",
+               "queue_id": "4F2A"}
+
+    def line(**fields) -> str:
+        return postgrey_line("greylist-postgrey", {"ip": "192.0.2.5", "age": 0, **fields,
+                                                   "_request": fields.get("_request", request)}).decode()
+
+    # client_name "0" and an empty sender are left out, as Perl's truth leaves them out
+    assert line(verdict="pass", reason="auto-whitelisted") == \
+        "4F2A: action=pass, reason=client AWL, client_address=192.0.2.5, recipient=b@example.net\n"
+    assert "reason=client whitelist," in line(verdict="pass", reason="whitelisted")
+    assert "reason=recipient whitelist," in line(verdict="pass", reason="whitelisted-recipient")
+    assert "reason=early-retry (17s missing)," in line(verdict="tempfail", reason="too-soon", retry_in=16.2)
+    assert line(verdict="tempfail", reason="new", _request={**request, "sender": "a\x01\u00e9\nx@y"}) == \
+        "4F2A: action=greylist, reason=new, client_address=192.0.2.5, sender=a%01%C3%A9%0Ax@y, " \
+        "recipient=b@example.net\n"  # as Net::Server writes postgrey's log: never a second line
+    # what postgrey has no words for: our own line (and never the request's dict in it)
+    for ours in (line(verdict="pass", shadow="tempfail", reason="new"),
+                 line(verdict="pass", reason="store-error"), line(verdict="error", error="no client_address")):
+        assert ours.startswith("greylist-postgrey: ip=192.0.2.5 ") and "_request" not in ours, ours

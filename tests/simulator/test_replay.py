@@ -365,8 +365,8 @@ def test_a_postfix_log_of_a_server_that_greylists_gets_no_invented_retries(tmp_p
 
 def test_our_policy_servers_lines_replay_with_their_envelopes():
     """greylist policyd's lines (one a recipient, with from= and to=) and greylist postgrey's
-    through syslog (its --daemonize forwarder logs as postgrey[PID]): the events carry the
-    envelope, quoted values read back; lines that decide nothing are ignored."""
+    shadow-mode lines through syslog (its --daemonize forwarder logs as postgrey[PID]): the
+    events carry the envelope, quoted values read back; lines that decide nothing are ignored."""
     text = (
         "Mar  2 09:00:00 mx greylist[7]: greylist-policyd: started=127.0.0.1:10023 store=sqlite:///x\n"
         "Mar  2 09:00:01 mx greylist[7]: greylist-policyd: ip=192.0.2.1 from=a@example.org "
@@ -376,13 +376,13 @@ def test_our_policy_servers_lines_replay_with_their_envelopes():
         'Mar  2 09:00:03 mx greylist[7]: greylist-policyd: verdict=pass reason="not at RCPT (DATA)"\n'
         'Mar  2 09:00:04 mx greylist[7]: greylist-policyd: refused="connection limit" limit=4000\n'
         "Mar  2 09:05:02 mx postgrey[9]: greylist-postgrey: ip=192.0.2.1 from=a@example.org "
-        "to=b@example.net verdict=pass reason=passed age=301\n")
+        "to=b@example.net verdict=pass shadow=pass reason=passed age=301\n")
     log = parse(io.StringIO(text), "auto", year=2026, tz=timezone.utc)
     assert log.format == "wrapper" and not log.bad and log.ignored == 3
     assert log.events == [(T0 + 1, "192.0.2.1", "a@example.org", "b@example.net"),
                           (T0 + 2, "192.0.2.2", 'odd "one"\x07@example.org', "c@example.net"),
                           (T0 + 302, "192.0.2.1", "a@example.org", "b@example.net")]
-    assert log.shadow == [(T0 + 2, "192.0.2.2", "tempfail", "new")]
+    assert log.shadow == [(T0 + 2, "192.0.2.2", "tempfail", "new"), (T0 + 302, "192.0.2.1", "pass", "passed")]
 
 
 def test_a_log_mixing_lines_with_and_without_the_envelope_replays_connections():
@@ -441,3 +441,17 @@ def test_replay_of_a_real_policy_servers_log_with_triplet_keys(tmp_path):
     run = json.loads(result.stdout)["run"]
     assert run["format"] == "wrapper" and run["logged_connections"] == 3 and run["bad_lines"] == 0
     assert run["retry_model"] == "none"  # an enforcing server's log holds its retries
+
+
+def test_greylist_postgreys_own_lines_on_stderr_replay_as_postgreys():
+    """greylist postgrey logs decisions in postgrey's words; on stderr (multilog) they have no
+    postgrey[PID]: in front, and a Postfix queue id may come first."""
+    text = (f"{tai(T0)} greylist-postgrey: started=127.0.0.1:10023 store=sqlite:///x\n"
+            f"{tai(T0 + 1)} action=greylist, reason=new, client_name=unknown, client_address=192.0.2.1, "
+            "sender=a@example.org, recipient=b@example.net\n"
+            f"{tai(T0 + 400)} 4F2A: action=pass, reason=triplet found, delay=399, client_address=192.0.2.1, "
+            "sender=a@example.org, recipient=b@example.net\n")
+    log = parse(io.StringIO(text), "auto")
+    assert log.format == "postgrey" and not log.bad and log.ignored == 1
+    assert log.events == [(T0 + 1, "192.0.2.1", "a@example.org", "b@example.net"),
+                          (T0 + 400, "192.0.2.1", "a@example.org", "b@example.net")]
