@@ -112,6 +112,8 @@ def postgrey_line(program: str, fields: dict) -> bytes:
         value = request.get(name)
         if value and value != "0":  # Perl's truth, as postgrey tests it
             info.append(f"{name}={value}")
+    if "truncated" in fields:  # ours: what was cut (postgrey's logcheck rule allows a tail)
+        info.append(f"truncated={fields['truncated']}")
     line = ", ".join(info)
     queue_id = request.get("queue_id")
     if queue_id and queue_id != "0":

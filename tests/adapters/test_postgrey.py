@@ -512,6 +512,9 @@ def test_decisions_are_logged_in_postgreys_words_and_the_rest_in_ours():
     assert "reason=client whitelist," in line(verdict="pass", reason="whitelisted")
     assert "reason=recipient whitelist," in line(verdict="pass", reason="whitelisted-recipient")
     assert "reason=early-retry (17s missing)," in line(verdict="tempfail", reason="too-soon", retry_in=16.2)
+    cut = line(verdict="tempfail", reason="new", truncated="helo_name")
+    assert cut.endswith(", recipient=b@example.net, truncated=helo_name\n")  # a long attribute, cut, said
+    assert ignored_by_logcheck([cut.rstrip("\n")]) or not LOGCHECK_RULES.exists()
     assert line(verdict="tempfail", reason="new", _request={**request, "sender": "a\x01\u00e9\nx@y"}) == \
         "4F2A: action=greylist, reason=new, client_address=192.0.2.5, sender=a%01%C3%A9%0Ax@y, " \
         "recipient=b@example.net\n"  # as Net::Server writes postgrey's log: never a second line
