@@ -339,7 +339,7 @@ def daemonize(facility: str, drop=lambda: None) -> None:
             # line, and the caller's stderr would keep an init script's output pipe open
             os.dup2(null, 2)
             os.closerange(3, read)
-            os.closerange(read + 1, 1 << 30)
+            os.closerange(read + 1, max(os.sysconf("SC_OPEN_MAX"), read + 1))
             drop()
             code = getattr(syslog, f"LOG_{facility.upper()}", syslog.LOG_MAIL)
             syslog.openlog("postgrey", syslog.LOG_PID, code)
