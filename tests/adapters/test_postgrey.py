@@ -83,15 +83,22 @@ def start(cmd: list[str], port: int, env=None, log_file: Path | None = None) -> 
     # postgrey logs a lot (to stderr unless it daemonizes): never into a pipe nobody reads
     log = open(log_file or os.devnull, "w") if cmd[0] == POSTGREY else subprocess.PIPE
     proc = subprocess.Popen(cmd, env=env or base_env(), stdout=subprocess.DEVNULL, stderr=log, text=True)
-    deadline = time.monotonic() + 20
+    if answers_on(port):
+        return proc
+    proc.kill()
+    raise AssertionError(f"{cmd[0]} did not start" + (f": {proc.stderr.read()}" if proc.stderr else ""))
+
+
+def answers_on(port: int, seconds: float = 20) -> bool:
+    """Something accepts connections on the loopback port within ``seconds``."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
+            return True
         except OSError:
             time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"{cmd[0]} did not start" + (f": {proc.stderr.read()}" if proc.stderr else ""))
+    return False
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -405,6 +412,17 @@ def _uid(pid: int) -> int:
     raise AssertionError(f"no Uid line for {pid}")
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"PPid:\t{pid}\n" in (entry / "status").read_text():
+                found.append(int(entry.name))
+        except OSError:
+            pass  # ended meanwhile
+    return found
+
+
 def _listening_inode(port: int) -> str:
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
@@ -460,12 +478,11 @@ def test_debians_init_script_runs_greylist_postgrey_with_one_path_changed():
         while not (base / "postgrey.pid").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         pid = int((base / "postgrey.pid").read_text())
-        start(["true"], port)  # waits until it answers on the port
+        assert answers_on(port)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             assert ask(s, client_address="192.0.2.5") == \
                 "action=DEFER_IF_PERMIT Greylisted, see http://postgrey.schweikert.ch/help/example.net.html"
-        forwarders = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-                      and f"PPid:\t{pid}\n" in Path(p, "status").read_text()]
+        forwarders = _children(pid)
         assert len(forwarders) == 1, forwarders
         assert _uid(pid) == postgrey_uid and _uid(forwarders[0]) == postgrey_uid
         listener = f"socket:[{_listening_inode(port)}]"
