@@ -274,7 +274,7 @@ class PolicyServer:
     def __init__(self, listener: socket.socket, config, where: str, idle_timeout: float = IDLE_TIMEOUT,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, replies: Replies = OUR_REPLIES,
                  quiet: bool = False, test_time: bool = False, one_request: bool = False,
-                 line_format=None, program: str = "greylist-policyd") -> None:
+                 line_format=None, program: str = "greylist-policyd", nightly_expiry: bool = False) -> None:
         self.replies = replies
         #: how a request's log line is written: ours (log_line), or postgrey's words for
         #: greylist postgrey (given the request itself, as field "_request")
@@ -304,6 +304,12 @@ class PolicyServer:
                                  self.read_the_rest)
         self.fresh: list[Client] | None = None  # accepted this round, read once its accepts are done
         self.evicted = 0
+        self.nightly = None  # postgrey's nightly clean-up (greylist postgrey)
+        if nightly_expiry:
+            from greylist.adapters.nightly import NightlyExpiry, needs_expiry
+
+            if needs_expiry(config.store):
+                self.nightly = NightlyExpiry(self.loop, config, self.log)
 
     def internal_error(self, exc: Exception, callback) -> None:
         """A callback raised: a bug of ours. Logged as one; the client it served is
@@ -372,6 +378,8 @@ class PolicyServer:
         loop.add_signal_handler(signal.SIGINT, loop.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.acceptor.resume()
+        if self.nightly is not None:
+            self.nightly.start()
 
     def reload(self) -> None:
         self.greylister.reload()
@@ -449,6 +457,8 @@ class PolicyServer:
             self.loop.run_forever()
         finally:
             self.finish()
+            if self.nightly is not None:
+                self.nightly.close()
             for client in list(self.clients):
                 client.close()
             self.greylister.close()
@@ -496,14 +506,14 @@ def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o
 def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, replies: Replies = OUR_REPLIES,
           backlog: int | None = None, socket_mode: int = 0o660, quiet: bool = False, after_bind=None,
           program: str = "greylist-policyd", test_time: bool = False, one_request: bool = False,
-          line_format=None) -> int:
+          line_format=None, nightly_expiry: bool = False) -> int:
     """Listen, then (``after_bind``: drop privileges, daemonize) serve until SIGTERM."""
     limit = raise_descriptor_limit()
     max_connections = max(1, min(max_connections, limit - 64))
     sock, where = make_listener(listen, backlog, socket_mode)
     server = PolicyServer(sock, config, where, max_connections=max_connections, replies=replies, quiet=quiet,
                           test_time=test_time, one_request=one_request, line_format=line_format,
-                          program=program)
+                          program=program, nightly_expiry=nightly_expiry)
     server.greylister.prepare()  # before after_bind() may drop privileges
     if after_bind is not None:
         after_bind()

@@ -11,7 +11,8 @@ replies (``--greylist-action``, ``--greylist-text`` with ``%s`` and ``%r``,
 :class:`~greylist.adapters.policyd.Replies`. Triplets by /24 (``--ipv4cidr``)
 or /64 (``--ipv6cidr``), or by host with ``--lookup-by-host``; the client
 auto-whitelist counts as postgrey counts. Our settings (``--store``, ``--mode
-shadow``, GREYLIST_* variables) may be added.
+shadow``, GREYLIST_* variables) may be added. Stale entries are removed as postgrey
+removes them, once a night (:mod:`greylist.adapters.nightly`): no cron job to add.
 
 The database is ours, one SQLite file in ``--dbdir`` (``greylist.sqlite``);
 postgrey's own Berkeley DB files are brought over once with ``greylist migrate
@@ -96,6 +97,12 @@ def postgrey_line(program: str, fields: dict) -> bytes:
     start-up) is our own line. The request's values are postgrey's (as Postfix sent
     them), anything unprintable written %XX as Net::Server writes postgrey's: a log line is
     never split or forged."""
+    if fields.get("expire") == "started":  # the nightly clean-up (greylist.adapters.nightly)
+        return b"cleaning up old entries...\n"
+    if fields.get("expire") == "done" and "removed" in fields:
+        scanned = int(fields.get("scanned", 0))
+        return (f"cleaning main database finished. before: {scanned}, "
+                f"after: {scanned - int(fields['removed'])}\n").encode("ascii")
     request = fields.get("_request") or {}
     reason = fields.get("reason")
     if "shadow" in fields or fields.get("verdict") not in ("pass", "tempfail") or not request or (
@@ -391,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(plan.listen, config, replies=replies, backlog=plan.backlog, socket_mode=plan.socket_mode,
                      quiet=plan.quiet, after_bind=after_bind, program="greylist-postgrey",
-                     test_time=plan.test_time, one_request=plan.one_request, line_format=postgrey_line)
+                     test_time=plan.test_time, one_request=plan.one_request, line_format=postgrey_line,
+                     nightly_expiry=True)
     except OSError as exc:
         sys.stderr.write(f"greylist postgrey: ERROR: cannot listen on {plan.listen}: {exc}\n")
         return 1

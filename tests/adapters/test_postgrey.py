@@ -535,6 +535,12 @@ def test_decisions_are_logged_in_postgreys_words_and_the_rest_in_ours():
     assert line(verdict="tempfail", reason="new", _request={**request, "sender": "a\x01\u00e9\nx@y"}) == \
         "4F2A: action=greylist, reason=new, client_address=192.0.2.5, sender=a%01%C3%A9%0Ax@y, " \
         "recipient=b@example.net\n"  # as Net::Server writes postgrey's log: never a second line
+    # the nightly clean-up (greylist.adapters.nightly), as postgrey words its own
+    cleaning = [postgrey_line("greylist-postgrey", {"expire": "started", "pid": 7}).decode().rstrip("\n"),
+                postgrey_line("greylist-postgrey", {"expire": "done", "scanned": 10, "removed": 4}).decode()
+                .rstrip("\n")]
+    assert cleaning == ["cleaning up old entries...", "cleaning main database finished. before: 10, after: 6"]
+    assert ignored_by_logcheck(cleaning) == cleaning or not LOGCHECK_RULES.exists()
     # what postgrey has no words for: our own line (and never the request's dict in it)
     for ours in (line(verdict="pass", shadow="tempfail", reason="new"),
                  line(verdict="pass", reason="store-error"), line(verdict="error", error="no client_address")):
