@@ -250,7 +250,7 @@ def cmd_policyd(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     try:
-        return serve(args.listen, config, args.max_connections)
+        return serve(args.listen, config, args.max_connections, nightly_expiry=args.expire_nightly)
     except (OSError, ValueError) as exc:
         print(f"greylist policyd: cannot listen on {args.listen}: {exc}", file=sys.stderr)
         return 2
@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=4000,
                    help="Postfix connections at once (default 4000, kept below the descriptor limit); "
                         "at the bound the connection idle the longest is closed")
+    p.add_argument("--expire-nightly", action="store_true",
+                   help="remove stale entries itself, as postgrey does (greylist expire as a child, "
+                        "once a night between 02:00 and 07:00): no cron job needed")
     add_setting_options(p, tuple(name for name, *_ in SETTINGS))
     p.set_defaults(func=cmd_policyd)
 
