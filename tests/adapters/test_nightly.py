@@ -79,7 +79,8 @@ def test_only_stores_that_keep_stale_entries_are_cleaned():
     assert not needs_expiry("redis://127.0.0.1:6379/0") and not needs_expiry("memory://")
 
 
-def test_greylist_postgrey_cleans_its_sqlite_store_nightly_and_policyd_when_asked(tmp_path):
+def test_greylist_postgrey_cleans_its_sqlite_store_nightly_and_policyd_when_asked(tmp_path, monkeypatch):
+    from greylist import admin
     from greylist.adapters import policyd, postgrey
     from greylist.adapters.policyd import PolicyServer, make_listener
 
@@ -89,21 +90,12 @@ def test_greylist_postgrey_cleans_its_sqlite_store_nightly_and_policyd_when_aske
         seen.update(options)
         return 0
 
-    original, policyd.serve = policyd.serve, capture
-    try:
-        assert postgrey.main(["--inet=127.0.0.1:0", f"--dbdir={tmp_path}"]) == 0
-    finally:
-        policyd.serve = original
+    monkeypatch.setattr(policyd, "serve", capture)  # both commands import it when they run
+    assert postgrey.main(["--inet=127.0.0.1:0", f"--dbdir={tmp_path}"]) == 0
     assert seen["nightly_expiry"] is True
-    from greylist import admin
-
     for argv, expected in ((["policyd"], False), (["policyd", "--expire-nightly"], True)):
         seen.clear()
-        original, policyd.serve = policyd.serve, capture
-        try:
-            assert admin.main([*argv, "--store", f"sqlite://{tmp_path}/g.db"]) == 0
-        finally:
-            policyd.serve = original
+        assert admin.main([*argv, "--store", f"sqlite://{tmp_path}/g.db"]) == 0
         assert seen["nightly_expiry"] is expected  # greylist policyd: cron, unless asked
     for url, expected in ((f"sqlite://{tmp_path}/g.db", True), ("memory://", False)):
         listener, where = make_listener("127.0.0.1:0")
