@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 
@@ -468,6 +469,45 @@ class PolicyServer:
             self.log_writer.drain(STOP_WAIT)
 
 
+def _clear_unix_path(path: str) -> None:
+    """Make way for our socket at ``path``: a stale socket of an earlier run is removed, but
+    nothing else. Postgrey (Net::Server) unlinks whatever is there; an admin's typo in
+    --unix would delete that file, and a second server would take a live server's socket
+    (the first then serves nobody, and removes the second's socket when it stops).
+    Raises OSError when something other than a stale socket is in the way."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(f"{path} exists and is not a socket; it is left as it is")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        pass  # nobody listens: stale
+    except FileNotFoundError:
+        return  # gone meanwhile
+    except OSError as exc:  # a full queue or a hung server: someone is there
+        raise OSError(f"{path}: a server seems to be listening ({exc.strerror or exc})") from None
+    else:
+        raise OSError(f"another server is listening on {path}")
+    finally:
+        probe.close()
+    os.unlink(path)
+
+
+def _remove_unix_path(path: str, identity: tuple[int, int] | None) -> None:
+    """At exit, our socket's name goes, and only ours (a successor may have bound its own)."""
+    try:
+        st = os.lstat(path)
+        if identity is not None and (st.st_dev, st.st_ino) == identity:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o660) -> tuple[socket.socket, str]:
     """A listening socket on ``HOST:PORT``, ``[IPv6]:PORT`` or ``unix:/path``, and its name.
 
@@ -483,11 +523,18 @@ def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o
             pass
     if listen.startswith("unix:"):
         path = listen[len("unix:"):]
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket of an earlier run
+        _clear_unix_path(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        os.chmod(path, socket_mode)
+        # The socket is born with its mode (no chmod after bind: that follows a link put in
+        # its place meanwhile, as root); a bound socket's mode is 0777 less the umask.
+        mask = os.umask(0o777 & ~socket_mode)
+        try:
+            sock.bind(path)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(mask)
         where = listen
     else:
         host, _, port = listen.rpartition(":")
@@ -511,6 +558,11 @@ def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, r
     limit = raise_descriptor_limit()
     max_connections = max(1, min(max_connections, limit - 64))
     sock, where = make_listener(listen, backlog, socket_mode)
+    unix_path = listen[len("unix:"):] if listen.startswith("unix:") else None
+    identity = None
+    if unix_path is not None:
+        st = os.lstat(unix_path)
+        identity = (st.st_dev, st.st_ino)
     server = PolicyServer(sock, config, where, max_connections=max_connections, replies=replies, quiet=quiet,
                           test_time=test_time, one_request=one_request, line_format=line_format,
                           program=program, nightly_expiry=nightly_expiry)
@@ -527,9 +579,6 @@ def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, r
     except KeyboardInterrupt:
         pass
     finally:
-        if listen.startswith("unix:"):
-            try:
-                os.unlink(listen[len("unix:"):])
-            except OSError:
-                pass
+        if unix_path is not None:
+            _remove_unix_path(unix_path, identity)
     return 0

@@ -88,6 +88,64 @@ def test_unix_socket_and_enhanced_message(policyd, tmp_path):
         "action=DEFER_IF_PERMIT Greylisted, see https://example.org/grey in 60 s"
 
 
+def start_failing(listen: str, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run([*command("greylist"), "policyd", "--listen", listen, "--store", f"file://{tmp_path}/store"],
+                          env=base_env(), capture_output=True, text=True, timeout=30)
+
+
+def test_the_unix_socket_is_born_with_its_mode_and_only_its_own_name_is_removed_at_exit(policyd, tmp_path):
+    path = tmp_path / "policy.sock"
+    proc, _ = policyd(listen=f"unix:{path}")
+    assert oct(path.stat().st_mode & 0o7777) == oct(0o660)
+    proc.terminate()
+    proc.wait(timeout=10)
+    assert not path.exists()  # its own socket: removed
+
+    from greylist.adapters.policyd import make_listener
+
+    for mode in (0o600, 0o666):  # postgrey's --socketmode, whatever the process's umask
+        old = os.umask(0o077 if mode == 0o666 else 0)
+        try:
+            sock, _ = make_listener(f"unix:{tmp_path}/m{mode:o}.sock", socket_mode=mode)
+        finally:
+            os.umask(old)
+        sock.close()
+        assert (tmp_path / f"m{mode:o}.sock").stat().st_mode & 0o777 == mode
+
+    proc, _ = policyd(listen=f"unix:{path}")
+    path.rename(tmp_path / "moved.sock")
+    successor = socket.socket(socket.AF_UNIX)
+    successor.bind(str(path))  # a server started after it, on the same name
+    proc.terminate()
+    proc.wait(timeout=10)
+    assert path.exists()  # not ours: left for the one that bound it
+    successor.close()
+
+
+def test_a_stale_socket_is_replaced_but_a_file_a_link_or_a_live_server_are_never_touched(policyd, tmp_path):
+    path = tmp_path / "policy.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # a crashed run's socket: nobody listens
+    proc, address = policyd(listen=f"unix:{path}")
+    assert Client(address).ask(request(client_address="192.0.2.7")).startswith("action=DEFER_IF_PERMIT")
+
+    second = start_failing(f"unix:{path}", tmp_path)  # the live server keeps its socket
+    assert second.returncode == 2
+    assert f"another server is listening on {path}" in second.stderr
+    assert Client(address).ask(request(client_address="192.0.2.8")).startswith("action=DEFER_IF_PERMIT")
+
+    precious = tmp_path / "main.cf"
+    precious.write_text("keep me\n")
+    link = tmp_path / "link.sock"
+    link.symlink_to(precious)
+    for name, what in ((precious, "a file"), (link, "a link to a file")):
+        result = start_failing(f"unix:{name}", tmp_path)
+        assert result.returncode == 2, what
+        assert f"{name} exists and is not a socket; it is left as it is" in result.stderr, what
+    assert precious.read_text() == "keep me\n" and link.is_symlink()
+
+
 def test_garbage_requests_are_answered_and_the_server_lives_on(policyd):
     proc, address = policyd()
     c = Client(address)
