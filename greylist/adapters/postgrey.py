@@ -325,6 +325,28 @@ def write_pidfile(path: str) -> None:
     os.replace(tmp, path)
 
 
+def give_to(path: str, uid: int | None, gid: int | None) -> None:
+    """Our socket to the user we become (the link itself, were one put in its place)."""
+    if uid is None and gid is None:
+        return
+    try:
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
+    except OSError as exc:
+        raise PostgreyError(f"cannot give {path} to user {uid}, group {gid}: {exc.strerror}") from None
+
+
+def remove_pidfile(path: str) -> None:
+    """At exit, as Net::Server does, where the directory lets the user: only a pid file
+    that is still ours."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as f:
+            if f.read(32).strip() == str(os.getpid()):
+                os.unlink(path)
+    except (OSError, ValueError):
+        pass  # another's now, or a directory the user may not write: left, as postgrey leaves it
+
+
 def daemonize(facility: str, drop=lambda: None) -> None:
     """Detach as postgrey --daemonize does; from then on log lines go to syslog, through a
     process that ``drop``s root's privileges as the server will (it reads what clients wrote)."""
@@ -387,11 +409,21 @@ def main(argv: list[str] | None = None) -> int:
     from greylist.adapters.acceptor import drop_privileges
     from greylist.adapters.policyd import Replies, serve
 
+    pid_written = []
+
     def after_bind() -> None:
         if plan.daemonize:
             daemonize(plan.facility, lambda: drop_privileges(uid, gid))
         if plan.pidfile:
             write_pidfile(plan.pidfile)
+            pid_written.append(os.getpid())
+        # Net::Server hands the unix socket to the user before it drops root: with
+        # --socketmode=0660, Postfix reaches the socket through that group. It hands over
+        # the pid file too, and Debian's init script cannot then reload postgrey
+        # (start-stop-daemon: "matching only on non-root pidfile ... is insecure"): ours
+        # stays root's, so reload works
+        if plan.listen.startswith("unix:"):
+            give_to(plan.listen[len("unix:"):], uid, gid)
         drop_privileges(uid, gid)
 
     replies = Replies(plan.action, plan.text, plan.header, f"{POSTGREY_VERSION}-greylist-{__version__}")
@@ -400,9 +432,15 @@ def main(argv: list[str] | None = None) -> int:
                      quiet=plan.quiet, after_bind=after_bind, program="greylist-postgrey",
                      test_time=plan.test_time, one_request=plan.one_request, line_format=postgrey_line,
                      nightly_expiry=True)
+    except PostgreyError as exc:
+        sys.stderr.write(f"greylist postgrey: ERROR: {exc}\n")
+        return 1
     except OSError as exc:
         sys.stderr.write(f"greylist postgrey: ERROR: cannot listen on {plan.listen}: {exc}\n")
         return 1
+    finally:
+        if pid_written == [os.getpid()]:
+            remove_pidfile(plan.pidfile)
 
 
 if __name__ == "__main__":
