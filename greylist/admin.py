@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("policyd", help="a Postfix policy server (check_policy_service)")
     p.add_argument("--listen", default="127.0.0.1:10023",
-                   help="HOST:PORT or unix:/path (default 127.0.0.1:10023)")
+                   help="HOST:PORT, *:PORT (every address, IPv6 and IPv4) or unix:/path (default 127.0.0.1:10023)")
     p.add_argument("--max-connections", type=int, default=4000,
                    help="Postfix connections at once (default 4000, kept below the descriptor limit); "
                         "at the bound the connection idle the longest is closed")

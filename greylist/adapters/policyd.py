@@ -26,6 +26,7 @@ DUNNO and logged, never with a crash.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -508,8 +509,31 @@ def _remove_unix_path(path: str, identity: tuple[int, int] | None) -> None:
         pass
 
 
+def _any_address(port: int) -> socket.socket:
+    """``*:PORT``: every address, IPv6 and IPv4 on one socket (Net::Server, so postgrey,
+    binds ``[::]`` for ``*``); IPv4's only where the system has no IPv6."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        sock = None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("::", port))
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRNOTAVAIL:  # IPv6 turned off; anything else is an error
+                raise
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", port))
+    return sock
+
+
 def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o660) -> tuple[socket.socket, str]:
-    """A listening socket on ``HOST:PORT``, ``[IPv6]:PORT`` or ``unix:/path``, and its name.
+    """A listening socket on ``HOST:PORT``, ``[IPv6]:PORT``, ``*:PORT`` or ``unix:/path``, and its name.
 
     The listen queue is as long as the system allows unless ``backlog`` says
     otherwise (postgrey's ``--listen-queue-size``): a full queue makes Postfix's
@@ -541,10 +565,13 @@ def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o
         host = host.strip("[]") or "127.0.0.1"
         if not port.isdigit():
             raise ValueError(f"--listen {listen!r}: use HOST:PORT or unix:/path")
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, int(port)))
-        where = "%s:%d" % sock.getsockname()[:2]
+        if host == "*":
+            sock = _any_address(int(port))
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, int(port)))
+        where = ("[%s]:%d" if sock.family == socket.AF_INET6 else "%s:%d") % sock.getsockname()[:2]
     sock.listen(backlog)
     sock.setblocking(False)
     return sock, where

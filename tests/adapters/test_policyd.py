@@ -146,6 +146,18 @@ def test_a_stale_socket_is_replaced_but_a_file_a_link_or_a_live_server_are_never
     assert precious.read_text() == "keep me\n" and link.is_symlink()
 
 
+def test_a_star_listens_on_every_address_ipv6_and_ipv4_as_postgreys_inet_does(policyd, tmp_path):
+    port = free_port()
+    policyd(listen=f"*:{port}")
+    addresses = [("127.0.0.1", port)]
+    if socket.has_ipv6 and os.path.exists("/proc/net/if_inet6"):
+        addresses.append(("::1", port))
+    for n, address in enumerate(addresses):
+        with socket.create_connection(address, timeout=10) as s:
+            s.sendall(request(client_address=f"192.0.2.{n + 1}"))
+            assert s.recv(4096).startswith(b"action=DEFER_IF_PERMIT"), address
+
+
 def test_garbage_requests_are_answered_and_the_server_lives_on(policyd):
     proc, address = policyd()
     c = Client(address)

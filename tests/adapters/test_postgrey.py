@@ -26,6 +26,7 @@ def test_postgreys_units_and_defaults():
     plan = parse(["--inet=10023", "--dbdir=/var/lib/postgrey", "--retry-window=6h", "--max-age=10",
                   "--auto-whitelist-clients", "--whitelist-clients=/nonexistent/wl"], warnings.append)
     assert plan.listen == "localhost:10023"  # postgrey binds localhost when only a port is given
+    assert parse(["--inet=*:10023"]).listen == "*:10023"  # every address: policyd's test listens so
     assert plan.flags["store"] == "sqlite:///var/lib/postgrey/greylist.sqlite"
     assert (plan.flags["delay"], plan.flags["max_age"], plan.flags["retry_window"]) == ("300", "10d", "6h")
     assert plan.flags["key"] == "triplet-subnet" and plan.flags["auto_whitelist"] == "5"
