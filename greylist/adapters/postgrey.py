@@ -69,6 +69,7 @@ class Plan:
         self.group: str | None = None
         self.user_given = False
         self.pidfile: str | None = None
+        self.dbdir = DEFAULT_DBDIR
         self.daemonize = False
         self.facility = "mail"
         self.quiet = False
@@ -129,6 +130,43 @@ def postgrey_line(program: str, fields: dict) -> bytes:
         line = "".join(c if " " <= c <= "~" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "replace"))
                        for c in line)
     return (line + "\n").encode("ascii")
+
+
+#: options postgrey reads as `$opt{x} || default`: "" and "0" mean the default
+FALSE_IS_DEFAULT = {"--socketmode", "--user", "--group", "--dbdir", "--pidfile", "--syslog-facility",
+                    "--greylist-action", "--greylist-text", "--x-greylist-header"}
+
+
+def _reset(plan: Plan, opt: str) -> None:
+    """The option as if it were not given (a later one overrides an earlier, as Getopt::Long does)."""
+    fresh = Plan()
+    if opt == "--socketmode":
+        plan.socket_mode = fresh.socket_mode
+    elif opt == "--user":
+        plan.user, plan.user_given = fresh.user, False
+    elif opt == "--group":
+        plan.group = fresh.group
+    elif opt == "--dbdir":
+        plan.dbdir = fresh.dbdir
+    elif opt == "--pidfile":
+        plan.pidfile = fresh.pidfile
+    elif opt == "--syslog-facility":
+        plan.facility = fresh.facility
+    elif opt == "--greylist-action":
+        plan.action = fresh.action
+    elif opt == "--greylist-text":
+        plan.text = fresh.text
+    elif opt == "--x-greylist-header":
+        plan.header = fresh.header
+
+
+def _number(plan: Plan, flag: str, number: int, unit: str = "") -> None:
+    """postgrey's `$opt{delay} || 300` and the like: 0 is the default (--delay=0 is 300 s,
+    --max-age=0 35 days, --ipv4cidr=0 a /24, never every client in one network)."""
+    if number:
+        plan.flags[flag] = f"{number}{unit}"
+    else:
+        plan.flags.pop(flag, None)
 
 
 def _whole(value: str, option: str) -> int:
@@ -211,6 +249,10 @@ def parse(argv: list[str], warn=lambda text: None) -> Plan:
             if not port.isdigit():
                 raise PostgreyError(f"--inet takes [HOST:]PORT, not {value!r}")
             plan.listen = f"{host or 'localhost'}:{port}"  # postgrey binds localhost by default
+        elif opt in FALSE_IS_DEFAULT and value in ("", "0"):
+            # postgrey takes these as `$opt{x} || default`: Perl's false ("" and "0") is the
+            # default, so --user=0 runs as postgrey, --socketmode=0 is 0666
+            _reset(plan, opt)
         elif opt == "--socketmode":
             try:
                 plan.socket_mode = int(value, 8)
@@ -221,13 +263,13 @@ def parse(argv: list[str], warn=lambda text: None) -> Plan:
         elif opt == "--group":
             plan.group = value
         elif opt == "--dbdir":
-            plan.flags.setdefault("store", f"sqlite://{os.path.abspath(value)}/greylist.sqlite")
+            plan.dbdir = os.path.abspath(value)
         elif opt == "--pidfile":
             plan.pidfile = value
         elif opt == "--delay":
-            plan.flags["delay"] = str(_whole(value, opt))
+            _number(plan, "delay", _whole(value, opt))
         elif opt == "--max-age":
-            plan.flags["max_age"] = f"{_whole(value, opt)}d"
+            _number(plan, "max_age", _whole(value, opt), "d")
         elif opt == "--retry-window":
             text = value.strip().lower()
             if text.endswith("h") and text[:-1].isdigit():
@@ -242,9 +284,9 @@ def parse(argv: list[str], warn=lambda text: None) -> Plan:
         elif opt == "--lookup-by-subnet":
             pass  # postgrey's default
         elif opt == "--ipv4cidr":
-            plan.flags["subnet_v4"] = str(_whole(value, opt))
+            _number(plan, "subnet_v4", _whole(value, opt))
         elif opt == "--ipv6cidr":
-            plan.flags["subnet_v6"] = str(_whole(value, opt))
+            _number(plan, "subnet_v6", _whole(value, opt))
         elif opt == "--auto-whitelist-clients":
             plan.flags["auto_whitelist"] = str(_whole(value, opt)) if value != "" else "5"
         elif opt == "--whitelist-clients":
@@ -266,7 +308,7 @@ def parse(argv: list[str], warn=lambda text: None) -> Plan:
         elif opt == "--hostname":
             plan.flags["hostname"] = value
         elif opt == "--listen-queue-size":
-            plan.backlog = _whole(value, opt)
+            plan.backlog = _whole(value, opt) or None  # 0: Net::Server's default, as large as allowed
         elif opt == "--store":
             plan.flags["store"] = value
         elif opt == "--mode":
@@ -277,7 +319,7 @@ def parse(argv: list[str], warn=lambda text: None) -> Plan:
         return plan
     if not plan.listen:
         raise PostgreyError("--unix or --inet must be specified")
-    plan.flags.setdefault("store", f"sqlite://{DEFAULT_DBDIR}/greylist.sqlite")
+    plan.flags.setdefault("store", f"sqlite://{plan.dbdir}/greylist.sqlite")  # --store: ours, it wins
     plan.flags.setdefault("delay", "300")
     plan.flags.setdefault("max_age", "35d")
     plan.flags.setdefault("key", "triplet-subnet")

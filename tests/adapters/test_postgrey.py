@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.redis_server import free_port
 from conftest import base_env
-from greylist.adapters.postgrey import PostgreyError, parse
+from greylist.adapters.postgrey import DEFAULT_TEXT, PostgreyError, parse
 from simulator.commands import command
 
 POSTGREY = "/usr/sbin/postgrey"
@@ -27,6 +27,13 @@ def test_postgreys_units_and_defaults():
                   "--auto-whitelist-clients", "--whitelist-clients=/nonexistent/wl"], warnings.append)
     assert plan.listen == "localhost:10023"  # postgrey binds localhost when only a port is given
     assert parse(["--inet=*:10023"]).listen == "*:10023"  # every address: policyd's test listens so
+    # the last of an option counts, as with Getopt::Long, and Perl's false is the default
+    later = parse(["--inet=1", "--delay=60", "--delay=0", "--dbdir=/a", "--dbdir=/b", "--user=0",
+                   "--socketmode=0", "--greylist-text=Wait", "--greylist-text=0", "--pidfile=0"])
+    assert later.flags["delay"] == "300" and later.flags["store"] == "sqlite:///b/greylist.sqlite"
+    assert (later.user, later.user_given, later.socket_mode, later.text, later.pidfile) == \
+        ("postgrey", False, 0o666, DEFAULT_TEXT, None)
+    assert parse(["--inet=1", "--store=memory://", "--dbdir=/x"]).flags["store"] == "memory://"  # ours wins
     assert plan.flags["store"] == "sqlite:///var/lib/postgrey/greylist.sqlite"
     assert (plan.flags["delay"], plan.flags["max_age"], plan.flags["retry_window"]) == ("300", "10d", "6h")
     assert plan.flags["key"] == "triplet-subnet" and plan.flags["auto_whitelist"] == "5"
@@ -173,6 +180,11 @@ DELIBERATE = {
 DELIBERATE_IN_LOG = {**DELIBERATE, 9: DELIBERATE[10]}
 
 
+#: Perl's false for options postgrey reads as `$opt{x} || default`: each is its default
+PERL_FALSE = ["--delay=0", "--max-age=0", "--ipv4cidr=0", "--ipv6cidr=00", "--greylist-action=0",
+              "--greylist-text=0", "--x-greylist-header=0", "--listen-queue-size=0", "--syslog-facility=0"]
+
+
 def normalise(reply: str) -> str:
     """The header's version and date differ by design; the seconds and the action must not."""
     if reply.startswith("action=PREPEND X-Greylist: delayed "):
@@ -181,12 +193,14 @@ def normalise(reply: str) -> str:
 
 
 @pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
-@pytest.mark.parametrize("options", [[], ["--privacy"]])
+@pytest.mark.parametrize("options", [[], ["--privacy"], PERL_FALSE])
 def test_the_same_request_stream_gets_the_same_answers_as_the_real_postgrey(tmp_path, options):
     """Differential: both servers on one stream, their clocks moved by policy_test_time;
-    with --privacy too, and then our database holds no address, only hashes. Their log
-    lines too: ours are postgrey's, word for word, and Debian's logcheck rules for
-    postgrey pass over them as over postgrey's own."""
+    with --privacy too, and then our database holds no address, only hashes; and with
+    options postgrey reads as `$opt{x} || default`, where 0 or "" is the default (we took
+    --delay=0 as no delay, --ipv4cidr=0 would not start). Their log lines too: ours are
+    postgrey's, word for word, and Debian's logcheck rules for postgrey pass over them as
+    over postgrey's own."""
     if os.geteuid() != 0:
         pytest.skip("postgrey runs as its own user: needs root to start it here")
     import tempfile
@@ -217,7 +231,7 @@ def test_the_same_request_stream_gets_the_same_answers_as_the_real_postgrey(tmp_
             stop(proc)
         text = (base / "postgrey.log").read_text() if name == "postgrey" else proc.stderr.read()
         logs[name] = [line for line in text.splitlines() if "action=" in line]
-    if options:
+    if "--privacy" in options:
         import sqlite3
 
         with sqlite3.connect(base / "ours" / "greylist.sqlite") as db:
