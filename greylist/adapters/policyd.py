@@ -33,6 +33,7 @@ import socket
 import stat
 import sys
 import time
+from collections import deque
 
 from greylist.adapters.acceptor import Acceptor, SocketSession, raise_descriptor_limit
 from greylist.adapters.eventloop import Loop
@@ -218,6 +219,28 @@ def answer(greylister, attrs: dict[str, str], replies: Replies = OUR_REPLIES) ->
     return reply, outcome.fields()
 
 
+class Messages:
+    """postgrey's rule for the X-Greylist header: once a message. Postfix asks once per
+    recipient, each with the message's ``instance``; when several recipients' triplets pass
+    after waiting, the first gets the header and the others DUNNO, or the message would
+    carry a header a recipient. Like postgrey, the last 10 instances are remembered (its
+    list starts as ten "0"s, so an instance "0" never gets one either); a request with no
+    instance (Exim) always gets it."""
+
+    __slots__ = ("recent",)
+
+    def __init__(self, size: int = 10) -> None:
+        self.recent: deque[str] = deque(["0"] * size, maxlen=size)
+
+    def first_time(self, instance: str | None) -> bool:
+        if instance is None:
+            return True
+        if instance in self.recent:
+            return False
+        self.recent.appendleft(instance)
+        return True
+
+
 def _safe_line(line_format, program: str, fields: dict[str, object], exc: Exception) -> bytes:
     """A line that could not be formatted with the others: each alone, in our own format if
     need be, or a line saying so (never the window's other lines lost with it)."""
@@ -296,6 +319,7 @@ class PolicyServer:
         self.greylister = Greylister(config, clock=self.clock, commit_window=COMMIT_WINDOW, in_rounds=True)
         self.program = program
         self.lines: list[dict[str, object]] = []  # log lines (their fields) of this window
+        self.messages = Messages()  # one X-Greylist header a message
         self.log_timer = None
         self.clients: dict[Client, None] = {}  # in order of arrival
         self.loop = Loop()  # not asyncio's: 9 MB less resident memory, less work per callback
@@ -367,6 +391,9 @@ class PolicyServer:
             reply, fields = answer(self.greylister, attrs, self.replies)
         except Exception as exc:  # noqa: BLE001 - a bug of ours is logged as one, and mail goes on
             return "action=DUNNO", {"verdict": "error", "error": f"internal error {type(exc).__name__}: {exc}"}
+        if reply.startswith("action=PREPEND ") and not self.messages.first_time(attrs.get("instance")):
+            reply = "action=DUNNO"
+            fields["header"] = "added already"  # to this message, for an earlier recipient
         if "_truncated" in attrs:
             fields["truncated"] = attrs["_truncated"]
         if self.request_in_log:

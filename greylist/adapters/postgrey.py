@@ -114,7 +114,7 @@ def postgrey_line(program: str, fields: dict) -> bytes:
     else:
         action, words = POSTGREY_REASONS[reason]
     info = [f"action={action}", f"reason={words}"]
-    if reason == "passed":
+    if reason == "passed" and "header" not in fields:  # postgrey says the delay with its header
         info.append(f"delay={int(float(fields.get('age', 0)))}")
     for name in ("client_name", "client_address", "sender", "recipient"):
         value = request.get(name)

@@ -552,3 +552,15 @@ def test_stopping_answers_every_request_already_sent_before_closing(tmp_path):
     with sqlite3.connect(tmp_path / "g.db") as db:
         keys = {row[0] for row in db.execute("SELECT key FROM greylist")}
     assert keys == {"192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.11", "192.0.2.12"}
+
+
+def test_the_header_is_added_once_a_message_as_postgrey_remembers_its_last_ten():
+    from greylist.adapters.policyd import Messages
+
+    messages = Messages()
+    assert messages.first_time(None) and messages.first_time(None)  # Exim sends no instance
+    assert not messages.first_time("0")  # postgrey's list starts as ten "0"s
+    assert messages.first_time("m1") and not messages.first_time("m1")
+    for n in range(10):
+        assert messages.first_time(f"other{n}")
+    assert messages.first_time("m1")  # ten later messages pushed it out, as in postgrey

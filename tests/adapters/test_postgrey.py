@@ -251,6 +251,59 @@ def test_the_same_request_stream_gets_the_same_answers_as_the_real_postgrey(tmp_
     assert ignored_by_logcheck(logs["ours"]) == logs["ours"]
 
 
+@pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
+def test_one_x_greylist_header_a_message_however_many_recipients_waited(tmp_path):
+    """Postfix asks once per recipient, all with the message's `instance`: postgrey adds its
+    header for the first recipient whose triplet passed after waiting and answers DUNNO for
+    the others of that message (it remembers the last 10 instances), so a message gets one
+    X-Greylist header, not one a recipient. Both servers on one stream, both logs compared."""
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("postgrey runs as its own user: needs root to start it here")
+    t0 = 1_800_000_000
+    rcpts = ["r1@example.net", "r2@example.net", "r3@example.net"]
+    stream = [(0, "m1", r) for r in rcpts] + [(0, "m2", "r4@example.net")]  # all new: greylisted
+    stream += [(400, "m3", r) for r in rcpts]  # the retry: three passes, one message
+    stream += [(400, "m4", "r4@example.net"), (401, "m3", "r4@example.net")]  # another message; m3 again
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    os.chmod(base, 0o755)
+    answers, logs = {}, {}
+    try:
+        for name, cmd in (("postgrey", [POSTGREY]), ("ours", [*command("greylist"), "postgrey",
+                                                              "--accept-test-time"])):
+            directory = base / name
+            directory.mkdir()
+            shutil.chown(directory, "postgrey")
+            port = free_port()
+            proc = start([*cmd, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"], port,
+                         log_file=base / "postgrey.log")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    answers[name] = []
+                    for dt, instance, rcpt in stream:
+                        s.sendall("".join(f"{k}={v}\n" for k, v in {
+                            "request": "smtpd_access_policy", "protocol_state": "RCPT",
+                            "client_address": "192.0.2.5", "client_name": "mx.example.org",
+                            "sender": "a@example.org", "recipient": rcpt, "instance": instance,
+                            "policy_test_time": str(t0 + dt)}.items()).encode() + b"\n")
+                        data = b""
+                        while not data.endswith(b"\n\n"):
+                            data += s.recv(4096)
+                        answers[name].append(normalise(data.decode().strip()).split(" X-Greylist")[0])
+            finally:
+                stop(proc)
+            text = (base / "postgrey.log").read_text() if name == "postgrey" else proc.stderr.read()
+            logs[name] = [line.split("action=", 1)[1] for line in text.splitlines() if "action=" in line]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert [a.split()[0] for a in answers["postgrey"]] == \
+        ["action=DEFER_IF_PERMIT"] * 4 + ["action=PREPEND", "action=DUNNO", "action=DUNNO", "action=PREPEND",
+                                          "action=DUNNO"]
+    assert answers["ours"] == answers["postgrey"]
+    assert logs["ours"] == logs["postgrey"]
+
+
 LOGCHECK_RULES = Path("/etc/logcheck/ignore.d.server/postgrey")
 
 
