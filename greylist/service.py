@@ -225,14 +225,33 @@ class Greylister:
         self._whitelists[(kind, path)] = listed
         return listed
 
+    def _open(self, url: str):
+        from greylist.stores import open_store
+
+        store = self._store = open_store(url)
+        if self.commit_window:
+            store.hold_commits(self.commit_window, self.in_rounds)
+        return store
+
+    def try_store(self) -> str | None:
+        """A long-lived server opens its store at start, as the user it runs as: a store it
+        cannot use (a wrong --dbdir, Redis down) is said then, not first at the first
+        request, which then follows on_error as any decision does. None: it opened."""
+        from greylist.stores import StoreError
+
+        if self._store is not None or not self._own_store:
+            return None
+        try:
+            self._open(self.config.store)
+        except (StoreError, OSError) as exc:
+            self._store = None
+            return str(exc)
+        return None
+
     def _check(self, config, policy, key: str, client: str | None, extra: dict) -> Verdict:
         store = self._store
         if store is None:
-            from greylist.stores import open_store
-
-            store = self._store = open_store(config.store)
-            if self.commit_window:
-                store.hold_commits(self.commit_window, self.in_rounds)
+            store = self._open(config.store)
         try:
             return check(store, key, self.clock(), policy, client)
         finally:

@@ -626,6 +626,9 @@ def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, r
     server.start()
     server.log({"started": where, "store": config.store, "key": config.key, "delay": config.delay,
                 "max_connections": max_connections})
+    unusable = server.greylister.try_store()
+    if unusable is not None:
+        server.log({"error": f"store unusable at start: {unusable}", "on_error": config.on_error})
     server.write_log()
     print(f"{program.replace('-', ' ')}: listening on {where}", file=sys.stderr, flush=True)
     try:

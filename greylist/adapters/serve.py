@@ -661,6 +661,10 @@ def main(argv: list[str] | None = None) -> int:
         + f":{sock.getsockname()[1]}", "store": config.store,
         "mode": config.mode, "delay": config.delay, "limit": options.limit,
         "max_sessions": options.max_sessions})])
+    unusable = server.greylister.try_store()
+    if unusable is not None:
+        server.log([log_line("greylist-serve", {"pid": server.pid, "error": f"store unusable at start: {unusable}",
+                                                "on_error": config.on_error})])
     return server.run()
 
 

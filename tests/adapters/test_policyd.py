@@ -201,6 +201,23 @@ def test_many_concurrent_clients(policyd):
     assert all(r.startswith("action=DEFER_IF_PERMIT") for r in replies)
 
 
+def test_a_store_it_cannot_open_is_said_at_start_and_mail_still_flows(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([*command("greylist"), "policyd", "--listen", f"127.0.0.1:{port}",
+                             "--store", f"sqlite://{tmp_path}/no/such/dir/greylist.sqlite"],
+                            env=base_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stderr.readline()]
+        while "listening on" not in lines[-1] and lines[-1] and len(lines) < 10:
+            lines.append(proc.stderr.readline())
+        assert "started=" in lines[0] and "listening on" in lines[-1], lines
+        assert "store unusable at start: cannot open" in lines[1] and "on_error=pass" in lines[1], lines
+        assert Client(("127.0.0.1", port)).ask(request(client_address="192.0.2.1")) == "action=DUNNO"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_store_down_fails_open_and_says_so(policyd, tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")

@@ -284,6 +284,14 @@ def test_a_failing_store_follows_on_error(tmp_path, servers):
         assert s.talk().startswith(expect)
         s.stop()
         assert "reason=store-error" in s.log()
+    # a store that fails as it opens is said at start, and mail still flows
+    run = tmp_path / "sqlite"
+    run.mkdir()
+    s = Serve(run, ["-R", "-H", "--store", f"sqlite://{blocker}/greylist.sqlite", "--hostname", "mx.test"], STANDIN)
+    servers.append(s)
+    assert s.talk().startswith(b"220 standin")
+    s.stop()
+    assert "error=\"store unusable at start: cannot open" in s.log() and "on_error=pass" in s.log(), s.log()
 
 
 def test_a_bug_in_a_timed_flush_is_logged_as_ours_and_the_server_goes_on(tmp_path):
