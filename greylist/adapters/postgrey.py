@@ -132,32 +132,19 @@ def postgrey_line(program: str, fields: dict) -> bytes:
     return (line + "\n").encode("ascii")
 
 
-#: options postgrey reads as `$opt{x} || default`: "" and "0" mean the default
-FALSE_IS_DEFAULT = {"--socketmode", "--user", "--group", "--dbdir", "--pidfile", "--syslog-facility",
-                    "--greylist-action", "--greylist-text", "--x-greylist-header"}
+#: options postgrey reads as `$opt{x} || default` ("" and "0" mean the default), and the
+#: attributes of the plan that each sets
+FALSE_IS_DEFAULT = {"--socketmode": ("socket_mode",), "--user": ("user", "user_given"), "--group": ("group",),
+                    "--dbdir": ("dbdir",), "--pidfile": ("pidfile",), "--syslog-facility": ("facility",),
+                    "--greylist-action": ("action",), "--greylist-text": ("text",),
+                    "--x-greylist-header": ("header",)}
 
 
 def _reset(plan: Plan, opt: str) -> None:
     """The option as if it were not given (a later one overrides an earlier, as Getopt::Long does)."""
     fresh = Plan()
-    if opt == "--socketmode":
-        plan.socket_mode = fresh.socket_mode
-    elif opt == "--user":
-        plan.user, plan.user_given = fresh.user, False
-    elif opt == "--group":
-        plan.group = fresh.group
-    elif opt == "--dbdir":
-        plan.dbdir = fresh.dbdir
-    elif opt == "--pidfile":
-        plan.pidfile = fresh.pidfile
-    elif opt == "--syslog-facility":
-        plan.facility = fresh.facility
-    elif opt == "--greylist-action":
-        plan.action = fresh.action
-    elif opt == "--greylist-text":
-        plan.text = fresh.text
-    elif opt == "--x-greylist-header":
-        plan.header = fresh.header
+    for name in FALSE_IS_DEFAULT[opt]:
+        setattr(plan, name, getattr(fresh, name))
 
 
 def _number(plan: Plan, flag: str, number: int, unit: str = "") -> None:
