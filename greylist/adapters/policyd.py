@@ -536,6 +536,18 @@ def _remove_unix_path(path: str, identity: tuple[int, int] | None) -> None:
         pass
 
 
+def unix_path(listen: str) -> str | None:
+    """The socket's path of a ``unix:/path`` listener, None for a TCP one."""
+    return listen[len("unix:"):] if listen.startswith("unix:") else None
+
+
+def _bound(family: int, address: tuple) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    return sock
+
+
 def _any_address(port: int) -> socket.socket:
     """``*:PORT``: every address, IPv6 and IPv4 on one socket (Net::Server, so postgrey,
     binds ``[::]`` for ``*``); IPv4's only where the system has no IPv6."""
@@ -553,10 +565,7 @@ def _any_address(port: int) -> socket.socket:
             sock.close()
             if exc.errno != errno.EADDRNOTAVAIL:  # IPv6 turned off; anything else is an error
                 raise
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("0.0.0.0", port))
-    return sock
+    return _bound(socket.AF_INET, ("0.0.0.0", port))
 
 
 def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o660) -> tuple[socket.socket, str]:
@@ -572,8 +581,8 @@ def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o
                 backlog = max(backlog, int(f.read()))
         except (OSError, ValueError):
             pass
-    if listen.startswith("unix:"):
-        path = listen[len("unix:"):]
+    path = unix_path(listen)
+    if path is not None:
         _clear_unix_path(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # The socket is born with its mode (no chmod after bind: that follows a link put in
@@ -595,9 +604,7 @@ def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o
         if host == "*":
             sock = _any_address(int(port))
         else:
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, int(port)))
+            sock = _bound(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, int(port)))
         where = ("[%s]:%d" if sock.family == socket.AF_INET6 else "%s:%d") % sock.getsockname()[:2]
     sock.listen(backlog)
     sock.setblocking(False)
@@ -612,10 +619,10 @@ def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, r
     limit = raise_descriptor_limit()
     max_connections = max(1, min(max_connections, limit - 64))
     sock, where = make_listener(listen, backlog, socket_mode)
-    unix_path = listen[len("unix:"):] if listen.startswith("unix:") else None
+    path = unix_path(listen)
     identity = None
-    if unix_path is not None:
-        st = os.lstat(unix_path)
+    if path is not None:
+        st = os.lstat(path)
         identity = (st.st_dev, st.st_ino)
     server = PolicyServer(sock, config, where, max_connections=max_connections, replies=replies, quiet=quiet,
                           test_time=test_time, one_request=one_request, line_format=line_format,
@@ -636,6 +643,6 @@ def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, r
     except KeyboardInterrupt:
         pass
     finally:
-        if unix_path is not None:
-            _remove_unix_path(unix_path, identity)
+        if path is not None:
+            _remove_unix_path(path, identity)
     return 0

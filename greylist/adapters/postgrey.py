@@ -436,9 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"greylist postgrey: ERROR: {exc}\n")
         return 1
     from greylist.adapters.acceptor import drop_privileges
-    from greylist.adapters.policyd import Replies, serve
+    from greylist.adapters.policyd import Replies, serve, unix_path
 
     pid_written = []
+    socket_path = unix_path(plan.listen)
 
     def after_bind() -> None:
         if plan.daemonize:
@@ -451,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         # the pid file too, and Debian's init script cannot then reload postgrey
         # (start-stop-daemon: "matching only on non-root pidfile ... is insecure"): ours
         # stays root's, so reload works
-        if plan.listen.startswith("unix:"):
-            give_to(plan.listen[len("unix:"):], uid, gid)
+        if socket_path is not None:
+            give_to(socket_path, uid, gid)
         drop_privileges(uid, gid)
 
     replies = Replies(plan.action, plan.text, plan.header, f"{POSTGREY_VERSION}-greylist-{__version__}")
