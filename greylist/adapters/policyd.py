@@ -199,9 +199,6 @@ def answer(greylister, attrs: dict[str, str], replies: Replies = OUR_REPLIES) ->
     if attrs.get("request") != "smtpd_access_policy":
         return "action=DUNNO", {"verdict": "error", "error": "not an smtpd_access_policy request"
                                 + (f" ({attrs['_garbage']!r})" if "_garbage" in attrs else "")}
-    state = attrs.get("protocol_state", "RCPT").upper()
-    if state != "RCPT":
-        return "action=DUNNO", {"verdict": "pass", "reason": f"not at RCPT ({state})"}
     if not attrs.get("client_address"):
         return "action=DUNNO", {"verdict": "error", "error": "no client_address in the request"}
     try:
@@ -216,7 +213,22 @@ def answer(greylister, attrs: dict[str, str], replies: Replies = OUR_REPLIES) ->
         host = ""
     outcome = greylister.decide(Connection(ip, host, sender, recipient or "<>", host_verified=True))
     reply = action_for(outcome.config, outcome.verdict, outcome.shadow is not None, attrs, replies)
-    return reply, outcome.fields()
+    fields = outcome.fields()
+    # Decided wherever Postfix asks, as postgrey does: a site that asks in
+    # smtpd_data_restrictions (or with smtpd_delay_reject=no) is greylisted there, not
+    # passed. Postfix takes a header only before the message and within a transaction
+    # (it warns and ignores PREPEND at END-OF-MESSAGE, CONNECT, EHLO and HELO).
+    state = attrs.get("protocol_state", "RCPT").upper()
+    if state != "RCPT":
+        fields["state"] = state[:20]
+        if state not in HEADER_STATES and reply.startswith("action=PREPEND "):
+            reply = "action=DUNNO"
+            fields["header"] = "none at this stage"
+    return reply, fields
+
+
+#: the protocol states where Postfix adds a PREPEND's header (smtpd_check.c)
+HEADER_STATES = frozenset({"RCPT", "MAIL", "DATA"})
 
 
 class Messages:

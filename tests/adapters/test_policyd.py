@@ -78,8 +78,33 @@ def test_greylists_the_triplet_then_passes_with_a_header(policyd):
     reply = c.ask(ask)
     assert reply.startswith("action=PREPEND X-Greylist: delayed 1 seconds by greylist")
     assert c.ask(ask) == "action=DUNNO"  # known now
-    assert c.ask(request(client_address="192.0.2.1", protocol_state="DATA")) == "action=DUNNO"
     c.close()
+
+
+def test_decided_wherever_postfix_asks_and_a_header_only_where_postfix_adds_one(policyd):
+    """A site that asks in smtpd_data_restrictions (or with smtpd_delay_reject=no) is
+    greylisted there, as postgrey greylists it: it used to get DUNNO, all its mail passing
+    ungreylisted. At DATA Postfix names the recipient only when there is one; at
+    END-OF-MESSAGE it ignores a PREPEND (and warns), so a pass is DUNNO there."""
+    proc, address = policyd("--key", "triplet", "--delay", "1")
+    c = Client(address)
+    envelope = dict(client_address="192.0.2.1", sender="a@example.org", recipient="b@example.net")
+    assert c.ask(request(protocol_state="DATA", **envelope)).startswith("action=DEFER_IF_PERMIT")
+    many = dict(client_address="192.0.2.2", sender="a@example.org")  # several recipients: none named
+    assert c.ask(request(protocol_state="DATA", **many)).startswith("action=DEFER_IF_PERMIT")
+    assert c.ask(request(protocol_state="END-OF-MESSAGE", client_address="192.0.2.3",
+                         sender="c@example.org")).startswith("action=DEFER_IF_PERMIT")
+    time.sleep(1.1)
+    assert c.ask(request(protocol_state="DATA", **envelope)).startswith("action=PREPEND X-Greylist: delayed 1")
+    assert c.ask(request(protocol_state="DATA", **many)).startswith("action=PREPEND X-Greylist: delayed 1")
+    assert c.ask(request(protocol_state="END-OF-MESSAGE", client_address="192.0.2.3",
+                         sender="c@example.org")) == "action=DUNNO"
+    c.close()
+    proc.terminate()
+    log = proc.communicate(timeout=10)[1]
+    lines = [line for line in log.splitlines() if "192.0.2.3" in line]
+    assert "state=END-OF-MESSAGE" in lines[-1] and 'header="none at this stage"' in lines[-1], lines
+    assert "reason=passed" in lines[-1]
 
 
 def test_unix_socket_and_enhanced_message(policyd, tmp_path):
