@@ -20,7 +20,10 @@ that cannot match anything is skipped with a warning naming its file and line;
 the rest of the file still counts.
 
 A recipient whitelist holds addresses (``abuse@example.com``), local parts
-(``postmaster@``) or whole domains (``@example.net``).
+(``postmaster@``), domains (``example.net`` or ``@example.net``, with their
+subdomains) or ``/regex/`` lines, read and matched as postgrey reads and matches
+its whitelist_recipients (an address or local part also matches it with a
+``+extension``).
 
 The wrapper starts once per connection, so a whitelist is compiled (networks
 to sorted integer ranges, looked up by bisection) and the compiled form cached
@@ -45,11 +48,12 @@ class WhitelistError(ValueError):
     """A whitelist file cannot be read; the message names the file."""
 
 
-def _re2_options():
+def _re2_options(case_sensitive: bool = True):
     import re2
 
     options = re2.Options()
     options.log_errors = False  # an unusable pattern is our warning, not RE2's stderr line
+    options.case_sensitive = case_sensitive
     return options
 
 
@@ -270,35 +274,78 @@ def _load_one(path: str) -> ClientWhitelist:
 
 
 class RecipientWhitelist:
-    __slots__ = ("addresses", "locals", "domains", "warnings")
+    """Recipients who opt out, matched as postgrey matches its whitelist_recipients (so a
+    postgrey site's file means what it meant): ``user@domain`` and ``user@`` also match
+    ``user+extension``, a bare ``domain`` also its subdomains, ``/regex/`` is searched in
+    the recipient, case ignored (with RE2: linear time, as client patterns). ``@domain``,
+    Postfix's access(5) form, is the domain and its subdomains (postgrey reads it but never
+    matches it). Case never matters. A line that can match nothing is skipped with a warning."""
+
+    __slots__ = ("addresses", "locals", "domains", "patterns", "warnings")
 
     def __init__(self, text: str, source: str = "whitelist") -> None:
         self.addresses, self.locals, self.domains = set(), set(), set()
-        self.warnings: tuple = ()
+        self.patterns: list = []  # compiled: a recipient list is read once, never cached
+        warnings = []
         for number, raw in enumerate(text.splitlines(), 1):
-            line = raw.split("#", 1)[0].strip().lower().strip("<>")
+            line = raw.split("#", 1)[0].strip()
             if not line:
                 continue
-            local, at, domain = line.rpartition("@")
-            if not at:
-                self.domains.add(line)
-            elif not local:
-                self.domains.add(domain)
-            elif not domain:
-                self.locals.add(local)
-            else:
-                self.addresses.add(line)
+            problem = self._add(line)
+            if problem:
+                warnings.append(f"{source}:{number}: {problem}, skipped: {line[:80]!r}")
+        self.warnings = tuple(warnings)
+
+    def _add(self, line: str) -> str | None:
+        if any(c.isspace() for c in line):
+            return "not an address, local part, domain or /regex/"
+        if len(line) > 2 and line[0] == "/" and line[-1] == "/":
+            import re2
+
+            try:
+                self.patterns.append(re2.compile(line[1:-1], _re2_options(case_sensitive=False)))
+            except re2.error as exc:
+                why = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+                return f"pattern not usable by the linear-time engine ({why})"
+            return None
+        line = line.lower().strip("<>")
+        local, at, domain = line.partition("@")  # postgrey splits at the first @
+        if not at:
+            self.domains.add(line)
+        elif not local:
+            self.domains.add(domain)
+        elif not domain:
+            self.locals.add(local)
+        else:
+            self.addresses.add(line)
+        return None
 
     def merge(self, other: "RecipientWhitelist") -> "RecipientWhitelist":
         self.addresses |= other.addresses
         self.locals |= other.locals
         self.domains |= other.domains
+        self.patterns += other.patterns
+        self.warnings += other.warnings
         return self
 
     def matches(self, recipient: str) -> bool:
-        r = recipient.strip().strip("<>").lower()
-        local, _, domain = r.rpartition("@")
-        return r in self.addresses or local in self.locals or domain in self.domains
+        r = recipient.strip().strip("<>")
+        if self.patterns and any(p.search(r) for p in self.patterns):
+            return True
+        r = r.lower()
+        local, at, domain = r.rpartition("@")
+        if at and (self.addresses or self.locals):
+            # the local part, and each part of it before a "+" that has an extension after it
+            bases = [local] + [local[:i] for i, c in enumerate(local) if c == "+" and i + 1 < len(local)]
+            for base in bases:
+                if base in self.locals or f"{base}@{domain}" in self.addresses:
+                    return True
+        if self.domains:
+            labels = domain.split(".")
+            for i in range(0 if at else 1, len(labels)):  # after the @ or after a dot
+                if ".".join(labels[i:]) in self.domains:
+                    return True
+        return False
 
 
 def load_recipients(paths: str) -> RecipientWhitelist:

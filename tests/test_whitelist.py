@@ -137,3 +137,17 @@ def test_recipients():
     assert wl.matches("<Postmaster@anything.example>") and wl.matches("abuse@example.com")
     assert wl.matches("x@example.net") and wl.matches("y@example.org")
     assert not wl.matches("abuse@example.org.evil") and not wl.matches("bob@example.com")
+
+
+def test_recipients_as_postgrey_matches_them():
+    """+extensions, subdomains and /regex/ lines (postgrey's read_recipients_whitelists);
+    a line that can match nothing is named in a warning, the rest still counts."""
+    wl = RecipientWhitelist("postmaster@\nabuse@example.com\nexample.org\n/^list-[a-z]+@lists\\.example$/\n"
+                            "two words\n/(a)\\1/\n", "rcpts")
+    assert [w.split(":")[1] for w in wl.warnings] == ["5", "6"]
+    assert wl.matches("postmaster+reports@a.example") and wl.matches("abuse+x+y@example.com")
+    assert not wl.matches("postmaster+@a.example") and not wl.matches("postmasterx@a.example")
+    assert wl.matches("y@sub.example.org") and not wl.matches("y@notexample.org")
+    assert wl.matches("LIST-news@lists.example") and not wl.matches("list-news@lists.example.evil")
+    merged = RecipientWhitelist("").merge(wl)
+    assert merged.matches("list-a@lists.example") and merged.warnings == wl.warnings

@@ -592,6 +592,38 @@ def answers_of_both(requests: list[dict], options: list[str] = ()) -> dict[str, 
 
 
 @pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
+def test_a_recipient_whitelist_matches_as_postgreys_does():
+    """postgrey's rules for whitelist_recipients: user@ and user@domain also match a +extension,
+    a bare domain its subdomains, /regex/ ignores case (we matched addresses and domains
+    exactly, so postmaster+abuse-reports@ or mail to a subdomain was greylisted after the swap,
+    and a /regex/ line was taken for a domain). One deliberate difference: @domain (Postfix's
+    access(5) form) is that domain to us; postgrey reads it but matches nothing with it."""
+    if os.geteuid() != 0:
+        pytest.skip("postgrey runs as its own user: needs root to start it here")
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(dir="/tmp"))
+    os.chmod(directory, 0o755)
+    listed = directory / "whitelist_recipients"
+    listed.write_text("postmaster@\nabuse@example.com\nexample.org\n@example.net\n/^list-[a-z]+@lists\\.example$/\n")
+    listed.chmod(0o644)
+    recipients = ["postmaster+reports@a.example", "POSTMASTER@A.EXAMPLE", "abuse+z@example.com", "abuse@example.com",
+                  "abuse@example.com.evil", "bob@example.com", "y@EXAMPLE.org", "y@sub.example.org",
+                  "y@notexample.org", "LIST-news@lists.example", "list-news@lists.example.evil",
+                  "x@example.net", "x@sub.example.net"]
+    try:
+        answers = answers_of_both([dict(t=1_800_000_000, client_address=f"192.0.2.{n}", recipient=rcpt)
+                                   for n, rcpt in enumerate(recipients)], [f"--whitelist-recipients={listed}"])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    passed = {name: [rcpt for rcpt, a in zip(recipients, got) if a == "action=DUNNO"] for name, got in answers.items()}
+    assert passed["postgrey"] == ["postmaster+reports@a.example", "POSTMASTER@A.EXAMPLE", "abuse+z@example.com",
+                                  "abuse@example.com", "y@EXAMPLE.org", "y@sub.example.org",
+                                  "LIST-news@lists.example"], passed
+    assert passed["ours"] == passed["postgrey"] + ["x@example.net", "x@sub.example.net"]
+
+
+@pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
 def test_decided_at_data_and_end_of_message_as_postgrey_decides():
     """A site that has postgrey in smtpd_data_restrictions or smtpd_end_of_data_restrictions
     keeps its greylisting after the swap (ours answered DUNNO outside RCPT: all that mail
