@@ -7,11 +7,12 @@ A client whitelist file holds one entry a line (``#`` starts a comment):
   tcpserver, ``client_name`` from Postfix): ``google.com`` matches that name and
   every name below it;
 - a regular expression between slashes, as postgrey allows: ``/^mail\\d+\\.example\\.org$/``,
-  matched with RE2 (google-re2), whose time is linear in the name's length: no
+  case ignored as postgrey ignores it, matched with RE2 (google-re2), whose time is linear in the name's length: no
   pattern can make a connection wait (Perl's backreferences and lookarounds,
   which need backtracking, are refused with a warning for that line);
-- a partial address, as postgrey and tcprules read it: ``66.94.237.`` or
-  ``195.235.39`` is that /24, ``10.`` that /8.
+- a partial address, as postgrey and tcprules write it: ``66.94.237.`` or
+  ``195.235.39`` is that /24, ``10.`` that /8, ``198.51`` that /16 (postgrey reads
+  the last as 198.51.0.0/24, and one ending in a dot as a name that never matches).
 
 Several files may be given (``--whitelist`` repeated, or ``GREYLIST_WHITELIST``
 with paths separated by ``:``); all count. Files are read only if they are
@@ -159,7 +160,7 @@ class ClientWhitelist:
             if self._compiled is None:
                 import re2
 
-                options = _re2_options()
+                options = _re2_options(case_sensitive=False)  # postgrey: qr{...}i
                 self._compiled = [re2.compile(p, options) for p in self.patterns]
             return any(p.search(name) for p in self._compiled)
         return False

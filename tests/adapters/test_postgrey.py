@@ -592,6 +592,37 @@ def answers_of_both(requests: list[dict], options: list[str] = ()) -> dict[str, 
 
 
 @pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
+def test_a_client_whitelist_matches_as_postgreys_does():
+    """A site's own whitelist_clients.local, side by side with the real postgrey: a /regex/
+    ignores case, as postgrey's qr{...}i (ours did not: /^MAIL\\d+\\.Example\\.ORG$/ missed
+    mail12.example.org). Two deliberate differences, both partial addresses: `a.b` is a.b.0.0/16
+    to us, as postgrey's own comment says, where postgrey reads it as a.b.0.0/24; and
+    `a.b.c.` (as tcprules writes a prefix) is that /24 to us, a name that matches nothing to it."""
+    if os.geteuid() != 0:
+        pytest.skip("postgrey runs as its own user: needs root to start it here")
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(dir="/tmp"))
+    os.chmod(directory, 0o755)
+    listed = directory / "whitelist_clients.local"
+    listed.write_text("/^MAIL\\d+\\.Example\\.ORG$/\nExample.COM\n198.51\n203.0.113.\n2001:db8:5::/48\n")
+    listed.chmod(0o644)
+    clients = [("192.0.2.1", "mail12.example.org"), ("192.0.2.2", "MAIL7.EXAMPLE.ORG"),
+               ("192.0.2.3", "mail.example.org"), ("192.0.2.4", "mx.example.com"), ("192.0.2.5", "example.com.evil"),
+               ("198.51.0.9", "unknown"), ("198.51.7.7", "unknown"), ("203.0.113.9", "unknown"),
+               ("2001:db8:5:1::1", "unknown"), ("2001:db8:6::1", "unknown")]
+    try:
+        answers = answers_of_both([dict(t=1_800_000_000, client_address=ip, client_name=name)
+                                   for ip, name in clients], [f"--whitelist-clients={listed}"])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    passed = {name: [ip for (ip, _), a in zip(clients, got) if a == "action=DUNNO"] for name, got in answers.items()}
+    assert passed["postgrey"] == ["192.0.2.1", "192.0.2.2", "192.0.2.4", "198.51.0.9", "2001:db8:5:1::1"], passed
+    assert passed["ours"] == ["192.0.2.1", "192.0.2.2", "192.0.2.4", "198.51.0.9", "198.51.7.7", "203.0.113.9",
+                              "2001:db8:5:1::1"], passed
+
+
+@pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
 def test_a_recipient_whitelist_matches_as_postgreys_does():
     """postgrey's rules for whitelist_recipients: user@ and user@domain also match a +extension,
     a bare domain its subdomains, /regex/ ignores case (we matched addresses and domains
