@@ -591,6 +591,23 @@ def answers_of_both(requests: list[dict], options: list[str] = ()) -> dict[str, 
     return answers
 
 
+def passed_with_file(option: str, text: str, labels: list[str], requests: list[dict]) -> dict[str, list[str]]:
+    """The labels of the requests each server passed (DUNNO), both given a file of ``text``
+    as ``option`` (a whitelist, say), readable by the postgrey user."""
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(dir="/tmp"))
+    os.chmod(directory, 0o755)
+    listed = directory / "list"
+    listed.write_text(text)
+    listed.chmod(0o644)
+    try:
+        answers = answers_of_both([dict(t=1_800_000_000, **attrs) for attrs in requests], [f"{option}={listed}"])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    return {name: [label for label, a in zip(labels, got) if a == "action=DUNNO"] for name, got in answers.items()}
+
+
 @pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
 def test_a_client_whitelist_matches_as_postgreys_does():
     """A site's own whitelist_clients.local, side by side with the real postgrey: a /regex/
@@ -600,23 +617,13 @@ def test_a_client_whitelist_matches_as_postgreys_does():
     `a.b.c.` (as tcprules writes a prefix) is that /24 to us, a name that matches nothing to it."""
     if os.geteuid() != 0:
         pytest.skip("postgrey runs as its own user: needs root to start it here")
-    import tempfile
-
-    directory = Path(tempfile.mkdtemp(dir="/tmp"))
-    os.chmod(directory, 0o755)
-    listed = directory / "whitelist_clients.local"
-    listed.write_text("/^MAIL\\d+\\.Example\\.ORG$/\nExample.COM\n198.51\n203.0.113.\n2001:db8:5::/48\n")
-    listed.chmod(0o644)
     clients = [("192.0.2.1", "mail12.example.org"), ("192.0.2.2", "MAIL7.EXAMPLE.ORG"),
                ("192.0.2.3", "mail.example.org"), ("192.0.2.4", "mx.example.com"), ("192.0.2.5", "example.com.evil"),
                ("198.51.0.9", "unknown"), ("198.51.7.7", "unknown"), ("203.0.113.9", "unknown"),
                ("2001:db8:5:1::1", "unknown"), ("2001:db8:6::1", "unknown")]
-    try:
-        answers = answers_of_both([dict(t=1_800_000_000, client_address=ip, client_name=name)
-                                   for ip, name in clients], [f"--whitelist-clients={listed}"])
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    passed = {name: [ip for (ip, _), a in zip(clients, got) if a == "action=DUNNO"] for name, got in answers.items()}
+    passed = passed_with_file("--whitelist-clients", "/^MAIL\\d+\\.Example\\.ORG$/\nExample.COM\n198.51\n"
+                              "203.0.113.\n2001:db8:5::/48\n", [ip for ip, _ in clients],
+                              [dict(client_address=ip, client_name=name) for ip, name in clients])
     assert passed["postgrey"] == ["192.0.2.1", "192.0.2.2", "192.0.2.4", "198.51.0.9", "2001:db8:5:1::1"], passed
     assert passed["ours"] == ["192.0.2.1", "192.0.2.2", "192.0.2.4", "198.51.0.9", "198.51.7.7", "203.0.113.9",
                               "2001:db8:5:1::1"], passed
@@ -631,23 +638,13 @@ def test_a_recipient_whitelist_matches_as_postgreys_does():
     access(5) form) is that domain to us; postgrey reads it but matches nothing with it."""
     if os.geteuid() != 0:
         pytest.skip("postgrey runs as its own user: needs root to start it here")
-    import tempfile
-
-    directory = Path(tempfile.mkdtemp(dir="/tmp"))
-    os.chmod(directory, 0o755)
-    listed = directory / "whitelist_recipients"
-    listed.write_text("postmaster@\nabuse@example.com\nexample.org\n@example.net\n/^list-[a-z]+@lists\\.example$/\n")
-    listed.chmod(0o644)
     recipients = ["postmaster+reports@a.example", "POSTMASTER@A.EXAMPLE", "abuse+z@example.com", "abuse@example.com",
                   "abuse@example.com.evil", "bob@example.com", "y@EXAMPLE.org", "y@sub.example.org",
                   "y@notexample.org", "LIST-news@lists.example", "list-news@lists.example.evil",
                   "x@example.net", "x@sub.example.net"]
-    try:
-        answers = answers_of_both([dict(t=1_800_000_000, client_address=f"192.0.2.{n}", recipient=rcpt)
-                                   for n, rcpt in enumerate(recipients)], [f"--whitelist-recipients={listed}"])
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    passed = {name: [rcpt for rcpt, a in zip(recipients, got) if a == "action=DUNNO"] for name, got in answers.items()}
+    passed = passed_with_file("--whitelist-recipients", "postmaster@\nabuse@example.com\nexample.org\n@example.net\n"
+                              "/^list-[a-z]+@lists\\.example$/\n", recipients,
+                              [dict(client_address=f"192.0.2.{n}", recipient=rcpt) for n, rcpt in enumerate(recipients)])
     assert passed["postgrey"] == ["postmaster+reports@a.example", "POSTMASTER@A.EXAMPLE", "abuse+z@example.com",
                                   "abuse@example.com", "y@EXAMPLE.org", "y@sub.example.org",
                                   "LIST-news@lists.example"], passed
