@@ -166,6 +166,14 @@ STREAM = [  # (seconds after T, client, sender, recipient)
     (5 * 86400 + 400, "192.0.2.60", "g@example.org", "h@example.net"),
     # Debian's whitelist lists debian.org; Postfix never sends a name ending in a dot
     (5 * 86400 + 500, "192.0.2.61", "g@example.org", "h@example.net", "debian.org."),
+    # SRS: the next message from the same forwarded sender has a new hash and time stamp
+    (5 * 86400 + 600, "192.0.2.62", "SRS0=aaaa=T1=orig.example=u@fwd.example", "k@example.net"),
+    (5 * 86400 + 1000, "192.0.2.62", "SRS0=aaaa=T1=orig.example=u@fwd.example", "k@example.net"),
+    (5 * 86400 + 1100, "192.0.2.62", "SRS0=bbbb=T2=orig.example=u@fwd.example", "k@example.net"),
+    # BATV as btv1 (and msprvs1): the next message has a new tag
+    (5 * 86400 + 1200, "192.0.2.63", "btv1==0123abcdef==bob@example.org", "l@example.net"),
+    (5 * 86400 + 1600, "192.0.2.63", "btv1==0123abcdef==bob@example.org", "l@example.net"),
+    (5 * 86400 + 1700, "192.0.2.63", "btv1==4567abcdef==bob@example.org", "l@example.net"),
     # a triplet last seen 36 days ago: --max-age is 35 (the last of the stream: postgrey's
     # nightly clean-up would delete it in the next night, and others with it)
     (6 * 86400, "192.0.2.70", "i@example.org", "j@example.net"),
@@ -187,16 +195,21 @@ DELIBERATE = {
     # a DNS name with its root's dot is the same name (valid_hostname() in Postfix makes
     # such a client_name "unknown", so only another client can send it)
     18: "a client name ending in a dot is the name without it",
+    # postgrey keys on the whole SRS address and strips only prvs= tags; we undo SRS and
+    # the other BATV forms, so the sender's next message is known
+    21: "an SRS address is its original sender",
+    24: "a btv1== (or msprvs1=) BATV tag is a BATV tag",
     # postgrey keeps a triplet past --max-age until its nightly clean-up (02:00-07:00)
     # deletes it, and passes it meanwhile; to us --max-age is the age it is known for
-    21: "a triplet last seen longer than --max-age ago is new, whether or not deleted yet",
+    27: "a triplet last seen longer than --max-age ago is new, whether or not deleted yet",
 }
 #: (postgrey's action, ours) where they differ: only the header's seconds for the null
-#: sender; the capital BATV tag, the mapped address and the dotted name greylisted by
-#: postgrey once more, passed by us; the forgotten triplet greylisted by us once more
+#: sender; the capital BATV tag, the mapped address, the dotted name, SRS and btv1
+#: greylisted by postgrey once more, passed by us; the forgotten triplet greylisted by us
 DELIBERATE_ACTIONS = {10: ("PREPEND", "PREPEND"), 15: ("DEFER_IF_PERMIT", "DUNNO"),
                       17: ("DEFER_IF_PERMIT", "PREPEND"), 18: ("DEFER_IF_PERMIT", "DUNNO"),
-                      21: ("DUNNO", "DEFER_IF_PERMIT")}
+                      21: ("DEFER_IF_PERMIT", "DUNNO"), 24: ("DEFER_IF_PERMIT", "DUNNO"),
+                      27: ("DUNNO", "DEFER_IF_PERMIT")}
 #: in the log the same difference shows one request earlier: "" after "<>" is a new triplet
 #: to postgrey (reason=new), an early retry to us (both greylist it)
 DELIBERATE_IN_LOG = {**DELIBERATE, 9: DELIBERATE[10]}
