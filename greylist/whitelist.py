@@ -7,9 +7,10 @@ A client whitelist file holds one entry a line (``#`` starts a comment):
   tcpserver, ``client_name`` from Postfix): ``google.com`` matches that name and
   every name below it;
 - a regular expression between slashes, as postgrey allows: ``/^mail\\d+\\.example\\.org$/``,
-  case ignored as postgrey ignores it, matched with RE2 (google-re2), whose time is linear in the name's length: no
-  pattern can make a connection wait (Perl's backreferences and lookarounds,
-  which need backtracking, are refused with a warning for that line);
+  case ignored as postgrey ignores it, matched with RE2 (google-re2), whose time
+  is linear in the name's length: no pattern can make a connection wait (Perl's
+  backreferences and lookarounds, which need backtracking, are refused with a
+  warning for that line);
 - a partial address, as postgrey and tcprules write it: ``66.94.237.`` or
   ``195.235.39`` is that /24, ``10.`` that /8, ``198.51`` that /16 (postgrey reads
   the last as 198.51.0.0/24, and one ending in a dot as a name that never matches).

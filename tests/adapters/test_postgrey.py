@@ -657,7 +657,8 @@ def test_a_recipient_whitelist_matches_as_postgreys_does():
                   "x@example.net", "x@sub.example.net"]
     passed = passed_with_file("--whitelist-recipients", "postmaster@\nabuse@example.com\nexample.org\n@example.net\n"
                               "/^list-[a-z]+@lists\\.example$/\n", recipients,
-                              [dict(client_address=f"192.0.2.{n}", recipient=rcpt) for n, rcpt in enumerate(recipients)])
+                              [dict(client_address=f"192.0.2.{n}", recipient=rcpt)
+                               for n, rcpt in enumerate(recipients)])
     assert passed["postgrey"] == ["postmaster+reports@a.example", "POSTMASTER@A.EXAMPLE", "abuse+z@example.com",
                                   "abuse@example.com", "y@EXAMPLE.org", "y@sub.example.org",
                                   "LIST-news@lists.example"], passed
