@@ -215,7 +215,9 @@ class Greylister:
         from greylist.whitelist import WhitelistError, load_clients, load_recipients
 
         try:
-            listed = load_clients(path) if kind == "clients" else load_recipients(path)
+            # only a process that starts once per connection (keep_store=False: the wrapper,
+            # the plugin) gains from a compiled cache; a server compiles once and writes nothing
+            listed = load_clients(path, cache=not self.keep_store) if kind == "clients" else load_recipients(path)
         except WhitelistError as exc:
             extra["whitelist_error"] = str(exc)
             return None

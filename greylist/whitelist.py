@@ -235,8 +235,14 @@ def _merge(spans: dict) -> dict:
     return ranges
 
 
-def load_clients(paths: str) -> ClientWhitelist:
-    """The compiled whitelist of one or several files (``a:b``), each from its cache when current."""
+def load_clients(paths: str, cache: bool = True) -> ClientWhitelist:
+    """The compiled whitelist of one or several files (``a:b``), each from its cache when
+    current. ``cache=False`` (a server, which reads it once) neither reads nor writes a
+    cache: a daemon that writes beside the files it is given would leave its own file in
+    /etc/postgrey, which dpkg then finds in a package's directory."""
+    if not cache:
+        return ClientWhitelist.combine([ClientWhitelist.parse(read_regular(path), path)
+                                        for path in split_paths(paths)])
     return ClientWhitelist.combine([_load_one(path) for path in split_paths(paths)])
 
 

@@ -356,6 +356,13 @@ def test_only_postfixs_verified_client_name_is_matched_never_the_ptr_claim(polic
                              sender="a@b", recipient="c@d"))
     assert verified == "action=DUNNO"
     c.close()
+    # a server reads its whitelist once and writes nothing beside it (it wrote clients.cache:
+    # /etc/postgrey/whitelist_clients.cache, left in a package's directory); the wrapper,
+    # which starts once per connection, still keeps its compiled cache
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("clients")) == ["clients"]
+    from greylist.whitelist import load_clients
+
+    assert load_clients(str(listed)).has_names and (tmp_path / "clients.cache").is_file()
 
 
 def test_sqlite_decisions_are_committed_within_the_window_and_at_sigterm(policyd, tmp_path):
