@@ -541,8 +541,9 @@ def test_a_random_stream_of_400_requests_gets_postgreys_answers(tmp_path, option
     the null sender and addresses that are hardly addresses, clients whose names or
     addresses Debian's whitelist lists (names, /regex/ lines, partial addresses) and
     names that only look alike, at gaps around the delay, the hour and the retry window:
-    not one answer differs. Kept within --max-age (35 days), where postgrey's nightly
-    clean-up makes the one deliberate difference (see DELIBERATE)."""
+    not one answer differs. Its words and its span (within --max-age, 35 days) keep out
+    the deliberate differences, which the stream above lists (DELIBERATE): each BATV form
+    here has one tag, each SRS address one original sender."""
     import random
 
     if os.geteuid() != 0:
