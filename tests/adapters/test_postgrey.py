@@ -535,7 +535,9 @@ def test_the_unix_socket_and_the_pid_file_belong_to_the_user_as_postgreys_do(tmp
 
 
 @pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
-@pytest.mark.parametrize("options", [[], ["--lookup-by-host", "--auto-whitelist-clients=1"]])
+@pytest.mark.parametrize("options", [[], ["--lookup-by-host", "--auto-whitelist-clients=1"],
+                                     ["--privacy", "--auto-whitelist-clients=2"],
+                                     ["--delay=120", "--retry-window=6h", "--ipv4cidr=28", "--ipv6cidr=56"]])
 def test_a_random_stream_of_400_requests_gets_postgreys_answers(tmp_path, options):
     """Seeded traffic over IPv4 and IPv6 clients, case, +tags, every BATV form, SRS, VERP,
     the null sender and addresses that are hardly addresses, clients whose names or
