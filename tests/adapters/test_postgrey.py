@@ -241,32 +241,11 @@ def test_the_same_request_stream_gets_the_same_answers_as_the_real_postgrey(tmp_
     import tempfile
 
     t0 = 1_800_000_000
-    answers = {}
-    logs = {}
-    base = Path(tempfile.mkdtemp(dir="/tmp"))  # the postgrey user must reach it: pytest's tree is 0700
-    os.chmod(base, 0o755)
-    for name in ("postgrey", "ours"):
-        directory = base / name
-        directory.mkdir()
-        shutil.chown(directory, "postgrey")
-        port = free_port()
-        if name == "postgrey":
-            proc = start([POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}", *options], port,
-                         log_file=base / "postgrey.log")
-        else:
-            proc = start([*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={directory}",
-                          "--accept-test-time", *options], port)
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                answers[name] = [normalise(ask(s, t0 + dt, client_address=ip, sender=sender, recipient=rcpt,
-                                               client_name=host[0] if host else
-                                               "unknown" if n % 3 else "mx.example.org",
-                                               **({"queue_id": f"4F2A{n}"} if n % 4 == 1 else {})))
-                                 for n, (dt, ip, sender, rcpt, *host) in enumerate(STREAM)]
-        finally:
-            stop(proc)
-        text = (base / "postgrey.log").read_text() if name == "postgrey" else proc.stderr.read()
-        logs[name] = [line for line in text.splitlines() if "action=" in line]
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    answers, logs = answers_of_both([dict(t=t0 + dt, client_address=ip, sender=sender, recipient=rcpt,
+                                          client_name=host[0] if host else "unknown" if n % 3 else "mx.example.org",
+                                          **({"queue_id": f"4F2A{n}"} if n % 4 == 1 else {}))
+                                     for n, (dt, ip, sender, rcpt, *host) in enumerate(STREAM)], options, keep=base)
     if "--privacy" in options:
         import sqlite3
 
@@ -295,8 +274,6 @@ def test_one_x_greylist_header_a_message_however_many_recipients_waited(tmp_path
     header for the first recipient whose triplet passed after waiting and answers DUNNO for
     the others of that message (it remembers the last 10 instances), so a message gets one
     X-Greylist header, not one a recipient. Both servers on one stream, both logs compared."""
-    import tempfile
-
     if os.geteuid() != 0:
         pytest.skip("postgrey runs as its own user: needs root to start it here")
     t0 = 1_800_000_000
@@ -304,37 +281,10 @@ def test_one_x_greylist_header_a_message_however_many_recipients_waited(tmp_path
     stream = [(0, "m1", r) for r in rcpts] + [(0, "m2", "r4@example.net")]  # all new: greylisted
     stream += [(400, "m3", r) for r in rcpts]  # the retry: three passes, one message
     stream += [(400, "m4", "r4@example.net"), (401, "m3", "r4@example.net")]  # another message; m3 again
-    base = Path(tempfile.mkdtemp(dir="/tmp"))
-    os.chmod(base, 0o755)
-    answers, logs = {}, {}
-    try:
-        for name, cmd in (("postgrey", [POSTGREY]), ("ours", [*command("greylist"), "postgrey",
-                                                              "--accept-test-time"])):
-            directory = base / name
-            directory.mkdir()
-            shutil.chown(directory, "postgrey")
-            port = free_port()
-            proc = start([*cmd, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"], port,
-                         log_file=base / "postgrey.log")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                    answers[name] = []
-                    for dt, instance, rcpt in stream:
-                        s.sendall("".join(f"{k}={v}\n" for k, v in {
-                            "request": "smtpd_access_policy", "protocol_state": "RCPT",
-                            "client_address": "192.0.2.5", "client_name": "mx.example.org",
-                            "sender": "a@example.org", "recipient": rcpt, "instance": instance,
-                            "policy_test_time": str(t0 + dt)}.items()).encode() + b"\n")
-                        data = b""
-                        while not data.endswith(b"\n\n"):
-                            data += s.recv(4096)
-                        answers[name].append(normalise(data.decode().strip()).split(" X-Greylist")[0])
-            finally:
-                stop(proc)
-            text = (base / "postgrey.log").read_text() if name == "postgrey" else proc.stderr.read()
-            logs[name] = [line.split("action=", 1)[1] for line in text.splitlines() if "action=" in line]
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    answers, logs = answers_of_both([dict(client_address="192.0.2.5", recipient=rcpt, instance=instance,
+                                          policy_test_time=str(t0 + dt)) for dt, instance, rcpt in stream])
+    answers = {name: [a.split(" X-Greylist")[0] for a in got] for name, got in answers.items()}
+    logs = {name: [line.split("action=", 1)[1] for line in got] for name, got in logs.items()}
     assert [a.split()[0] for a in answers["postgrey"]] == \
         ["action=DEFER_IF_PERMIT"] * 4 + ["action=PREPEND", "action=DUNNO", "action=DUNNO", "action=PREPEND",
                                           "action=DUNNO"]
@@ -572,21 +522,24 @@ def test_a_random_stream_of_400_requests_gets_postgreys_answers(tmp_path, option
             stream.append((t, rng.choice(clients), rng.choice(senders), rng.choice(recipients),
                            rng.choice(names)))
     assert stream[-1][0] - stream[0][0] < 35 * 86400
-    answers = answers_of_both([dict(t=at, client_address=ip, sender=sender, recipient=rcpt, client_name=host)
+    answers, _ = answers_of_both([dict(t=at, client_address=ip, sender=sender, recipient=rcpt, client_name=host)
                                for at, ip, sender, rcpt, host in stream], options)
     assert answers["ours"] == answers["postgrey"]
     assert sum(a.startswith("action=DEFER_IF_PERMIT") for a in answers["ours"]) > 10  # both kinds seen
     assert sum(a.startswith("action=PREPEND") for a in answers["ours"]) > 5
 
 
-def answers_of_both(requests: list[dict], options: list[str] = ()) -> dict[str, list[str]]:
+def answers_of_both(requests: list[dict], options: list[str] = (),
+                    keep: Path | None = None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """The real postgrey's answers and ours to the same requests (``ask``'s arguments), each
-    server started with ``options`` on a fresh database of its own, in one connection."""
+    server started with ``options`` on a fresh database of its own, in one connection; and
+    each one's log lines of decisions. ``keep``: a directory (reachable by the postgrey
+    user) to run in and leave, for a test that reads a database afterwards."""
     import tempfile
 
-    base = Path(tempfile.mkdtemp(dir="/tmp"))  # the postgrey user must reach it: pytest's tree is 0700
+    base = keep or Path(tempfile.mkdtemp(dir="/tmp"))  # the postgrey user must reach it: pytest's tree is 0700
     os.chmod(base, 0o755)
-    answers = {}
+    answers, logs = {}, {}
     try:
         for name in ("postgrey", "ours"):
             directory = base / name
@@ -596,15 +549,18 @@ def answers_of_both(requests: list[dict], options: list[str] = ()) -> dict[str, 
             argv = [POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}", *options] \
                 if name == "postgrey" else [*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}",
                                             f"--dbdir={directory}", "--accept-test-time", *options]
-            proc = start(argv, port)
+            proc = start(argv, port, log_file=base / "postgrey.log")
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                     answers[name] = [normalise(ask(s, **attrs)) for attrs in requests]
             finally:
                 stop(proc)
+            text = (base / "postgrey.log").read_text() if name == "postgrey" else proc.stderr.read()
+            logs[name] = [line for line in text.splitlines() if "action=" in line]
     finally:
-        shutil.rmtree(base, ignore_errors=True)
-    return answers
+        if keep is None:
+            shutil.rmtree(base, ignore_errors=True)
+    return answers, logs
 
 
 def passed_with_file(option: str, text: str, labels: list[str], requests: list[dict]) -> dict[str, list[str]]:
@@ -618,7 +574,8 @@ def passed_with_file(option: str, text: str, labels: list[str], requests: list[d
     listed.write_text(text)
     listed.chmod(0o644)
     try:
-        answers = answers_of_both([dict(t=1_800_000_000, **attrs) for attrs in requests], [f"{option}={listed}"])
+        answers, _ = answers_of_both([dict(t=1_800_000_000, **attrs) for attrs in requests],
+                                     [f"{option}={listed}"])
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     return {name: [label for label, a in zip(labels, got) if a == "action=DUNNO"] for name, got in answers.items()}
@@ -682,7 +639,7 @@ def test_decided_at_data_and_end_of_message_as_postgrey_decides():
     end = dict(protocol_state="END-OF-MESSAGE", client_address="203.0.113.1", sender="c@example.org", recipient="")
     requests = [dict(t=t, **one), dict(t=t, **many), dict(t=t, **end), dict(t=t + 100, **one),
                 dict(t=t + 400, **one), dict(t=t + 401, **many), dict(t=t + 402, **end), dict(t=t + 500, **end)]
-    answers = answers_of_both(requests)
+    answers, _ = answers_of_both(requests)
     differences = {i: (a, b) for i, (a, b) in enumerate(zip(answers["postgrey"], answers["ours"])) if a != b}
     assert differences == {6: (answers["postgrey"][6], "action=DUNNO")}, differences
     assert answers["postgrey"][6].startswith("action=PREPEND X-Greylist: delayed 402")
