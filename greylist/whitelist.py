@@ -50,13 +50,24 @@ class WhitelistError(ValueError):
     """A whitelist file cannot be read; the message names the file."""
 
 
-def _re2_options(case_sensitive: bool = True):
+def _re2_options():
     import re2
 
     options = re2.Options()
     options.log_errors = False  # an unusable pattern is our warning, not RE2's stderr line
-    options.case_sensitive = case_sensitive
+    options.case_sensitive = False  # as postgrey's qr{...}i, in both kinds of list
     return options
+
+
+def _compile(pattern: str) -> tuple[object, str | None]:
+    """A whitelist's ``/regex/`` compiled, or None and the reason it cannot be used."""
+    import re2
+
+    try:
+        return re2.compile(pattern, _re2_options()), None
+    except re2.error as exc:
+        why = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+        return None, f"pattern not usable by the linear-time engine ({why})"
 
 
 def read_regular(path: str, what: str = "whitelist") -> str:
@@ -161,7 +172,7 @@ class ClientWhitelist:
             if self._compiled is None:
                 import re2
 
-                options = _re2_options(case_sensitive=False)  # postgrey: qr{...}i
+                options = _re2_options()
                 self._compiled = [re2.compile(p, options) for p in self.patterns]
             return any(p.search(name) for p in self._compiled)
         return False
@@ -177,13 +188,9 @@ class ClientWhitelist:
 def _add_line(line: str, spans: dict, names: set, patterns: list) -> str | None:
     """Add one whitelist line; the reason it cannot match anything, or None."""
     if line.startswith("/") and line.endswith("/") and len(line) > 2:
-        import re2
-
-        try:
-            re2.compile(line[1:-1], _re2_options())
-        except re2.error as exc:
-            why = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
-            return f"pattern not usable by the linear-time engine ({why})"
+        _, problem = _compile(line[1:-1])  # checked now; kept as text, for the cache
+        if problem:
+            return problem
         patterns.append(line[1:-1])
         return None
     address, slash, bits = line.partition("/")
@@ -240,21 +247,20 @@ def load_clients(paths: str, cache: bool = True) -> ClientWhitelist:
     current. ``cache=False`` (a server, which reads it once) neither reads nor writes a
     cache: a daemon that writes beside the files it is given would leave its own file in
     /etc/postgrey, which dpkg then finds in a package's directory."""
+    return ClientWhitelist.combine([_load_one(path, cache) for path in split_paths(paths)])
+
+
+def _load_one(path: str, cache: bool = True) -> ClientWhitelist:
     if not cache:
-        return ClientWhitelist.combine([ClientWhitelist.parse(read_regular(path), path)
-                                        for path in split_paths(paths)])
-    return ClientWhitelist.combine([_load_one(path) for path in split_paths(paths)])
-
-
-def _load_one(path: str) -> ClientWhitelist:
+        return ClientWhitelist.parse(read_regular(path), path)
     try:
         st = os.stat(path)
     except OSError as exc:
         raise WhitelistError(f"cannot read whitelist {path}: {exc.strerror}") from None
     stamp = (CACHE_VERSION, st.st_size, st.st_mtime_ns, st.st_ino)
-    cache = path + ".cache"
+    cached = path + ".cache"
     try:
-        fd = os.open(cache, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(cached, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
         with os.fdopen(fd, "rb") as f:
             data = marshal.load(f)
         if data[0] == stamp:
@@ -266,13 +272,13 @@ def _load_one(path: str) -> ClientWhitelist:
     whitelist = ClientWhitelist.parse(read_regular(path), path)
     # best effort (a read-only directory just means no cache): a new file under an
     # unpredictable name, never through a link, renamed into place
-    tmp = f"{cache}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
+    tmp = f"{cached}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
                      0o644)
         with os.fdopen(fd, "wb") as f:
             marshal.dump((stamp, whitelist._dump()), f)
-        os.replace(tmp, cache)
+        os.replace(tmp, cached)
     except OSError:
         try:
             os.unlink(tmp)
@@ -308,14 +314,10 @@ class RecipientWhitelist:
         if any(c.isspace() for c in line):
             return "not an address, local part, domain or /regex/"
         if len(line) > 2 and line[0] == "/" and line[-1] == "/":
-            import re2
-
-            try:
-                self.patterns.append(re2.compile(line[1:-1], _re2_options(case_sensitive=False)))
-            except re2.error as exc:
-                why = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else exc
-                return f"pattern not usable by the linear-time engine ({why})"
-            return None
+            compiled, problem = _compile(line[1:-1])
+            if compiled is not None:
+                self.patterns.append(compiled)
+            return problem
         line = line.lower().strip("<>")
         local, at, domain = line.partition("@")  # postgrey splits at the first @
         if not at:
