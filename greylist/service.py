@@ -339,7 +339,11 @@ class Greylister:
                 and store.writes_as_it_decides()):
             self._flush_timer = self._flush_loop.call_later(FLUSH_BUSY, self._timed_flush)
             return
-        self.flush()
+        self.flush(wait=False)
+        store = self._store
+        if store is not None and store.pending and self._flush_timer is None:
+            # another connection holds the write lock: the rows stay held, and are tried again
+            self._flush_timer = self._flush_loop.call_later(self.commit_window, self._timed_flush)
 
     def write_owed(self) -> None:
         """The end of a round of the server's event loop (``in_rounds``): what the round's
@@ -348,11 +352,12 @@ class Greylister:
         if store is not None:
             self._writing(store.write_owed)
 
-    def flush(self) -> None:
-        """Commit held decisions (the window's timer, a server stopping)."""
+    def flush(self, wait: bool = True) -> None:
+        """Commit held decisions (the window's timer, with ``wait`` False: never waiting
+        for another connection's write lock; a server stopping)."""
         store = self._store
         if store is not None and store.pending:
-            self._writing(store.flush)
+            self._writing(lambda: store.flush(wait))
 
     def _writing(self, write) -> None:
         """A store that fails while writing what decisions held is closed, like one that

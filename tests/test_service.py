@@ -237,7 +237,7 @@ def test_a_store_failing_as_it_writes_held_rows_is_closed_and_a_bug_is_not_hidde
     store = greylister._store
     assert store.in_rounds and store.pending
 
-    def failing():
+    def failing(*_wait):
         raise StoreError("disk full")
 
     monkeypatch.setattr(store, write, failing)
@@ -245,7 +245,7 @@ def test_a_store_failing_as_it_writes_held_rows_is_closed_and_a_bug_is_not_hidde
     assert greylister._store is None
     assert greylister.decide(Connection("192.0.2.1")).verdict.action == TEMPFAIL  # reopened, decided
     assert greylister._store.pending
-    monkeypatch.setattr(greylister._store, write, lambda: 1 / 0)
+    monkeypatch.setattr(greylister._store, write, lambda *_wait: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         getattr(greylister, write)()
     greylister.close()

@@ -195,8 +195,10 @@ class Store:
         a timer need not write it all at once (True only while they keep up)."""
         return False
 
-    def flush(self) -> None:
-        """Commit what :meth:`hold_commits` held back."""
+    def flush(self, wait: bool = True) -> None:
+        """Commit what :meth:`hold_commits` held back (``wait``: for other writers, if any
+        must be waited for; without it, what cannot be written now stays held and
+        ``pending``)."""
 
     def close(self) -> None:
         """Release connections or handles; the default has none."""

@@ -50,6 +50,16 @@ HELD_ROWS = 1024
 #: after their answers are sent: fewer statements, and SQLite's code and pages still warm
 DRAIN_STEP = 8
 
+#: a server holding writes never waits for another connection's write lock (a qmail
+#: wrapper on the same file, an admin's sqlite3 shell): while it is taken, the rows stay
+#: held (and are read back by the decisions) and the lock is tried again this much later.
+#: Waiting the busy timeout instead held every client 2 s a window and, when it ran out,
+#: lost the window's rows: every retry was greylisted as new for as long as the lock stayed
+LOCK_RETRY = 0.05
+#: held rows kept while the write lock stays taken; beyond them the oldest are dropped
+#: (those clients wait once more), so memory stays bounded (about 300 bytes a row)
+MAX_HELD = 8 * HELD_ROWS
+
 #: keys of the table a decision adds to the key filter being built (about 60 us): a
 #: server starts with none, and builds one again after another connection has written
 BUILD_STEP = 128
@@ -135,6 +145,7 @@ class SqliteStore(Store):
         self.path = path
         self.url = f"sqlite://{path}"
         self.lean = lean
+        self.timeout = timeout
         try:
             self.db = sqlite.connect(path, timeout=timeout, isolation_level=None,
                                      check_same_thread=False)
@@ -165,6 +176,8 @@ class SqliteStore(Store):
         self.others_wrote = float("-inf")  # when another connection's commit was last seen
         self.quiet = QUIET  # seconds of no other writer before a filter is built again
         self.checkpointer: Checkpointer | None = None  # holding: the WAL's copying thread
+        self.lock_busy_since: float | None = None  # holding: another connection kept the write lock
+        self.retry_lock_at = 0.0  # holding: when to try for the write lock again
 
     def _setup(self) -> None:
         """WAL mode is kept in the file, so only a new database needs it set.
@@ -318,19 +331,26 @@ class SqliteStore(Store):
         else:
             self._drain(rows)
 
-    def flush(self) -> None:
-        """Write everything held now (the server's timer, an admin command, close)."""
+    def flush(self, wait: bool = True) -> None:
+        """Write everything held now (an admin command, close; the server's timer with
+        ``wait`` False: if another connection holds the write lock, the rows stay held
+        and ``pending`` stays set, so the timer comes back)."""
         self.pending = False
         self.owed = 0
         if self.draining is not None:
             self._drain(len(self.todo))
-        self._start_drain()
+        try:
+            self._start_drain(wait)
+        finally:
+            self.pending = bool(self.held)  # the write lock was not to be had: held still
         if self.draining is not None:
             self._drain(len(self.todo))
 
-    def _start_drain(self) -> None:
+    def _start_drain(self, wait: bool = False) -> None:
         """End the window's read snapshot and begin writing what it held: the write lock
-        is taken now and kept until :meth:`_drain` has written the last row."""
+        is taken now and kept until :meth:`_drain` has written the last row. Without
+        ``wait``, a write lock another connection holds leaves the rows held (see
+        LOCK_RETRY)."""
         if self.db.in_transaction:  # the read snapshot: the writes need the write lock
             try:
                 self.db.execute("COMMIT")
@@ -339,8 +359,15 @@ class SqliteStore(Store):
                 raise StoreError(f"{self.path}: {exc}") from None
         if not self.held:
             return
+        if wait:
+            self._execute("BEGIN IMMEDIATE")
+        elif not self._try_write_lock():
+            return
+        if self.lock_busy_since is not None:
+            self.warnings.append(f"the write lock was free again after {monotonic() - self.lock_busy_since:.1f} s:"
+                                 f" {len(self.held)} held rows written")
+            self.lock_busy_since = None
         held, self.held = self.held, {}
-        self._execute("BEGIN IMMEDIATE")
         # the rows are made into statements as they are written (a thousand at once took
         # most of a millisecond, every client waiting)
         self.draining, self.todo, self.unwritten = held, list(held.items()), len(held)
@@ -381,6 +408,39 @@ class SqliteStore(Store):
             except sqlite.Error:
                 pass
             raise
+
+    def _try_write_lock(self) -> bool:
+        """BEGIN IMMEDIATE without waiting for another connection's write lock. False (the
+        rows stay held) when it is taken; past MAX_HELD rows the oldest are dropped."""
+        now = monotonic()
+        if now < self.retry_lock_at:
+            return False
+        try:
+            self.db.execute("PRAGMA busy_timeout=0")
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                return True
+            except sqlite.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 5) & 0xFF != 5:  # not SQLITE_BUSY
+                    raise
+            finally:
+                self.db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+        except sqlite.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+        self.retry_lock_at = now + LOCK_RETRY
+        if self.lock_busy_since is None:
+            self.lock_busy_since = now
+            self.warnings.append("another connection holds the database's write lock: decisions are held "
+                                 "(and read back) until it is free")
+        held = self.held
+        if len(held) > MAX_HELD:
+            dropped = len(held) - MAX_HELD
+            for key in list(held)[:dropped]:  # in order of first write: the oldest
+                del held[key]
+            self.count("dropped", dropped)
+            self.warnings.append(f"the write lock has been taken for {now - self.lock_busy_since:.1f} s: "
+                                 f"{dropped} held rows dropped (those clients are greylisted once more)")
+        return False
 
     def _many(self, sql: str, rows: list) -> int:
         self.count("query")

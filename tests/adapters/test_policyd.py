@@ -389,6 +389,47 @@ def test_sqlite_decisions_are_committed_within_the_window_and_at_sigterm(policyd
     assert keys() == {"192.0.2.7", "192.0.2.8"}
 
 
+def test_a_write_lock_held_by_another_process_stalls_nobody_and_loses_no_retry(policyd, tmp_path):
+    """An admin's sqlite3 shell (or any other writer) keeps the write lock: the server
+    answers on, its decisions held and read back, so a client that retried after the
+    delay passes; they are written once the lock is free, and the log says both. It
+    used to wait the busy timeout (here an hour) with every client, then drop the
+    window's decisions: every retry was greylisted as new for as long as the lock stayed."""
+    import sqlite3
+
+    path = tmp_path / "g.db"
+    proc, address = policyd("--store", f"sqlite://{path}?timeout=60", "--key", "triplet", "--delay", "1")
+    c = Client(address)
+    envelope = dict(sender="a@example.org", recipient="b@example.net")
+    assert c.ask(request(client_address="192.0.2.1", **envelope)).startswith("action=DEFER_IF_PERMIT")
+
+    def keys() -> set[str]:
+        with sqlite3.connect(path) as db:
+            return {row[0].split("|")[0] for row in db.execute("SELECT key FROM greylist")}
+
+    deadline = time.monotonic() + 5
+    while "192.0.2.1" not in keys() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        assert c.ask(request(client_address="192.0.2.2", **envelope)).startswith("action=DEFER_IF_PERMIT")
+        time.sleep(1.2)  # the delay, and several windows whose flush found the lock taken
+        assert c.ask(request(client_address="192.0.2.2", **envelope)).startswith("action=PREPEND X-Greylist")
+        assert "192.0.2.2" not in keys()
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    deadline = time.monotonic() + 5
+    while "192.0.2.2" not in keys() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "192.0.2.2" in keys()
+    assert c.ask(request(client_address="192.0.2.2", **envelope)) == "action=DUNNO"
+    proc.terminate()
+    log = proc.stderr.read()
+    assert "holds the database's write lock" in log and "write lock was free again" in log, log
+
+
 def test_the_recipients_domain_in_a_reply_text_is_printable_ascii():
     """postgrey's %r puts the client's recipient domain into our reply: a control
     character there must not reach Postfix's reply line."""

@@ -301,11 +301,11 @@ def test_a_bug_in_a_timed_flush_is_logged_as_ours_and_the_server_goes_on(tmp_pat
 import sys
 from greylist.stores import sqlite
 real_flush, calls = sqlite.SqliteStore.flush, []
-def flush(self):
+def flush(self, wait=True):
     calls.append(1)
     if len(calls) == 1:
         raise KeyError("a bug of ours")
-    return real_flush(self)
+    return real_flush(self, wait)
 sqlite.SqliteStore.flush = flush
 from greylist.adapters import serve
 sys.exit(serve.main(["-1", "-R", "-H", "--store", "sqlite://{tmp_path}/g.db", "--hostname", "mx.test",

@@ -117,9 +117,10 @@ def test_a_held_write_never_overwrites_what_another_writer_wrote_since_it_was_re
     theirs.close()
 
 
-def test_a_flush_that_fails_leaves_no_transaction_open(tmp_path):
+def test_a_flush_that_fails_leaves_no_transaction_open_and_keeps_its_rows(tmp_path):
     """The service closes a store that failed; the handle must not keep a lock (the store
-    opened next would wait on it for ever)."""
+    opened next would wait on it for ever). A flush that waited for the write lock in
+    vain (an admin command, a server stopping) keeps its rows held for the next try."""
     path = tmp_path / "g.db"
     store = open_store(f"sqlite://{path}?timeout=0.1")
     store.hold_commits(60)
@@ -130,10 +131,69 @@ def test_a_flush_that_fails_leaves_no_transaction_open(tmp_path):
         store.flush()
     blocker.execute("ROLLBACK")
     blocker.close()
-    assert not store.db.in_transaction and not store.pending
+    assert not store.db.in_transaction and store.pending and list(store.held) == ["a"]
     check(store, "b", 1000.0, load({}, {}).policy)
     store.close()
-    assert committed(path) == {"b"}  # the failed window's write is lost: "a" waits once more
+    assert committed(path) == {"a", "b"}
+
+
+def test_a_write_lock_held_elsewhere_keeps_the_rows_held_and_never_waits_for_it(tmp_path, monkeypatch):
+    """Another connection's write lock (a qmail wrapper, an admin's sqlite3 shell) is never
+    waited for by a holding server: its rows stay held and are read back, and are written
+    once the lock is free. It used to wait the busy timeout (every client with it) and
+    then lose the window's rows, so every retry was greylisted as new while the lock
+    stayed. Here the busy timeout is an hour: waiting for it would hang the test."""
+    from greylist.stores import sqlite as module
+
+    monkeypatch.setattr(module, "LOCK_RETRY", 0.0)
+    path = tmp_path / "g.db"
+    store = open_store(f"sqlite://{path}?timeout=60")
+    store.hold_commits(60)
+    policy = load({"delay": "60"}, {}).policy
+    check(store, "a", 1000.0, policy)
+    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    store.flush(wait=False)
+    assert store.pending and committed(path) == set()
+    assert "holds the database's write lock" in "; ".join(store.warnings)
+    store.warnings.clear()
+    assert check(store, "a", 1070.0, policy).reason == "passed"  # its held first sighting, read back
+    store.flush(wait=False)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert committed(path) == set() and store.pending
+    store.flush(wait=False)
+    assert not store.pending and committed(path) == {"a"}
+    assert "held rows written" in "; ".join(store.warnings)
+    assert store.get("a") == Record(1000.0, 1070.0, 1)
+    store.close()
+
+
+def test_rows_held_past_the_bound_while_the_lock_stays_taken_are_dropped_oldest_first(tmp_path, monkeypatch):
+    """Memory stays bounded however long another connection keeps the write lock: past
+    MAX_HELD rows the oldest go (those clients are greylisted once more), said once."""
+    from greylist.stores import sqlite as module
+
+    monkeypatch.setattr(module, "LOCK_RETRY", 0.0)
+    monkeypatch.setattr(module, "MAX_HELD", 3)
+    path = tmp_path / "g.db"
+    store = open_store(f"sqlite://{path}?timeout=60")
+    store.hold_commits(60)
+    policy = load({}, {}).policy
+    check(store, "z", 1000.0, policy)
+    store.flush()
+    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    for key in "abcde":
+        check(store, key, 1000.0, policy)
+    store.flush(wait=False)
+    assert list(store.held) == ["c", "d", "e"] and store.ops["dropped"] == 2
+    assert "2 held rows dropped" in "; ".join(store.warnings)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    store.flush(wait=False)
+    assert committed(path) == {"z", "c", "d", "e"}
+    store.close()
 
 
 def test_a_busy_server_flushes_by_size_before_its_window_ends(tmp_path):
