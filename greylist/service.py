@@ -122,6 +122,17 @@ class Outcome:
 COMMIT_WINDOW = 0.2
 #: a server that decided this recently is busy: its decisions write the held rows
 FLUSH_BUSY = 0.02
+#: after a store failure a long-lived server leaves the store alone this long (doubled at
+#: each failure in a row, up to STORE_RETRY_MAX): decisions meanwhile follow on_error at
+#: once. Trying at every decision, a Redis that hangs (a partition from another MX, a
+#: stopped server) held every client of the one event loop for its timeout, 100 ms a
+#: decision: ten answers a second for the whole MX, Postfix's own policy timeout next
+STORE_RETRY = 1.0
+STORE_RETRY_MAX = 10.0
+
+
+class StoreResting(Exception):
+    """The store failed a moment ago and is not tried again yet (see STORE_RETRY)."""
 
 
 class Greylister:
@@ -148,6 +159,9 @@ class Greylister:
         self._base = _prepared(config)  # policy and keying built and checked once, not per decision
         self._whitelists: dict[tuple[str, str], object] = {}
         self._configs: dict[tuple, object] = {}
+        self._store_rest = 0.0        # seconds the store is left alone after its last failure
+        self._store_tried_at = 0.0    # when it may be tried again (time.monotonic)
+        self._store_failure = ""      # what it said then
 
     # -- the pipeline ---------------------------------------------------------
     def decide(self, conn: Connection) -> Outcome:
@@ -253,9 +267,13 @@ class Greylister:
     def _check(self, config, policy, key: str, client: str | None, extra: dict) -> Verdict:
         store = self._store
         if store is None:
+            if self._store_rest and time.monotonic() < self._store_tried_at:
+                raise StoreResting(self._store_failure)
             store = self._open(config.store)
         try:
-            return check(store, key, self.clock(), policy, client)
+            verdict = check(store, key, self.clock(), policy, client)
+            self._store_rest = 0.0
+            return verdict
         finally:
             if store.warnings:
                 extra["store_warning"] = "; ".join(store.warnings)
@@ -268,9 +286,15 @@ class Greylister:
         answered with a tempfail (the client keeps the mail), never a silent pass."""
         from greylist.stores.base import StoreError
 
-        if isinstance(exc, (StoreError, OSError)):
-            if self._own_store:
+        if isinstance(exc, (StoreError, OSError, StoreResting)):
+            if isinstance(exc, StoreResting):
+                extra["store_retry_in"] = max(0.0, self._store_tried_at - time.monotonic())
+            elif self._own_store:
                 self.close()  # opened again at the next decision
+                if self.keep_store:  # a server: left alone for a while (a wrapper decides once)
+                    self._store_rest = min(2 * self._store_rest or STORE_RETRY, STORE_RETRY_MAX)
+                    self._store_tried_at = time.monotonic() + self._store_rest
+                    self._store_failure = str(exc)
             extra["error"] = str(exc)
             extra["on_error"] = config.on_error
             action = TEMPFAIL if config.on_error == "tempfail" else PASS
@@ -375,9 +399,11 @@ class Greylister:
                 self.close()
 
     def reload(self) -> None:
-        """Read whitelists again and reopen the store at the next decision (SIGHUP)."""
+        """Read whitelists again and reopen the store at the next decision (SIGHUP), even
+        one that failed a moment ago (the admin may have mended it)."""
         self._whitelists.clear()
         self._configs.clear()
+        self._store_rest = 0.0
         if self._own_store:
             self.close()
 

@@ -3,6 +3,7 @@ whitelists, failures, shadow mode, per-client settings and the log line."""
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
@@ -128,9 +129,10 @@ def test_store_failure_follows_on_error(on_error, action):
 
 
 def test_a_failed_store_is_opened_again_at_the_next_decision(tmp_path):
+    """(A long-lived server's, once it has rested: see the test of STORE_RETRY.)"""
     blocker = tmp_path / "blocker"
     blocker.write_text("")  # a file where the store's directory should be: ENOTDIR
-    g = Greylister(load({"store": f"file://{blocker}/store"}, {}))
+    g = Greylister(load({"store": f"file://{blocker}/store"}, {}), keep_store=False)
     assert g.decide(Connection("192.0.2.1")).verdict.reason == "store-error"
     blocker.unlink()
     assert g.decide(Connection("192.0.2.1")).verdict.reason == "new"
@@ -249,3 +251,52 @@ def test_a_store_failing_as_it_writes_held_rows_is_closed_and_a_bug_is_not_hidde
     with pytest.raises(ZeroDivisionError):
         getattr(greylister, write)()
     greylister.close()
+
+
+def test_a_server_leaves_a_failing_store_alone_for_a_while_and_answers_at_once(tmp_path, monkeypatch):
+    """After a store failure a long-lived server's decisions follow on_error without
+    trying the store for a second, then 2, 4, 8, at most 10 while it keeps failing; a
+    decision that finds it working again, or SIGHUP, ends that. (Every decision used to try:
+    a hung Redis held the server's every client 100 ms a decision.) A wrapper, which
+    decides once, always tries."""
+    import greylist.service as service
+
+    now = [1000.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: now[0])
+    missing = tmp_path / "missing"
+    config = load({"store": f"sqlite://{missing}/g.db", "key": "ip"}, {})
+    server = Greylister(config, commit_window=0.2)
+    opened: list[str] = []
+    real_open = server._open
+    monkeypatch.setattr(server, "_open", lambda url: opened.append(url) or real_open(url))
+
+    def decide() -> dict:
+        outcome = server.decide(Connection("192.0.2.1"))
+        assert outcome.verdict.reason == "store-error" and outcome.verdict.action == PASS
+        return outcome.extra
+
+    first = decide()
+    assert len(opened) == 1 and "store_retry_in" not in first
+    resting = decide()
+    assert len(opened) == 1 and resting["store_retry_in"] == 1.0 and resting["error"] == first["error"]
+    rests = []
+    for _ in range(6):  # each retry that fails doubles the rest, up to STORE_RETRY_MAX
+        rests.append(decide()["store_retry_in"])
+        now[0] += rests[-1]
+        decide()
+    assert rests == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0] and len(opened) == 7
+    missing.mkdir()
+    now[0] += 10
+    assert server.decide(Connection("192.0.2.1")).verdict.reason == "new" and len(opened) == 8
+    server.close()
+    shutil.rmtree(missing)
+    decide()  # fails again: a second's rest, not the last one's ten
+    assert decide()["store_retry_in"] == 1.0 and len(opened) == 9
+    server.reload()  # SIGHUP: the admin may have mended it
+    decide()
+    assert len(opened) == 10
+
+    wrapper = Greylister(config, keep_store=False)
+    for _ in range(2):
+        assert wrapper.decide(Connection("192.0.2.1")).verdict.reason == "store-error"
+    assert "store_retry_in" not in wrapper.decide(Connection("192.0.2.1")).extra

@@ -267,6 +267,30 @@ def test_store_down_fails_open_and_says_so(policyd, tmp_path):
     assert "store-error" in proc.stderr.read()
 
 
+def test_a_hung_store_is_left_alone_for_a_while_and_every_client_answered_at_once(policyd):
+    """A Redis that accepts connections and never answers (a stopped server, a partition
+    from another MX): the first decision waits its timeout, and the next ones follow
+    on_error at once, the store left alone for a second (then longer), so one event loop
+    still answers every client. Each decision used to try it: 100 ms each, for everyone."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(100)  # the kernel completes the connections; nobody ever reads them
+    try:
+        proc, address = policyd("--store", f"redis://127.0.0.1:{hole.getsockname()[1]}", "--key", "triplet")
+        c = Client(address)
+        for n in range(30):
+            assert c.ask(request(client_address=f"192.0.2.{n}", sender="a@b", recipient="c@d")) == "action=DUNNO"
+        c.close()
+        proc.terminate()
+        lines = [line for line in proc.stderr.read().splitlines() if "reason=store-error" in line]
+    finally:
+        hole.close()
+    assert len(lines) == 30
+    tried = [line for line in lines if "store_retry_in=" not in line]
+    assert 1 <= len(tried) <= 3, tried  # the first, and a retry each second the test took
+    assert all("timed out" in line for line in lines)
+
+
 def test_shadow_mode_answers_dunno_and_logs_the_would_be_verdict(policyd):
     proc, address = policyd("--delay", "60", "--mode", "shadow")
     client = Client(address)
