@@ -123,12 +123,15 @@ COMMIT_WINDOW = 0.2
 #: a server that decided this recently is busy: its decisions write the held rows
 FLUSH_BUSY = 0.02
 #: after a store failure a long-lived server leaves the store alone this long (doubled at
-#: each failure in a row, up to STORE_RETRY_MAX): decisions meanwhile follow on_error at
-#: once. Trying at every decision, a Redis that hangs (a partition from another MX, a
-#: stopped server) held every client of the one event loop for its timeout, 100 ms a
-#: decision: ten answers a second for the whole MX, Postfix's own policy timeout next
+#: each failure less than STORE_FAILURES_APART after the last, up to STORE_RETRY_MAX):
+#: decisions meanwhile follow on_error at once. Trying at every decision, a Redis that
+#: hangs (a partition from another MX, a stopped server) held every client of the one
+#: event loop for its timeout, 100 ms a decision: ten answers a second for the whole MX.
+#: And a store that reads but cannot write (a full disk) failed only when the held
+#: decisions were written, unlogged: every retry was greylisted as new, for ever
 STORE_RETRY = 1.0
 STORE_RETRY_MAX = 10.0
+STORE_FAILURES_APART = 60.0
 
 
 class StoreResting(Exception):
@@ -160,7 +163,8 @@ class Greylister:
         self._whitelists: dict[tuple[str, str], object] = {}
         self._configs: dict[tuple, object] = {}
         self._store_rest = 0.0        # seconds the store is left alone after its last failure
-        self._store_tried_at = 0.0    # when it may be tried again (time.monotonic)
+        self._store_failed_at = float("-inf")  # when that was (time.monotonic)
+        self._store_tried_at = 0.0    # when it may be tried again
         self._store_failure = ""      # what it said then
 
     # -- the pipeline ---------------------------------------------------------
@@ -267,13 +271,11 @@ class Greylister:
     def _check(self, config, policy, key: str, client: str | None, extra: dict) -> Verdict:
         store = self._store
         if store is None:
-            if self._store_rest and time.monotonic() < self._store_tried_at:
+            if time.monotonic() < self._store_tried_at:
                 raise StoreResting(self._store_failure)
             store = self._open(config.store)
         try:
-            verdict = check(store, key, self.clock(), policy, client)
-            self._store_rest = 0.0
-            return verdict
+            return check(store, key, self.clock(), policy, client)
         finally:
             if store.warnings:
                 extra["store_warning"] = "; ".join(store.warnings)
@@ -290,11 +292,7 @@ class Greylister:
             if isinstance(exc, StoreResting):
                 extra["store_retry_in"] = max(0.0, self._store_tried_at - time.monotonic())
             elif self._own_store:
-                self.close()  # opened again at the next decision
-                if self.keep_store:  # a server: left alone for a while (a wrapper decides once)
-                    self._store_rest = min(2 * self._store_rest or STORE_RETRY, STORE_RETRY_MAX)
-                    self._store_tried_at = time.monotonic() + self._store_rest
-                    self._store_failure = str(exc)
+                self._store_failed(exc)  # opened again at the next decision (a server's: later)
             extra["error"] = str(exc)
             extra["on_error"] = config.on_error
             action = TEMPFAIL if config.on_error == "tempfail" else PASS
@@ -383,11 +381,25 @@ class Greylister:
         if store is not None and store.pending:
             self._writing(lambda: store.flush(wait))
 
+    def _store_failed(self, exc: Exception) -> None:
+        """Close a store that failed; a server leaves it alone for a while (STORE_RETRY),
+        its decisions meanwhile following on_error, each logged with the failure."""
+        self.close()
+        if not self.keep_store:
+            return  # a wrapper decides once: its next process tries afresh
+        now = time.monotonic()
+        if now - self._store_failed_at > STORE_FAILURES_APART:
+            self._store_rest = 0.0
+        self._store_rest = min(2 * self._store_rest or STORE_RETRY, STORE_RETRY_MAX)
+        self._store_failed_at = now
+        self._store_tried_at = now + self._store_rest
+        self._store_failure = str(exc)
+
     def _writing(self, write) -> None:
-        """A store that fails while writing what decisions held is closed, like one that
-        fails in a decision (opened again at the next, which reports the failure; those
-        clients are greylisted once more, nothing else is lost). Anything else is our bug,
-        raised to the event loop, which logs it as one (the store has rolled back)."""
+        """A store that fails while writing what decisions held is a store that failed, as
+        in a decision (those clients are greylisted once more; the decisions of its rest
+        follow on_error and log the failure). Anything else is our bug, raised to the
+        event loop, which logs it as one (the store has rolled back)."""
         try:
             write()
         except Exception as exc:
@@ -396,14 +408,14 @@ class Greylister:
             if not isinstance(exc, (StoreError, OSError)):
                 raise
             if self._own_store:
-                self.close()
+                self._store_failed(exc)
 
     def reload(self) -> None:
         """Read whitelists again and reopen the store at the next decision (SIGHUP), even
         one that failed a moment ago (the admin may have mended it)."""
         self._whitelists.clear()
         self._configs.clear()
-        self._store_rest = 0.0
+        self._store_rest = self._store_tried_at = 0.0
         if self._own_store:
             self.close()
 

@@ -231,8 +231,10 @@ def test_decide_does_not_read_the_real_clock(monkeypatch):
 @pytest.mark.parametrize("write", ["write_owed", "flush"])
 def test_a_store_failing_as_it_writes_held_rows_is_closed_and_a_bug_is_not_hidden(tmp_path, monkeypatch, write):
     """write_owed (a server's loop round is over) and flush (the window's timer): a store
-    failure closes the store, as in a decision (opened again at the next); anything else
-    is our bug, raised to the loop, which logs it."""
+    failure closes the store, as in a decision, and the decisions of its rest follow
+    on_error and log the failure (a full disk used to be silent, every retry greylisted
+    as new); it is opened again after the rest. Anything else is our bug, raised to the
+    loop, which logs it."""
     greylister = Greylister(load({"store": f"sqlite://{tmp_path}/g.db", "key": "ip"}, {}),
                             clock=lambda: 1000.0, commit_window=60, in_rounds=True)
     greylister.decide(Connection("192.0.2.1"))
@@ -245,6 +247,10 @@ def test_a_store_failing_as_it_writes_held_rows_is_closed_and_a_bug_is_not_hidde
     monkeypatch.setattr(store, write, failing)
     getattr(greylister, write)()
     assert greylister._store is None
+    resting = greylister.decide(Connection("192.0.2.1"))
+    assert (resting.verdict.action, resting.verdict.reason) == (PASS, "store-error")
+    assert resting.fields()["error"] == "disk full" and resting.fields()["on_error"] == "pass"
+    greylister._store_tried_at = 0.0  # the rest is over
     assert greylister.decide(Connection("192.0.2.1")).verdict.action == TEMPFAIL  # reopened, decided
     assert greylister._store.pending
     monkeypatch.setattr(greylister._store, write, lambda *_wait: 1 / 0)
@@ -255,8 +261,8 @@ def test_a_store_failing_as_it_writes_held_rows_is_closed_and_a_bug_is_not_hidde
 
 def test_a_server_leaves_a_failing_store_alone_for_a_while_and_answers_at_once(tmp_path, monkeypatch):
     """After a store failure a long-lived server's decisions follow on_error without
-    trying the store for a second, then 2, 4, 8, at most 10 while it keeps failing; a
-    decision that finds it working again, or SIGHUP, ends that. (Every decision used to try:
+    trying the store for a second, then 2, 4, 8, at most 10 while it keeps failing (a
+    failure a minute after the last starts at a second again); SIGHUP ends the rest. (Every decision used to try:
     a hung Redis held the server's every client 100 ms a decision.) A wrapper, which
     decides once, always tries."""
     import greylist.service as service
@@ -290,7 +296,8 @@ def test_a_server_leaves_a_failing_store_alone_for_a_while_and_answers_at_once(t
     assert server.decide(Connection("192.0.2.1")).verdict.reason == "new" and len(opened) == 8
     server.close()
     shutil.rmtree(missing)
-    decide()  # fails again: a second's rest, not the last one's ten
+    now[0] += 61
+    decide()  # fails again, a minute after the last failure: a second's rest, not ten
     assert decide()["store_retry_in"] == 1.0 and len(opened) == 9
     server.reload()  # SIGHUP: the admin may have mended it
     decide()

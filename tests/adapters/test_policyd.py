@@ -291,6 +291,25 @@ def test_a_hung_store_is_left_alone_for_a_while_and_every_client_answered_at_onc
     assert all("timed out" in line for line in lines)
 
 
+def test_a_store_that_reads_but_cannot_write_fails_open_and_says_so(policyd, tmp_path):
+    """A full disk (here the file-size limit, RLIMIT_FSIZE, on the running server): reads
+    work, the held decisions cannot be written. That is a store failure like any other:
+    the decisions of its rest follow on_error (pass) and log the failure. It was silent,
+    and every retry was greylisted as new for as long as the disk stayed full."""
+    import resource
+
+    proc, address = policyd("--store", f"sqlite://{tmp_path}/g.db", "--key", "triplet")
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (128 * 1024, 128 * 1024))
+    c = Client(address)
+    answers = [c.ask(request(client_address=f"10.0.{n >> 8}.{n & 255}", sender="a@example.org",
+                             recipient="b@example.net")) for n in range(5000)]
+    c.close()
+    proc.terminate()
+    failed = [line for line in proc.stderr.read().splitlines() if "reason=store-error" in line]
+    assert failed and all("on_error=pass" in line and "g.db: " in line for line in failed), failed[:3]
+    assert answers.count("action=DUNNO") == len(failed)  # each new triplet let through, and logged
+
+
 def test_shadow_mode_answers_dunno_and_logs_the_would_be_verdict(policyd):
     proc, address = policyd("--delay", "60", "--mode", "shadow")
     client = Client(address)
