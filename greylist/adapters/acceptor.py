@@ -31,6 +31,19 @@ def raise_descriptor_limit() -> int:
     return soft
 
 
+def largest_backlog() -> int:
+    """The longest listen queue the system allows (net.core.somaxconn). A full queue drops
+    a client's SYN, and the client waits a retransmit (a second) to try again: a burst of
+    connections must find room, and an accept loop that is behind catches up."""
+    backlog = socket.SOMAXCONN
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            backlog = max(backlog, int(f.read()))
+    except (OSError, ValueError):
+        pass
+    return backlog
+
+
 def drop_privileges(uid: int | None, gid: int | None) -> None:
     """tcpserver's -g and -u, postgrey's --user and --group: after binding, as run scripts expect."""
     if gid is not None:

@@ -35,7 +35,7 @@ import sys
 import time
 from collections import deque
 
-from greylist.adapters.acceptor import Acceptor, SocketSession, raise_descriptor_limit
+from greylist.adapters.acceptor import Acceptor, SocketSession, largest_backlog, raise_descriptor_limit
 from greylist.adapters.eventloop import Loop
 from greylist.adapters.logwriter import STOP_WAIT, LogWriter
 from greylist.adapters.smtp import tempfail_text
@@ -587,12 +587,7 @@ def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o
     otherwise (postgrey's ``--listen-queue-size``): a full queue makes Postfix's
     connection attempts wait a SYN retransmit, a second each."""
     if backlog is None:
-        backlog = socket.SOMAXCONN
-        try:
-            with open("/proc/sys/net/core/somaxconn") as f:
-                backlog = max(backlog, int(f.read()))
-        except (OSError, ValueError):
-            pass
+        backlog = largest_backlog()
     path = unix_path(listen)
     if path is not None:
         _clear_unix_path(path)

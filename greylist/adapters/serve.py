@@ -32,7 +32,8 @@ import socket
 import sys
 from collections import deque
 
-from greylist.adapters.acceptor import Acceptor, SocketSession, drop_privileges, raise_descriptor_limit
+from greylist.adapters.acceptor import (Acceptor, SocketSession, drop_privileges, largest_backlog,
+                                       raise_descriptor_limit)
 from greylist.adapters.logwriter import STOP_WAIT, LogWriter
 from greylist.adapters.smtp import Dialogue, TempfailSession, encode, unavailable
 from greylist.adapters.tcprules import Rules, RulesError
@@ -69,7 +70,7 @@ class Options:
         self.limit = 40           # -c
         self.uid: int | None = None        # -u
         self.gid: int | None = None        # -g
-        self.backlog = 20         # -b
+        self.backlog: int | None = None  # -b (tcpserver's 20 dropped SYNs in a burst: the largest)
         self.nodelay = False      # -D
         self.print_port = False   # -1
         self.ident_timeout = 26.0  # -t
@@ -636,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     # leave room for children's sockets, the store, the log and the rules
     options.max_sessions = max(1, min(options.max_sessions, descriptors - options.limit - 32))
     try:
-        sock = listen(options.host, options.port, options.backlog)
+        sock = listen(options.host, options.port, options.backlog or largest_backlog())
     except OSError as exc:
         sys.stderr.write(f"tcpserver: fatal: unable to bind: {exc.strerror or exc}\n")
         return 111

@@ -200,6 +200,48 @@ def test_two_thousand_idle_sessions_and_a_known_client_is_still_served(tmp_path,
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def established(port: int, count: int, within: float = 1.5) -> int:
+    """How many of ``count`` connections at once the kernel completes, nobody accepting:
+    a full listen queue drops a SYN, and that client waits a retransmit (a second)."""
+    import select
+
+    socks = []
+    for i in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        s.bind((f"127.0.{1 + i // 250}.{1 + i % 250}", 0))
+        s.connect_ex(("127.0.0.1", port))
+        socks.append(s)
+    done, waiting, deadline = 0, socks[:], time.monotonic() + within
+    while waiting and time.monotonic() < deadline:
+        _, ready, _ = select.select([], waiting, [], max(0.0, deadline - time.monotonic()))
+        for s in ready:
+            waiting.remove(s)
+            done += s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    for s in socks:
+        s.close()
+    return done
+
+
+@pytest.mark.parametrize("flags, room", [([], None), (["-b", "20"], 21)])
+def test_a_burst_of_connections_finds_room_in_the_listen_queue(tmp_path, servers, flags, room):
+    """The listen queue is as long as the system allows unless -b says otherwise: with
+    tcpserver's 20, a burst beyond what the server had accepted lost its SYNs, each client
+    a second's retransmit (2,000 connections took 92 s to open, and 0.05 s now). The server
+    is stopped here so that the kernel's queue alone holds the burst."""
+    s = Serve(tmp_path, ["-R", "-H", *flags, "--store", f"file://{tmp_path}/store"], STANDIN)
+    servers.append(s)
+    if room is None:  # Linux queues one more than the backlog
+        from greylist.adapters.acceptor import largest_backlog
+
+        room = min(200, largest_backlog() + 1)
+    os.kill(s.proc.pid, signal.SIGSTOP)
+    try:
+        assert established(s.port, 200) == room
+    finally:
+        os.kill(s.proc.pid, signal.SIGCONT)
+
+
 def test_children_are_bounded_by_c_and_queued_passes_wait(tmp_path, servers):
     slow = tmp_path / "slow.sh"
     slow.write_text('#!/bin/sh\nprintf "220 slow\\r\\n"\nsleep 1\n')
