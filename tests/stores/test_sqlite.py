@@ -15,6 +15,13 @@ from greylist.stores import open_store
 from greylist.stores.base import StoreError
 
 
+def holding(path, options: str = "", in_rounds: bool = False):
+    """The store as a long-lived server keeps it: its writes held (for a minute here)."""
+    store = open_store(f"sqlite://{path}{options}")
+    store.hold_commits(60, in_rounds)
+    return store
+
+
 def committed(path) -> set[str]:
     """What another process (greylist show, say) sees."""
     with sqlite3.connect(path) as db:
@@ -38,8 +45,7 @@ def test_held_decisions_are_committed_together_within_the_window(tmp_path):
 
 def test_flush_and_close_commit_what_was_held(tmp_path):
     path = tmp_path / "g.db"
-    store = open_store(f"sqlite://{path}")
-    store.hold_commits(60)
+    store = holding(path)
     policy = load({}, {}).policy
     check(store, "a", 1000.0, policy)
     store.flush()
@@ -50,8 +56,7 @@ def test_flush_and_close_commit_what_was_held(tmp_path):
 
 
 def test_a_new_key_inside_the_transaction_is_one_insert_and_an_old_one_is_found(tmp_path):
-    store = open_store(f"sqlite://{tmp_path}/g.db")
-    store.hold_commits(60)
+    store = holding(tmp_path / "g.db")
     with store.transaction():
         assert store.get_or_add("k", Record(1.0, 1.0, 0)) is None
         assert store.get_or_add("k", Record(5.0, 5.0, 0)) == Record(1.0, 1.0, 0)
@@ -60,8 +65,7 @@ def test_a_new_key_inside_the_transaction_is_one_insert_and_an_old_one_is_found(
 
 def test_a_failing_decision_rolls_back_and_the_next_one_starts_afresh(tmp_path):
     path = tmp_path / "g.db"
-    store = open_store(f"sqlite://{path}")
-    store.hold_commits(60)
+    store = holding(path)
     with pytest.raises(RuntimeError):
         with store.transaction():
             store.put("x", Record(1.0, 1.0, 0))
@@ -97,8 +101,7 @@ def test_a_held_write_never_overwrites_what_another_writer_wrote_since_it_was_re
     front end let through meanwhile stays let through, one it created stays created."""
     path = tmp_path / "g.db"
     policy = load({"delay": "60"}, {}).policy
-    mine = open_store(f"sqlite://{path}")
-    mine.hold_commits(60)
+    mine = holding(path)
     theirs = open_store(f"sqlite://{path}")
     check(theirs, "known", 1000.0, policy)
     check(theirs, "known", 1100.0, policy)        # passed after waiting: passes == 1
@@ -122,8 +125,7 @@ def test_a_flush_that_fails_leaves_no_transaction_open_and_keeps_its_rows(tmp_pa
     opened next would wait on it for ever). A flush that waited for the write lock in
     vain (an admin command, a server stopping) keeps its rows held for the next try."""
     path = tmp_path / "g.db"
-    store = open_store(f"sqlite://{path}?timeout=0.1")
-    store.hold_commits(60)
+    store = holding(path, "?timeout=0.1")
     check(store, "a", 1000.0, load({}, {}).policy)
     blocker = sqlite3.connect(path, timeout=0.1, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
@@ -147,8 +149,7 @@ def test_a_write_lock_held_elsewhere_keeps_the_rows_held_and_never_waits_for_it(
 
     monkeypatch.setattr(module, "LOCK_RETRY", 0.0)
     path = tmp_path / "g.db"
-    store = open_store(f"sqlite://{path}?timeout=60")
-    store.hold_commits(60)
+    store = holding(path, "?timeout=60")
     policy = load({"delay": "60"}, {}).policy
     check(store, "a", 1000.0, policy)
     blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
@@ -177,8 +178,7 @@ def test_rows_held_past_the_bound_while_the_lock_stays_taken_are_dropped_oldest_
     monkeypatch.setattr(module, "LOCK_RETRY", 0.0)
     monkeypatch.setattr(module, "MAX_HELD", 3)
     path = tmp_path / "g.db"
-    store = open_store(f"sqlite://{path}?timeout=60")
-    store.hold_commits(60)
+    store = holding(path, "?timeout=60")
     policy = load({}, {}).policy
     check(store, "z", 1000.0, policy)
     store.flush()
@@ -202,8 +202,7 @@ def test_a_busy_server_flushes_by_size_before_its_window_ends(tmp_path):
     from greylist.stores.sqlite import DRAIN_STEP, HELD_ROWS
 
     path = tmp_path / "g.db"
-    store = open_store(f"sqlite://{path}")
-    store.hold_commits(60)
+    store = holding(path)
     policy = load({}, {}).policy
     for n in range(HELD_ROWS):
         check(store, f"k{n}", 1000.0, policy)
@@ -227,8 +226,7 @@ def test_a_server_in_rounds_has_the_rows_its_decisions_owe_written_at_the_round_
     from greylist.stores.sqlite import DRAIN_STEP, HELD_ROWS
 
     path = tmp_path / "g.db"
-    store = open_store(f"sqlite://{path}")
-    store.hold_commits(60, in_rounds=True)
+    store = holding(path, in_rounds=True)
     policy = load({}, {}).policy
     for n in range(HELD_ROWS):  # the last one begins writing the batch
         check(store, f"k{n}", 1000.0, policy)
@@ -311,8 +309,7 @@ def test_a_holding_server_checkpoints_on_a_thread_of_its_own(tmp_path, monkeypat
 
     monkeypatch.setattr(checkpointer, "EVERY", 0.05)
     path = tmp_path / "g.db"
-    store = open_store(f"sqlite://{path}")
-    store.hold_commits(60)
+    store = holding(path)
     assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
     policy = load({}, {}).policy
     for n in range(2000):
@@ -346,8 +343,7 @@ def test_when_the_checkpoint_thread_ends_the_server_checkpoints_again_and_says_s
         raise sqlite3.OperationalError("unable to open database file")
 
     monkeypatch.setattr(SqliteStore, "_connect_checkpointer", cannot)
-    store = open_store(f"sqlite://{tmp_path}/g.db")
-    store.hold_commits(60)
+    store = holding(tmp_path / "g.db")
     assert _wait_for(lambda: store.checkpointer.failure is not None)
     check(store, "a", 1000.0, load({}, {}).policy)
     store.flush()
