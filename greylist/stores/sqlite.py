@@ -351,6 +351,8 @@ class SqliteStore(Store):
         is taken now and kept until :meth:`_drain` has written the last row. Without
         ``wait``, a write lock another connection holds leaves the rows held (see
         LOCK_RETRY)."""
+        if not wait and self.held and monotonic() < self.retry_lock_at:
+            return  # taken a moment ago: the read snapshot goes on meanwhile
         if self.db.in_transaction:  # the read snapshot: the writes need the write lock
             try:
                 self.db.execute("COMMIT")
@@ -413,8 +415,6 @@ class SqliteStore(Store):
         """BEGIN IMMEDIATE without waiting for another connection's write lock. False (the
         rows stay held) when it is taken; past MAX_HELD rows the oldest are dropped."""
         now = monotonic()
-        if now < self.retry_lock_at:
-            return False
         try:
             self.db.execute("PRAGMA busy_timeout=0")
             try:
