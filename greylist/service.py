@@ -419,13 +419,19 @@ class Greylister:
         if self._own_store:
             self.close()
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """Close the store, writing what it holds; what it said meanwhile (held decisions it
+        could not write, say), which a stopping server logs."""
         store, self._store = self._store, None
-        if store is not None and self._own_store:
-            try:
-                store.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail too
-                pass
+        if store is None or not self._own_store:
+            return []
+        try:
+            store.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+            pass
+        said = list(store.warnings)
+        store.warnings.clear()
+        return said
 
     def __enter__(self) -> "Greylister":
         return self

@@ -502,7 +502,9 @@ class PolicyServer:
                 self.nightly.close()
             for client in list(self.clients):
                 client.close()
-            self.greylister.close()
+            said = self.greylister.close()
+            if said:
+                self.log({"store_warning": "; ".join(said)})
             self.acceptor.close()
             self.loop.close()
             self.write_log()

@@ -324,7 +324,9 @@ class Server:
         try:
             self.loop.run_forever()
         finally:
-            self.greylister.close()
+            said = self.greylister.close()
+            if said:
+                self.log([log_line("greylist-serve", {"store_warning": "; ".join(said)})])
             self.loop.close()
             self.log_writer.drain(STOP_WAIT)
         return 0

@@ -618,10 +618,12 @@ class SqliteStore(Store):
         at every SMTP connection; exec or exit drops the handle just as safely.
         Held writes are written first, in every case; a transaction a failure left
         open is rolled back, so the handle never keeps the write lock."""
+        unwritten = len(self.held) + len(self.todo)
         try:
             self.flush()
-        except StoreError:
-            pass  # closed because it failed: nothing more can be saved
+        except StoreError as exc:  # closed because it failed: nothing more can be saved
+            if unwritten:  # said (a stopping server logs it): those clients wait once more
+                self.warnings.append(f"{unwritten} held rows not written: {exc}")
         if self.checkpointer is not None:
             self.checkpointer.stop()
             self.checkpointer = None

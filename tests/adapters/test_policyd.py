@@ -473,6 +473,38 @@ def test_a_write_lock_held_by_another_process_stalls_nobody_and_loses_no_retry(p
     assert "holds the database's write lock" in log and "write lock was free again" in log, log
 
 
+def test_decisions_a_stopping_server_cannot_write_are_logged(policyd, tmp_path):
+    """SIGTERM while another process keeps the write lock: the server waits its busy
+    timeout for it, then says how many decisions were not written (those clients are
+    greylisted once more), where it used to lose them without a word."""
+    import sqlite3
+
+    path = tmp_path / "g.db"
+    proc, address = policyd("--store", f"sqlite://{path}?timeout=0.3", "--key", "ip")
+    c = Client(address)
+    assert c.ask(request(client_address="192.0.2.1")).startswith("action=DEFER_IF_PERMIT")
+
+    def keys() -> set[str]:
+        with sqlite3.connect(path) as db:
+            return {row[0] for row in db.execute("SELECT key FROM greylist")}
+
+    deadline = time.monotonic() + 5
+    while "192.0.2.1" not in keys() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    blocker = sqlite3.connect(path, timeout=5, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        assert c.ask(request(client_address="192.0.2.2")).startswith("action=DEFER_IF_PERMIT")
+        proc.terminate()
+        log = proc.stderr.read()
+        proc.wait(timeout=10)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert "store_warning=\"1 held rows not written: " in log and "database is locked" in log, log
+    assert keys() == {"192.0.2.1"}
+
+
 def test_the_recipients_domain_in_a_reply_text_is_printable_ascii():
     """postgrey's %r puts the client's recipient domain into our reply: a control
     character there must not reach Postfix's reply line."""
