@@ -157,9 +157,12 @@ def _number(plan: Plan, flag: str, number: int, unit: str = "") -> None:
 
 
 def _whole(value: str, option: str) -> int:
-    if not value.strip().isdigit():
-        raise PostgreyError(f"{option} takes a whole number, not {value!r}")
-    return int(value)
+    """A number as Getopt::Long's ``=i`` takes it (``+60`` too). A negative one, which
+    postgrey also takes (``--delay=-5`` would pass every client at once), is refused."""
+    text = value.strip().removeprefix("+")
+    if not text.isdigit():
+        raise PostgreyError(f"{option} takes a whole number of 0 or more, not {value!r}")
+    return int(text)
 
 
 def _reply_text(value: str, option: str) -> str:

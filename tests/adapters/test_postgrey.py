@@ -45,9 +45,11 @@ def test_postgreys_units_and_defaults():
     assert parse(["--inet=10023", "--auto-whitelist-clients=0"]).flags["auto_whitelist"] == "0"
     assert parse(["--inet=10023", "--privacy", "--exim"]).flags["privacy"] == "1"
     assert parse(["--inet=10023", "--exim"]).one_request
+    assert parse(["--inet=10023", "--delay=+60"]).flags["delay"] == "60"  # Getopt::Long's =i takes a sign
     for bad, message in ((["--inet=10023", "--noaction"], "not supported"), ([], "--unix or --inet"),
                          (["--inet=10023", "--retry-window=2w"], "number of days"),
                          (["--inet=10023", "--delay=soon"], "whole number"), (["--bogus"], "not recognized"),
+                         (["--inet=10023", "--delay=-5"], "whole number of 0 or more"),
                          (["--inet=10023", "--greylist-text=wait\naction=OK"], "--greylist-text: .*printable"),
                          (["--inet=10023", "--x-greylist-header=X\x1b"], "--x-greylist-header")):
         with pytest.raises(PostgreyError, match=message):
