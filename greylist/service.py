@@ -410,14 +410,14 @@ class Greylister:
             if self._own_store:
                 self._store_failed(exc)
 
-    def reload(self) -> None:
+    def reload(self) -> list[str]:
         """Read whitelists again and reopen the store at the next decision (SIGHUP), even
-        one that failed a moment ago (the admin may have mended it)."""
+        one that failed a moment ago (the admin may have mended it). Returns what the
+        store said as it closed (see :meth:`close`)."""
         self._whitelists.clear()
         self._configs.clear()
         self._store_rest = self._store_tried_at = 0.0
-        if self._own_store:
-            self.close()
+        return self.close() if self._own_store else []
 
     def close(self) -> list[str]:
         """Close the store, writing what it holds; what it said meanwhile (held decisions it

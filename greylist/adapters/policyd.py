@@ -423,8 +423,8 @@ class PolicyServer:
             self.nightly.start()
 
     def reload(self) -> None:
-        self.greylister.reload()
-        self.log({"reloaded": "whitelists and store"})
+        said = self.greylister.reload()
+        self.log({"reloaded": "whitelists and store", **({"store_warning": "; ".join(said)} if said else {})})
 
     def room(self) -> None:
         if not self.acceptor.accepting and len(self.clients) < self.max_connections:

@@ -356,10 +356,11 @@ class Server:
 
     def reload(self) -> None:
         """SIGHUP: whitelists read again, the store reopened, host names looked up again."""
-        self.greylister.reload()
+        said = self.greylister.reload()
         self.hostnames.clear()
         self.local_names.clear()
-        self.log([log_line("greylist-serve", {"pid": self.pid, "reloaded": "whitelists and store"})])
+        self.log([log_line("greylist-serve", {"pid": self.pid, "reloaded": "whitelists and store",
+                                              **({"store_warning": "; ".join(said)} if said else {})})])
 
     # -- accepting ------------------------------------------------------------------
     def busy(self) -> int:

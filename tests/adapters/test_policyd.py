@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -473,10 +474,12 @@ def test_a_write_lock_held_by_another_process_stalls_nobody_and_loses_no_retry(p
     assert "holds the database's write lock" in log and "write lock was free again" in log, log
 
 
-def test_decisions_a_stopping_server_cannot_write_are_logged(policyd, tmp_path):
-    """SIGTERM while another process keeps the write lock: the server waits its busy
-    timeout for it, then says how many decisions were not written (those clients are
-    greylisted once more), where it used to lose them without a word."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_decisions_a_stopping_or_reloading_server_cannot_write_are_logged(policyd, tmp_path, signum):
+    """SIGTERM (or SIGHUP, which reopens the store) while another process keeps the write
+    lock: the server waits its busy timeout for it, then says how many decisions were not
+    written (those clients are greylisted once more), where it used to lose them without
+    a word. After SIGHUP it answers on."""
     import sqlite3
 
     path = tmp_path / "g.db"
@@ -495,14 +498,20 @@ def test_decisions_a_stopping_server_cannot_write_are_logged(policyd, tmp_path):
     blocker.execute("BEGIN IMMEDIATE")
     try:
         assert c.ask(request(client_address="192.0.2.2")).startswith("action=DEFER_IF_PERMIT")
-        proc.terminate()
-        log = proc.stderr.read()
-        proc.wait(timeout=10)
+        proc.send_signal(signum)
+        said = [proc.stderr.readline()]  # the lock still held until the server has said it
+        while said[-1] and "reloaded" not in said[-1]:
+            said.append(proc.stderr.readline())
+        if signum == signal.SIGHUP:
+            assert c.ask(request(client_address="192.0.2.3")).startswith("action=DEFER_IF_PERMIT")
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
+    proc.terminate()
+    log = "".join(said) + proc.stderr.read()
+    proc.wait(timeout=10)
     assert "store_warning=\"1 held rows not written: " in log and "database is locked" in log, log
-    assert keys() == {"192.0.2.1"}
+    assert keys() == ({"192.0.2.1"} if signum == signal.SIGTERM else {"192.0.2.1", "192.0.2.3"})
 
 
 def test_the_recipients_domain_in_a_reply_text_is_printable_ascii():
