@@ -166,6 +166,7 @@ class Greylister:
         self._store_failed_at = float("-inf")  # when that was (time.monotonic)
         self._store_tried_at = 0.0    # when it may be tried again
         self._store_failure = ""      # what it said then
+        self._unsaid: list[str] = []  # what it said as it was closed, for the next log line
 
     # -- the pipeline ---------------------------------------------------------
     def decide(self, conn: Connection) -> Outcome:
@@ -293,6 +294,9 @@ class Greylister:
                 extra["store_retry_in"] = max(0.0, self._store_tried_at - time.monotonic())
             elif self._own_store:
                 self._store_failed(exc)  # opened again at the next decision (a server's: later)
+            if self._unsaid:
+                extra["store_warning"] = "; ".join(self._unsaid)
+                self._unsaid = []
             extra["error"] = str(exc)
             extra["on_error"] = config.on_error
             action = TEMPFAIL if config.on_error == "tempfail" else PASS
@@ -384,7 +388,7 @@ class Greylister:
     def _store_failed(self, exc: Exception) -> None:
         """Close a store that failed; a server leaves it alone for a while (STORE_RETRY),
         its decisions meanwhile following on_error, each logged with the failure."""
-        self.close()
+        self._unsaid += self.close()  # held decisions it could not write, say
         if not self.keep_store:
             return  # a wrapper decides once: its next process tries afresh
         now = time.monotonic()

@@ -403,7 +403,9 @@ class SqliteStore(Store):
                 self.draining = None
                 if self.checkpointer is not None:
                     self._watch_checkpointer()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, StoreError) and self.draining:  # rolled back: the whole batch
+                self.warnings.append(f"{len(self.draining)} held rows not written: {exc}")
             self.draining, self.todo, self.owed = None, [], 0
             try:
                 self.db.execute("ROLLBACK")

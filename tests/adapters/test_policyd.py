@@ -308,6 +308,7 @@ def test_a_store_that_reads_but_cannot_write_fails_open_and_says_so(policyd, tmp
     proc.terminate()
     failed = [line for line in proc.stderr.read().splitlines() if "reason=store-error" in line]
     assert failed and all("on_error=pass" in line and "g.db: " in line for line in failed), failed[:3]
+    assert "held rows not written: " in failed[0]  # how many decisions the failure cost
     assert answers.count("action=DUNNO") == len(failed)  # each new triplet let through, and logged
 
 
