@@ -70,8 +70,12 @@ MAX_QUIET = 600.0
 
 _CREATE = "INSERT OR IGNORE INTO greylist VALUES (?, ?, ?, ?)"
 _REPLACE = "INSERT OR REPLACE INTO greylist VALUES (?, ?, ?, ?)"
-_UPDATE = ("UPDATE greylist SET first_seen = ?, last_seen = ?, passes = ? WHERE key = ?"
-           " AND first_seen = ? AND last_seen = ? AND passes = ?")
+#: a held update: written if the key still holds what was read, or is gone (greylist expire
+#: deleted it meanwhile: as an UPDATE, the client's new first sighting was lost, and its
+#: retry greylisted again); another writer's newer record is left as it is
+_UPDATE = ("INSERT INTO greylist VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET"
+           " first_seen = excluded.first_seen, last_seen = excluded.last_seen, passes = excluded.passes"
+           " WHERE first_seen = ? AND last_seen = ? AND passes = ?")
 
 
 def _values(key: str, record: Record) -> tuple:
@@ -274,7 +278,7 @@ class SqliteStore(Store):
         and the database from one read snapshot per window (which blocks no writer).
         At the flush, a write whose key another writer changed since it was read is
         dropped (theirs is the newer news): each write is conditional on what the key
-        held when read. A crash, or a flush that fails, loses the writes of at most one
+        held when read (a key deleted meanwhile, by greylist expire, is written). A crash, or a flush that fails, loses the writes of at most one
         window, which costs those clients one more delay. Such a server also keeps a
         filter of the file's keys (greylist.stores.keyfilter: a key never seen costs no
         query) and checkpoints on a thread of its own (greylist.stores.checkpointer).
@@ -391,7 +395,7 @@ class SqliteStore(Store):
                 elif expected is _ANY:
                     replaces.append(_values(key, record))
                 else:
-                    updates.append((record.first_seen, record.last_seen, record.passes, text_key(key),
+                    updates.append((text_key(key), record.first_seen, record.last_seen, record.passes,
                                     expected.first_seen, expected.last_seen, expected.passes))
             for sql, run in ((_CREATE, creates), (_REPLACE, replaces), (_UPDATE, updates)):
                 if run:

@@ -120,6 +120,23 @@ def test_a_held_write_never_overwrites_what_another_writer_wrote_since_it_was_re
     theirs.close()
 
 
+def test_a_held_update_of_a_key_expire_deleted_meanwhile_is_written(tmp_path):
+    """The nightly clean-up deletes a stale entry while the server holds the client's new
+    first sighting on it: that sighting is written (as a conditional UPDATE it found no
+    row, and the client's retry was greylisted once more)."""
+    path = tmp_path / "g.db"
+    policy = load({"delay": "60", "retry_window": "3600"}, {}).policy
+    theirs = open_store(f"sqlite://{path}")
+    check(theirs, "stale", 1000.0, policy)        # pending, and past its retry window by 9000
+    mine = holding(path)
+    assert check(mine, "stale", 10000.0, policy).reason == "new"  # held: first seen again at 10000
+    assert theirs.delete("stale", expected=Record(1000.0, 1000.0, 0))  # greylist expire
+    mine.flush()
+    assert theirs.get("stale") == Record(10000.0, 10000.0, 0) and not mine.ops.get("superseded")
+    mine.close()
+    theirs.close()
+
+
 def test_a_flush_that_fails_leaves_no_transaction_open_and_keeps_its_rows(tmp_path):
     """The service closes a store that failed; the handle must not keep a lock (the store
     opened next would wait on it for ever). A flush that waited for the write lock in
