@@ -35,6 +35,9 @@ class Checkpointer:
         self.stopped = False
         self.failure: str | None = None
         self.checkpoints = 0
+        #: pages of the log its last checkpoint could not copy: another connection's old read
+        #: transaction (an sqlite3 shell left open) holds them, and the -wal file grows
+        self.behind = 0
         self.error = error    # the store's failures (busy, I/O): the next batch tries again
         _thread.start_new_thread(self._run, (connect,))
 
@@ -55,7 +58,8 @@ class Checkpointer:
                     if self.stopped:
                         break
                     try:
-                        db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        row = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        self.behind = max(0, row[1] - row[2]) if row else 0
                         self.checkpoints += 1
                     except self.error:
                         pass

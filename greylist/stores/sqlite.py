@@ -60,6 +60,10 @@ LOCK_RETRY = 0.05
 #: (those clients wait once more), so memory stays bounded (about 300 bytes a row)
 MAX_HELD = 8 * HELD_ROWS
 
+#: pages of the write-ahead log the checkpoint thread cannot copy (another connection's old
+#: read transaction holds them) before the log says so: the -wal file grows until it ends
+WAL_BEHIND = 25_000  # about 100 MB of 4 KiB pages
+
 #: keys of the table a decision adds to the key filter being built (about 60 us): a
 #: server starts with none, and builds one again after another connection has written
 BUILD_STEP = 128
@@ -182,6 +186,7 @@ class SqliteStore(Store):
         self.checkpointer: Checkpointer | None = None  # holding: the WAL's copying thread
         self.lock_busy_since: float | None = None  # holding: another connection kept the write lock
         self.retry_lock_at = 0.0  # holding: when to try for the write lock again
+        self.wal_said = False  # holding: the log said the checkpoints are held back
 
     def _setup(self) -> None:
         """WAL mode is kept in the file, so only a new database needs it set.
@@ -308,6 +313,14 @@ class SqliteStore(Store):
         """After a batch's commit: is the checkpoint thread still there to copy it?"""
         checkpointer = self.checkpointer
         if checkpointer.failure is None:
+            behind = checkpointer.behind
+            if behind > WAL_BEHIND and not self.wal_said:
+                self.wal_said = True
+                self.warnings.append(f"{behind} pages of the write-ahead log cannot be copied into the database: "
+                                     "another connection keeps an old read transaction open (an sqlite3 shell?), "
+                                     "and the -wal file grows until it ends")
+            elif behind < WAL_BEHIND // 2:
+                self.wal_said = False
             return
         self.checkpointer = None  # it ended: this connection checkpoints again, as SQLite does
         self.warnings.append(f"checkpoint thread ended ({checkpointer.failure}): checkpoints "

@@ -352,6 +352,42 @@ def test_a_holding_server_checkpoints_on_a_thread_of_its_own(tmp_path, monkeypat
     assert checkpointer.stopped and store.checkpointer is None
 
 
+def test_a_log_the_checkpoints_cannot_copy_is_said_once(tmp_path, monkeypatch):
+    """Another connection's old read transaction (an sqlite3 shell left open) holds back
+    every checkpoint: the -wal file grows until it ends, and the log says so, once."""
+    from greylist.stores import checkpointer
+    from greylist.stores import sqlite as module
+
+    monkeypatch.setattr(checkpointer, "EVERY", 0.02)
+    monkeypatch.setattr(module, "WAL_BEHIND", 10)
+    path = tmp_path / "g.db"
+    store = holding(path)
+    policy = load({}, {}).policy
+    check(store, "first", 1000.0, policy)
+    store.flush()
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM greylist").fetchone()  # its snapshot, kept
+    n = 0
+    while not any("write-ahead log" in w for w in store.warnings):
+        for _ in range(200):
+            check(store, f"k{n}", 1000.0, policy)
+            n += 1
+        store.flush()
+        assert n < 200_000, f"never said: {vars(store.checkpointer)}"
+        time.sleep(0.03)
+    said = [w for w in store.warnings if "write-ahead log" in w]
+    assert len(said) == 1 and "old read transaction" in said[0]
+    store.warnings.clear()
+    check(store, "more", 1000.0, policy)
+    time.sleep(0.1)
+    store.flush()
+    assert not store.warnings  # said once
+    reader.execute("COMMIT")
+    reader.close()
+    store.close()
+
+
 def test_when_the_checkpoint_thread_ends_the_server_checkpoints_again_and_says_so(tmp_path, monkeypatch):
     """A log nobody copies would grow without end."""
     from greylist.stores.sqlite import SqliteStore
