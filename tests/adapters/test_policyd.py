@@ -43,6 +43,22 @@ class Client:
         self.sock.close()
 
 
+def stored_clients(path) -> set[str]:
+    """The client part of every key in the server's SQLite file, as another process sees it."""
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return {row[0].split("|")[0] for row in db.execute("SELECT key FROM greylist")}
+
+
+def stored_soon(path, client: str, seconds: float = 5.0) -> bool:
+    """The server has committed a decision about ``client`` (within its window)."""
+    deadline = time.monotonic() + seconds
+    while client not in stored_clients(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return client in stored_clients(path)
+
+
 @pytest.fixture
 def policyd(tmp_path):
     servers = []
@@ -413,25 +429,15 @@ def test_only_postfixs_verified_client_name_is_matched_never_the_ptr_claim(polic
 def test_sqlite_decisions_are_committed_within_the_window_and_at_sigterm(policyd, tmp_path):
     """The server commits decisions together: another reader sees them within the window
     without further requests, and SIGTERM commits the rest."""
-    import sqlite3
-
     path = tmp_path / "g.db"
     proc, address = policyd("--store", f"sqlite://{path}", "--key", "ip")
     c = Client(address)
     assert c.ask(request(client_address="192.0.2.7")).startswith("action=DEFER_IF_PERMIT")
-
-    def keys() -> set[str]:
-        with sqlite3.connect(path) as db:
-            return {row[0] for row in db.execute("SELECT key FROM greylist")}
-
-    deadline = time.monotonic() + 5
-    while "192.0.2.7" not in keys() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "192.0.2.7" in keys()
+    assert stored_soon(path, "192.0.2.7")
     assert c.ask(request(client_address="192.0.2.8")).startswith("action=DEFER_IF_PERMIT")
     proc.terminate()
     proc.wait(timeout=10)
-    assert keys() == {"192.0.2.7", "192.0.2.8"}
+    assert stored_clients(path) == {"192.0.2.7", "192.0.2.8"}
 
 
 def test_a_write_lock_held_by_another_process_stalls_nobody_and_loses_no_retry(policyd, tmp_path):
@@ -447,28 +453,18 @@ def test_a_write_lock_held_by_another_process_stalls_nobody_and_loses_no_retry(p
     c = Client(address)
     envelope = dict(sender="a@example.org", recipient="b@example.net")
     assert c.ask(request(client_address="192.0.2.1", **envelope)).startswith("action=DEFER_IF_PERMIT")
-
-    def keys() -> set[str]:
-        with sqlite3.connect(path) as db:
-            return {row[0].split("|")[0] for row in db.execute("SELECT key FROM greylist")}
-
-    deadline = time.monotonic() + 5
-    while "192.0.2.1" not in keys() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert stored_soon(path, "192.0.2.1")
     blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
         assert c.ask(request(client_address="192.0.2.2", **envelope)).startswith("action=DEFER_IF_PERMIT")
         time.sleep(1.2)  # the delay, and several windows whose flush found the lock taken
         assert c.ask(request(client_address="192.0.2.2", **envelope)).startswith("action=PREPEND X-Greylist")
-        assert "192.0.2.2" not in keys()
+        assert "192.0.2.2" not in stored_clients(path)
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    deadline = time.monotonic() + 5
-    while "192.0.2.2" not in keys() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "192.0.2.2" in keys()
+    assert stored_soon(path, "192.0.2.2")
     assert c.ask(request(client_address="192.0.2.2", **envelope)) == "action=DUNNO"
     proc.terminate()
     log = proc.stderr.read()
@@ -487,14 +483,7 @@ def test_decisions_a_stopping_or_reloading_server_cannot_write_are_logged(policy
     proc, address = policyd("--store", f"sqlite://{path}?timeout=0.3", "--key", "ip")
     c = Client(address)
     assert c.ask(request(client_address="192.0.2.1")).startswith("action=DEFER_IF_PERMIT")
-
-    def keys() -> set[str]:
-        with sqlite3.connect(path) as db:
-            return {row[0] for row in db.execute("SELECT key FROM greylist")}
-
-    deadline = time.monotonic() + 5
-    while "192.0.2.1" not in keys() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert stored_soon(path, "192.0.2.1")
     blocker = sqlite3.connect(path, timeout=5, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:
@@ -512,7 +501,7 @@ def test_decisions_a_stopping_or_reloading_server_cannot_write_are_logged(policy
     log = "".join(said) + proc.stderr.read()
     proc.wait(timeout=10)
     assert "store_warning=\"1 held rows not written: " in log and "database is locked" in log, log
-    assert keys() == ({"192.0.2.1"} if signum == signal.SIGTERM else {"192.0.2.1", "192.0.2.3"})
+    assert stored_clients(path) == ({"192.0.2.1"} if signum == signal.SIGTERM else {"192.0.2.1", "192.0.2.3"})
 
 
 def test_the_recipients_domain_in_a_reply_text_is_printable_ascii():
