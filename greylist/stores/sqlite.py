@@ -185,6 +185,7 @@ class SqliteStore(Store):
         self.quiet = QUIET  # seconds of no other writer before a filter is built again
         self.checkpointer: Checkpointer | None = None  # holding: the WAL's copying thread
         self.lock_busy_since: float | None = None  # holding: another connection kept the write lock
+        self.lock_dropped = 0  # holding: held rows dropped since (MAX_HELD)
         self.retry_lock_at = 0.0  # holding: when to try for the write lock again
         self.wal_said = False  # holding: the log said the checkpoints are held back
 
@@ -283,8 +284,9 @@ class SqliteStore(Store):
         and the database from one read snapshot per window (which blocks no writer).
         At the flush, a write whose key another writer changed since it was read is
         dropped (theirs is the newer news): each write is conditional on what the key
-        held when read (a key deleted meanwhile, by greylist expire, is written). A crash, or a flush that fails, loses the writes of at most one
-        window, which costs those clients one more delay. Such a server also keeps a
+        held when read (a key deleted meanwhile, by greylist expire, is written). A
+        crash, or a flush that fails, loses the writes of at most one window, which
+        costs those clients one more delay. Such a server also keeps a
         filter of the file's keys (greylist.stores.keyfilter: a key never seen costs no
         query) and checkpoints on a thread of its own (greylist.stores.checkpointer).
         ``in_rounds``: the server calls :meth:`write_owed` at the end of each round of
@@ -384,8 +386,9 @@ class SqliteStore(Store):
             return
         if self.lock_busy_since is not None:
             self.warnings.append(f"the write lock was free again after {monotonic() - self.lock_busy_since:.1f} s:"
-                                 f" {len(self.held)} held rows written")
-            self.lock_busy_since = None
+                                 f" {len(self.held)} held rows written"
+                                 + (f", {self.lock_dropped} dropped" if self.lock_dropped else ""))
+            self.lock_busy_since, self.lock_dropped = None, 0
         held, self.held = self.held, {}
         # the rows are made into statements as they are written (a thousand at once took
         # most of a millisecond, every client waiting)
@@ -457,8 +460,10 @@ class SqliteStore(Store):
             for key in list(held)[:dropped]:  # in order of first write: the oldest
                 del held[key]
             self.count("dropped", dropped)
-            self.warnings.append(f"the write lock has been taken for {now - self.lock_busy_since:.1f} s: "
-                                 f"{dropped} held rows dropped (those clients are greylisted once more)")
+            if not self.lock_dropped:  # said once; the total when the lock is free again
+                self.warnings.append(f"the write lock has been taken for {now - self.lock_busy_since:.1f} s: "
+                                     f"{dropped} held rows dropped (those clients are greylisted once more)")
+            self.lock_dropped += dropped
         return False
 
     def _many(self, sql: str, rows: list) -> int:

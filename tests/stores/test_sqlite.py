@@ -189,7 +189,8 @@ def test_a_write_lock_held_elsewhere_keeps_the_rows_held_and_never_waits_for_it(
 
 def test_rows_held_past_the_bound_while_the_lock_stays_taken_are_dropped_oldest_first(tmp_path, monkeypatch):
     """Memory stays bounded however long another connection keeps the write lock: past
-    MAX_HELD rows the oldest go (those clients are greylisted once more), said once."""
+    MAX_HELD rows the oldest go (those clients are greylisted once more), said once, and
+    how many in all when the lock is free again."""
     from greylist.stores import sqlite as module
 
     monkeypatch.setattr(module, "LOCK_RETRY", 0.0)
@@ -206,10 +207,15 @@ def test_rows_held_past_the_bound_while_the_lock_stays_taken_are_dropped_oldest_
     store.flush(wait=False)
     assert list(store.held) == ["c", "d", "e"] and store.ops["dropped"] == 2
     assert "2 held rows dropped" in "; ".join(store.warnings)
+    store.warnings.clear()
+    check(store, "f", 1000.0, policy)
+    store.flush(wait=False)
+    assert list(store.held) == ["d", "e", "f"] and store.ops["dropped"] == 3 and not store.warnings
     blocker.execute("ROLLBACK")
     blocker.close()
     store.flush(wait=False)
-    assert committed(path) == {"z", "c", "d", "e"}
+    assert committed(path) == {"z", "d", "e", "f"}
+    assert "3 held rows written, 3 dropped" in "; ".join(store.warnings)
     store.close()
 
 
