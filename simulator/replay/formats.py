@@ -282,13 +282,22 @@ def our_fields(text: str) -> dict[str, str]:
     return fields
 
 
+def our_decision(text: str) -> dict[str, str] | None:
+    """The fields of one of our own decision lines; None for anything else (start-up,
+    reload, refusal and error lines; a request outside RCPT)."""
+    m = _WRAPPER.search(text)
+    fields = our_fields(m.group(1)) if m else {}
+    if not m or fields.get("verdict") in (None, "error") or "started" in fields or (
+            "ip" not in fields and "to" not in fields):
+        return None
+    return fields
+
+
 def _wrapper(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
     envelopes = True  # every decision line shows the envelope (a policy server's log)
     for number, t, rest in _stamped(lines, out, stamps):
-        m = _WRAPPER.search(rest)
-        fields = our_fields(m.group(1)) if m else {}
-        if not m or fields.get("verdict") in (None, "error") or "started" in fields or (
-                "ip" not in fields and "to" not in fields):
+        fields = our_decision(rest)
+        if fields is None:
             out.ignored += 1  # start-up, reload, refusal lines; a request outside RCPT
         elif not _event(out, number, t, fields.get("ip", "")):
             out.bad[-1] = (number, "no valid ip= field")
@@ -307,7 +316,15 @@ def _postgrey(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
     for number, t, rest in _stamped(lines, out, stamps, "no syslog timestamp"):
         m = _POSTGREY.search(rest)
         if not m:
-            out.ignored += 1  # its start-up lines, other programs
+            # greylist postgrey writes a decision postgrey has no words for (a store error,
+            # with on_error's answer) in our own format: a connection all the same
+            ours = our_decision(rest)
+            if ours is not None and "to" in ours and _event(out, number, t, ours.get("ip", "")):
+                out.events[-1] += (ours.get("from", "<>"), ours["to"])
+            elif ours is not None and "to" in ours:
+                out.bad[-1] = (number, "no valid ip= field")
+            else:
+                out.ignored += 1  # its start-up lines, other programs
             continue
         fields = {}
         for part in m.group(2).split(", "):

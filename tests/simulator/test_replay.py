@@ -448,13 +448,19 @@ def test_replay_of_a_real_policy_servers_log_with_triplet_keys(tmp_path):
 
 def test_greylist_postgreys_own_lines_on_stderr_replay_as_postgreys():
     """greylist postgrey logs decisions in postgrey's words; on stderr (multilog) they have no
-    postgrey[PID]: in front, and a Postfix queue id may come first."""
+    postgrey[PID]: in front, and a Postfix queue id may come first. A decision postgrey has
+    no words for (a store error) is in our own format, and a connection all the same."""
     text = (f"{tai(T0)} greylist-postgrey: started=127.0.0.1:10023 store=sqlite:///x\n"
             f"{tai(T0 + 1)} action=greylist, reason=new, client_name=unknown, client_address=192.0.2.1, "
             "sender=a@example.org, recipient=b@example.net\n"
             f"{tai(T0 + 400)} 4F2A: action=pass, reason=triplet found, delay=399, client_address=192.0.2.1, "
-            "sender=a@example.org, recipient=b@example.net\n")
+            "sender=a@example.org, recipient=b@example.net\n"
+            # postgrey has no words for a store error: that decision is in our own format
+            f"{tai(T0 + 500)} greylist-postgrey: ip=192.0.2.7 from=c@example.org to=b@example.net verdict=pass "
+            'reason=store-error age=0 error="disk I/O error" on_error=pass decision_ms=0.02\n'
+            f"{tai(T0 + 501)} greylist-postgrey: store_warning=\"12 held rows not written\"\n")
     log = parse(io.StringIO(text), "auto")
-    assert log.format == "postgrey" and not log.bad and log.ignored == 1
+    assert log.format == "postgrey" and not log.bad and log.ignored == 2
     assert log.events == [(T0 + 1, "192.0.2.1", "a@example.org", "b@example.net"),
-                          (T0 + 400, "192.0.2.1", "a@example.org", "b@example.net")]
+                          (T0 + 400, "192.0.2.1", "a@example.org", "b@example.net"),
+                          (T0 + 500, "192.0.2.7", "c@example.org", "b@example.net")]
