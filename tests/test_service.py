@@ -262,9 +262,9 @@ def test_a_store_failing_as_it_writes_held_rows_is_closed_and_a_bug_is_not_hidde
 def test_a_server_leaves_a_failing_store_alone_for_a_while_and_answers_at_once(tmp_path, monkeypatch):
     """After a store failure a long-lived server's decisions follow on_error without
     trying the store for a second, then 2, 4, 8, at most 10 while it keeps failing (a
-    failure a minute after the last starts at a second again); SIGHUP ends the rest. (Every decision used to try:
-    a hung Redis held the server's every client 100 ms a decision.) A wrapper, which
-    decides once, always tries."""
+    failure a minute after the last starts at a second again); SIGHUP ends the rest.
+    (Every decision used to try: a hung Redis held the server's every client 100 ms a
+    decision.) A wrapper, which decides once, always tries."""
     import greylist.service as service
 
     now = [1000.0]
