@@ -366,9 +366,7 @@ class Greylister:
             self._flush_timer = self._flush_loop.call_later(FLUSH_BUSY, self._timed_flush)
             return
         self.flush(wait=False)
-        store = self._store
-        if store is not None and store.pending and self._flush_timer is None:
-            # another connection holds the write lock: the rows stay held, and are tried again
+        if self.pending:  # another connection holds the write lock: the rows stay held, tried again
             self._flush_timer = self._flush_loop.call_later(self.commit_window, self._timed_flush)
 
     def write_owed(self) -> None:
