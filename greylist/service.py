@@ -249,9 +249,14 @@ class Greylister:
     def _open(self, url: str):
         from greylist.stores import open_store
 
-        store = self._store = open_store(url)
+        store = open_store(url)
         if self.commit_window:
-            store.hold_commits(self.commit_window, self.in_rounds)
+            try:
+                store.hold_commits(self.commit_window, self.in_rounds)
+            except BaseException:
+                store.close()  # a database it may not write, say: nothing is held yet
+                raise
+        self._store = store
         return store
 
     def try_store(self) -> str | None:

@@ -82,6 +82,20 @@ _UPDATE = ("INSERT INTO greylist VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE
            " WHERE first_seen = ? AND last_seen = ? AND passes = ?")
 
 
+def _who_cannot_write() -> str:
+    """What an admin needs to mend a database the server may not write."""
+    import os
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    return (f"the server runs as {name} (uid {uid}), and the database file, its -wal and -shm files "
+            f"and their directory must be writable by that user (chown {name})")
+
+
 def _values(key: str, record: Record) -> tuple:
     """A row of the table, as _CREATE and _REPLACE take it."""
     return (text_key(key), record.first_seen, record.last_seen, record.passes)
@@ -194,6 +208,9 @@ class SqliteStore(Store):
 
         Several wrappers may meet a new database at once; switching the journal
         mode then fails with "locked" for all but one, so wait and look again.
+        Any other failure is said at once: an empty file that only root may write
+        (greylist migrate from an empty store, run as root) was "locked" too, and
+        each SMTP connection waited 10 s to be told so.
         """
         import time
 
@@ -203,7 +220,12 @@ class SqliteStore(Store):
                 return
             try:
                 mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()
-            except sqlite.OperationalError:
+            except sqlite.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", 5) & 0xFF
+                if code == 8:  # SQLITE_READONLY
+                    raise StoreError(f"{self.path}: {exc}: {_who_cannot_write()}") from None
+                if code not in (5, 6):  # neither busy nor locked: waiting mends nothing
+                    raise
                 time.sleep(0.002 * (attempt + 1))
                 continue
             if mode is None or str(mode[0]).lower() != "wal":
@@ -297,10 +319,41 @@ class SqliteStore(Store):
             return
         self.prepare_server()
         try:
+            self._can_write()
             self.db.execute("PRAGMA wal_autocheckpoint=0")
         except sqlite.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from None
         self.checkpointer = Checkpointer(self._connect_checkpointer, sqlite.Error)
+
+    def _can_write(self) -> None:
+        """A held write that cannot be made fails only at the flush, after its client was
+        told to come back: a database its server may read but not write (a file that root
+        created, with greylist migrate or expire, and nobody handed to the server's user)
+        greylisted every retry as new again, for as long as mail was retried, and nothing
+        was logged. So a holding server writes once when it opens the store (the header's
+        user_version, rolled back) and treats a database it cannot write as a store that
+        failed (on_error). A write lock another connection holds says nothing either way:
+        the flushes will tell."""
+        db = self.db
+        db.execute("PRAGMA busy_timeout=0")
+        try:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 5) & 0xFF == 5:  # SQLITE_BUSY: taken
+                    return
+                raise
+            try:
+                version = int(db.execute("PRAGMA user_version").fetchone()[0])
+                db.execute(f"PRAGMA user_version={version}")
+            finally:
+                db.execute("ROLLBACK")
+        except sqlite.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == 8:  # SQLITE_READONLY
+                raise StoreError(f"{self.path}: {exc}: {_who_cannot_write()}") from None
+            raise
+        finally:
+            db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
 
     @classmethod
     def prepare_server(cls) -> None:

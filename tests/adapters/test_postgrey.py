@@ -353,6 +353,44 @@ def test_postgreys_database_migrates_and_known_triplets_are_not_greylisted_again
         stop(proc)
 
 
+def test_a_database_root_left_unwritable_is_said_at_start_and_mail_flows():
+    """The README's migrate run as root and its chown forgotten: the server, as the postgrey
+    user, may read the file but not write it. Each held decision failed at the flush,
+    unlogged, and every retry was greylisted as new again for as long as its sender
+    retried (then bounced: mail lost). It is a store that failed now: said at start with
+    what to mend, and each request follows on_error (pass), logged."""
+    import pwd
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("the server drops to the postgrey user: needs root to start it here")
+    try:
+        pwd.getpwnam("postgrey")
+    except KeyError:
+        pytest.skip("needs the postgrey user (apt-get install postgrey)")
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # as /var/lib/postgrey: the postgrey user's
+    os.chmod(base, 0o755)
+    shutil.chown(base, "postgrey")
+    try:
+        made = subprocess.run([*command("greylist"), "migrate", "memory://", f"sqlite://{base}/greylist.sqlite"],
+                              capture_output=True, text=True, timeout=60, env=base_env())
+        assert made.returncode == 0 and (base / "greylist.sqlite").stat().st_uid == 0, made.stderr
+        port = free_port()
+        proc = start([*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={base}"], port)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                answers = [ask(s, client_address="192.0.2.5") for _ in range(3)]
+        finally:
+            stop(proc)
+        log = proc.stderr.read()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert answers == ["action=DUNNO"] * 3, log  # was: greylisted, and again at every retry
+    start_line = next(line for line in log.splitlines() if "store unusable at start" in line)
+    assert "readonly database" in start_line and "runs as postgrey" in start_line and "chown postgrey" in start_line
+    assert log.count("reason=store-error") == 3 and log.count("on_error=pass") == 4
+
+
 @pytest.mark.skipif(not (Path(POSTGREY).exists() and shutil.which("db_dump")),
                     reason="needs Debian's postgrey and db_dump (apt-get install postgrey db-util)")
 def test_a_privacy_database_brings_its_auto_whitelisted_clients_and_says_what_it_cannot(tmp_path):

@@ -187,6 +187,73 @@ def test_a_write_lock_held_elsewhere_keeps_the_rows_held_and_never_waits_for_it(
     store.close()
 
 
+def test_a_database_it_may_read_but_not_write_is_a_store_failure_when_it_is_opened():
+    """A file root made (greylist migrate run as root, its chown forgotten) that the server's
+    user may read but not write: SQLite opens it read-only without a word, and each held
+    decision failed only at the flush, after its client was told to come back, so every
+    retry was new again. A holding store now writes once as it is opened (rolled back)."""
+    import os
+    import pwd
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to make a file another user may only read")
+    nobody = pwd.getpwnam("nobody")
+    directory = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's own are root's alone (0700)
+    os.chmod(directory, 0o755)
+    path = directory / "g.db"
+    made = holding(path)  # by root, with an entry
+    check(made, "b", 1000.0, load({}, {}).policy)
+    made.close()
+    shutil.chown(directory, nobody.pw_uid)  # so the -wal and -shm files may be made
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - reported through the pipe
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            store = open_store(f"sqlite://{path}")
+            found = store.get("a")  # reading works
+            try:
+                store.hold_commits(60)
+                said = "opened"
+            except StoreError as exc:
+                said = f"{found} {exc}"
+        except BaseException as exc:  # noqa: BLE001 - told to the test
+            said = f"the child failed: {exc!r}"
+        finally:
+            os.write(write, said.encode())
+            os._exit(0)
+    os.close(write)
+    said = os.read(read, 4096).decode()
+    os.waitpid(child, 0)
+    os.close(read)
+    assert said.startswith("None ") and "attempt to write a readonly database" in said, said
+    assert "runs as nobody" in said and "chown nobody" in said
+    holding(path).close()  # its owner still opens it
+    shutil.rmtree(directory)
+
+
+def test_a_write_lock_held_elsewhere_when_it_is_opened_is_no_failure(tmp_path):
+    """The write it tries as it is opened never waits for another connection's write lock
+    (an admin's sqlite3 shell in a transaction as the server starts), nor fails for it."""
+    path = tmp_path / "g.db"
+    holding(path).close()
+    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    store = holding(path)  # a busy timeout of 2 s: waiting would show
+    assert time.monotonic() - started < 1.5
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    policy = load({"delay": "60"}, {}).policy
+    check(store, "a", 1000.0, policy)
+    store.close()
+    assert committed(path) == {"a"}
+
+
 def test_rows_held_past_the_bound_while_the_lock_stays_taken_are_dropped_oldest_first(tmp_path, monkeypatch):
     """Memory stays bounded however long another connection keeps the write lock: past
     MAX_HELD rows the oldest go (those clients are greylisted once more), said once, and
