@@ -145,11 +145,15 @@ class Greylister:
     ``config.store`` when first needed and kept (``keep_store=False``: closed
     after each decision). A store that fails is closed and opened again at
     the next decision. ``clock``: seconds since the epoch, injected.
+    ``report``: where a long-lived server logs a store failure that no decision
+    meets (held decisions it could not write, at a window's end or a round's),
+    given as a log line's fields; without it, the next decision says it.
     """
 
     def __init__(self, config, store=None, clock=time.time, keep_store: bool = True,
-                 commit_window: float = 0.0, in_rounds: bool = False) -> None:
+                 commit_window: float = 0.0, in_rounds: bool = False, report=None) -> None:
         self.config = config
+        self.report = report
         self.clock = clock
         self.keep_store = keep_store
         self.commit_window = commit_window
@@ -391,7 +395,7 @@ class Greylister:
     def _store_failed(self, exc: Exception) -> None:
         """Close a store that failed; a server leaves it alone for a while (STORE_RETRY),
         its decisions meanwhile following on_error, each logged with the failure."""
-        self._unsaid += self.close()  # held decisions it could not write, say
+        self._unsaid = self.close()  # held decisions it could not write, say (and what was unsaid)
         if not self.keep_store:
             return  # a wrapper decides once: its next process tries afresh
         now = time.monotonic()
@@ -416,6 +420,16 @@ class Greylister:
                 raise
             if self._own_store:
                 self._store_failed(exc)
+            if self.report is not None:
+                # said now: on a quiet server the next decision may be hours away, and a
+                # stopping one makes none (both kept it to themselves)
+                fields: dict[str, object] = {"error": str(exc), "on_error": self.config.on_error}
+                if self._unsaid:
+                    fields["store_warning"] = "; ".join(self._unsaid)
+                    self._unsaid = []
+                if self._store_rest:
+                    fields["store_retry_in"] = self._store_rest
+                self.report(fields)
 
     def reload(self) -> list[str]:
         """Read whitelists again and reopen the store at the next decision (SIGHUP), even
@@ -430,13 +444,14 @@ class Greylister:
         """Close the store, writing what it holds; what it said meanwhile (held decisions it
         could not write, say), which a stopping server logs."""
         store, self._store = self._store, None
+        said, self._unsaid = self._unsaid, []  # what a failed store said that nobody logged yet
         if store is None or not self._own_store:
-            return []
+            return said
         try:
             store.close()
         except Exception:  # noqa: BLE001 - closing a broken connection may fail too
             pass
-        said = list(store.warnings)
+        said = [*said, *store.warnings]
         store.warnings.clear()
         return said
 

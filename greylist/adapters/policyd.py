@@ -328,7 +328,8 @@ class PolicyServer:
         self.where = where
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
-        self.greylister = Greylister(config, clock=self.clock, commit_window=COMMIT_WINDOW, in_rounds=True)
+        self.greylister = Greylister(config, clock=self.clock, commit_window=COMMIT_WINDOW, in_rounds=True,
+                                     report=self.log)
         self.program = program
         self.lines: list[dict[str, object]] = []  # log lines (their fields) of this window
         self.messages = Messages()  # one X-Greylist header a message

@@ -277,7 +277,7 @@ class Server:
         self.o = options
         self.config = config
         self.base_env = dict(environ)
-        self.greylister = Greylister(config, commit_window=COMMIT_WINDOW)
+        self.greylister = Greylister(config, commit_window=COMMIT_WINDOW, report=self.store_failed)
         self.rules = Rules(options.rules, options.rules_missing_ok) if options.rules else None
         self.pid = os.getpid()
         self.children: dict[int, str] = {}
@@ -295,6 +295,10 @@ class Server:
         self.log_writer: LogWriter  # made with the loop, in start(), before anything is logged
 
     # -- logging ------------------------------------------------------------------
+    def store_failed(self, fields: dict[str, object]) -> None:
+        """A store failure that no connection's decision met (see Greylister's report)."""
+        self.log([log_line("greylist-serve", {"pid": self.pid, **fields})])
+
     def log(self, lines: list[bytes]) -> None:
         """tcpserver's lines and ours, in order, never waiting for a stuck log reader."""
         self.log_writer.write(b"".join(lines))

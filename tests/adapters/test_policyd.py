@@ -322,10 +322,40 @@ def test_a_store_that_reads_but_cannot_write_fails_open_and_says_so(policyd, tmp
                              recipient="b@example.net")) for n in range(5000)]
     c.close()
     proc.terminate()
-    failed = [line for line in proc.stderr.read().splitlines() if "reason=store-error" in line]
+    lines = proc.stderr.read().splitlines()
+    failed = [line for line in lines if "reason=store-error" in line]
     assert failed and all("on_error=pass" in line and "g.db: " in line for line in failed), failed[:3]
-    assert "held rows not written: " in failed[0]  # how many decisions the failure cost
+    # how many decisions the failure cost, said when it failed
+    assert any("held rows not written: " in line and "reason=" not in line for line in lines)
     assert answers.count("action=DUNNO") == len(failed)  # each new triplet let through, and logged
+
+
+def test_held_decisions_it_cannot_write_are_logged_when_it_fails_not_at_a_next_decision(policyd, tmp_path):
+    """The window's held decisions fail to be written (a full disk: RLIMIT_FSIZE) and no
+    request comes after them (a quiet server, or one about to stop): the failure is logged
+    when it happens. It waited for the next decision's log line, and a stopping server
+    logged it nowhere. Killed, so that only what it said by itself is read."""
+    import resource
+
+    proc, address = policyd("--store", f"sqlite://{tmp_path}/g.db", "--key", "triplet")
+    c = Client(address)
+    c.ask(request(client_address="10.9.9.9", sender="a@example.org", recipient="b@example.net"))
+    time.sleep(0.6)  # written: the table and one row
+    largest = max(f.stat().st_size for f in tmp_path.glob("g.db*"))
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (largest + 1024, largest + 1024))
+    for n in range(300):
+        c.ask(request(client_address=f"10.0.{n >> 8}.{n & 255}", sender="a@example.org",
+                      recipient="b@example.net"))
+    time.sleep(1.0)  # the window's end, the failed write, the log's window
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    lines = proc.stderr.read().splitlines()
+    decided = [line for line in lines if "reason=" in line]
+    assert len(decided) == 301 and not any("error=" in line for line in decided)
+    said = [line for line in lines if "error=" in line]
+    assert len(said) == 1 and "reason=" not in said[0], lines[-3:]
+    assert "on_error=pass" in said[0] and "held rows not written: " in said[0], said
+    c.close()
 
 
 def test_shadow_mode_answers_dunno_and_logs_the_would_be_verdict(policyd):
