@@ -92,7 +92,7 @@ def _who_cannot_write() -> str:
         name = pwd.getpwuid(uid).pw_name
     except KeyError:
         name = str(uid)
-    return (f"the server runs as {name} (uid {uid}), and the database file, its -wal and -shm files "
+    return (f"this process runs as {name} (uid {uid}), and the database file, its -wal and -shm files "
             f"and their directory must be writable by that user (chown {name})")
 
 
@@ -176,7 +176,9 @@ class SqliteStore(Store):
             # No fsync at each commit (a lost entry costs one more tempfail, not mail).
             self.db.execute("PRAGMA synchronous=NORMAL")
         except sqlite.Error as exc:
-            raise StoreError(f"cannot open {path}: {exc}") from None
+            unwritable = getattr(exc, "sqlite_errorcode", 0) & 0xFF == 8  # SQLITE_READONLY
+            raise StoreError(f"cannot open {path}: {exc}" + (f": {_who_cannot_write()}" if unwritable else "")) \
+                from None
         self._transaction = _Transaction(self)
         self.window = 0.0   # hold_commits: seconds a decision's writes may wait
         self.opened = 0.0   # when the first held write of the window was made
