@@ -82,8 +82,24 @@ _UPDATE = ("INSERT INTO greylist VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE
            " WHERE first_seen = ? AND last_seen = ? AND passes = ?")
 
 
+#: SQLite's primary result codes that matter here (an extended code's low byte)
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY = 5, 6, 8
+
+
+def _code(exc: Exception, default: int = 0) -> int:
+    return getattr(exc, "sqlite_errorcode", default) & 0xFF
+
+
+def _failure(where: str, exc: Exception) -> StoreError:
+    """The store's failure, in SQLite's words; a database this process may not write says
+    what to mend, wherever it shows (the wrapper's write, a server's open)."""
+    if _code(exc) == SQLITE_READONLY:
+        return StoreError(f"{where}: {exc}: {_who_cannot_write()}")
+    return StoreError(f"{where}: {exc}")
+
+
 def _who_cannot_write() -> str:
-    """What an admin needs to mend a database the server may not write."""
+    """What an admin needs to mend a database this process may not write."""
     import os
     import pwd
 
@@ -176,9 +192,7 @@ class SqliteStore(Store):
             # No fsync at each commit (a lost entry costs one more tempfail, not mail).
             self.db.execute("PRAGMA synchronous=NORMAL")
         except sqlite.Error as exc:
-            unwritable = getattr(exc, "sqlite_errorcode", 0) & 0xFF == 8  # SQLITE_READONLY
-            raise StoreError(f"cannot open {path}: {exc}" + (f": {_who_cannot_write()}" if unwritable else "")) \
-                from None
+            raise _failure(f"cannot open {path}", exc) from None
         self._transaction = _Transaction(self)
         self.window = 0.0   # hold_commits: seconds a decision's writes may wait
         self.opened = 0.0   # when the first held write of the window was made
@@ -223,11 +237,8 @@ class SqliteStore(Store):
             try:
                 mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()
             except sqlite.OperationalError as exc:
-                code = getattr(exc, "sqlite_errorcode", 5) & 0xFF
-                if code == 8:  # SQLITE_READONLY
-                    raise StoreError(f"{self.path}: {exc}: {_who_cannot_write()}") from None
-                if code not in (5, 6):  # neither busy nor locked: waiting mends nothing
-                    raise
+                if _code(exc, SQLITE_BUSY) not in (SQLITE_BUSY, SQLITE_LOCKED):  # waiting mends nothing
+                    raise _failure(self.path, exc) from None
                 time.sleep(0.002 * (attempt + 1))
                 continue
             if mode is None or str(mode[0]).lower() != "wal":
@@ -275,9 +286,9 @@ class SqliteStore(Store):
             return self.db.execute(sql, args)
         except sqlite.OperationalError as exc:
             if "no such table" not in str(exc):
-                raise StoreError(f"{self.path}: {exc}") from None
+                raise _failure(self.path, exc) from None
         except sqlite.Error as exc:  # a corrupt page, say: the store's failure, not ours
-            raise StoreError(f"{self.path}: {exc}") from None
+            raise _failure(self.path, exc) from None
         # A new database: WAL mode and the table. The journal mode cannot change
         # inside a transaction, so leave the one we are in and enter it again.
         try:
@@ -294,7 +305,7 @@ class SqliteStore(Store):
                 self.version = self.db.execute("PRAGMA data_version").fetchone()[0]
             return self.db.execute(sql, args)
         except sqlite.Error as exc:
-            raise StoreError(f"{self.path}: {exc}") from None
+            raise _failure(self.path, exc) from None
 
     def transaction(self) -> _Transaction:
         return self._transaction
@@ -324,7 +335,7 @@ class SqliteStore(Store):
             self._can_write()
             self.db.execute("PRAGMA wal_autocheckpoint=0")
         except sqlite.Error as exc:
-            raise StoreError(f"{self.path}: {exc}") from None
+            raise _failure(self.path, exc) from None
         self.checkpointer = Checkpointer(self._connect_checkpointer, sqlite.Error)
 
     def _can_write(self) -> None:
@@ -342,7 +353,7 @@ class SqliteStore(Store):
             try:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", 5) & 0xFF == 5:  # SQLITE_BUSY: taken
+                if _code(exc, SQLITE_BUSY) == SQLITE_BUSY:  # taken
                     return
                 raise
             try:
@@ -350,10 +361,8 @@ class SqliteStore(Store):
                 db.execute(f"PRAGMA user_version={version}")
             finally:
                 db.execute("ROLLBACK")
-        except sqlite.OperationalError as exc:
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == 8:  # SQLITE_READONLY
-                raise StoreError(f"{self.path}: {exc}: {_who_cannot_write()}") from None
-            raise
+        except sqlite.Error as exc:
+            raise _failure(self.path, exc) from None
         finally:
             db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
 
@@ -385,7 +394,7 @@ class SqliteStore(Store):
         try:
             self.db.execute("PRAGMA wal_autocheckpoint=1000")
         except sqlite.Error as exc:
-            raise StoreError(f"{self.path}: {exc}") from None
+            raise _failure(self.path, exc) from None
 
     def writes_as_it_decides(self) -> bool:
         """Decisions write the held rows from the window's end on (or at HELD_ROWS): a
@@ -432,7 +441,7 @@ class SqliteStore(Store):
                 self.db.execute("COMMIT")
             except sqlite.Error as exc:
                 self.held = {}
-                raise StoreError(f"{self.path}: {exc}") from None
+                raise _failure(self.path, exc) from None
         if not self.held:
             return
         if wait:
@@ -498,12 +507,12 @@ class SqliteStore(Store):
                 self.db.execute("BEGIN IMMEDIATE")
                 return True
             except sqlite.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", 5) & 0xFF != 5:  # not SQLITE_BUSY
+                if _code(exc, SQLITE_BUSY) != SQLITE_BUSY:
                     raise
             finally:
                 self.db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
         except sqlite.Error as exc:
-            raise StoreError(f"{self.path}: {exc}") from None
+            raise _failure(self.path, exc) from None
         self.retry_lock_at = now + LOCK_RETRY
         if self.lock_busy_since is None:
             self.lock_busy_since = now
@@ -526,7 +535,7 @@ class SqliteStore(Store):
         try:
             cursor = self.db.executemany(sql, rows)
         except sqlite.Error as exc:
-            raise StoreError(f"{self.path}: {exc}") from None
+            raise _failure(self.path, exc) from None
         return len(rows) if cursor.rowcount < 0 else cursor.rowcount
 
     def _look_for_others(self) -> None:
