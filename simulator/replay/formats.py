@@ -6,7 +6,8 @@ Formats (``--format``, or ``auto`` to detect from the first lines):
   later ``tcpserver: deny PID`` drops it), stamped by multilog (``@`` + TAI64N)
   or by syslog (``Oct 22 02:13:41 host ...`` or ISO 8601).
 - ``postfix``: ``postfix/smtpd[PID]: connect from NAME[IP]`` syslog lines (no
-  year in the stamp: ``--year``, and a year is added when the months wrap).
+  year in the stamp: ``--year``, by default the latest that puts the first line in the
+  past, and a year is added when the months wrap).
 - ``wrapper``: our own ``greylist-wrap: ... ip=IP verdict=...`` lines (and
   ``greylist serve``'s, ``greylist policyd``'s and ``greylist postgrey``'s),
   stamped as tcpserver's or by syslog; in shadow mode they also carry
@@ -83,6 +84,8 @@ class ParsedLog:
     #: lines that show the logged server greylisting already (a 4xx "greylisted" reply):
     #: its retries are in the log, and replay invents none on top
     greylisted: int = 0
+    #: why the file ended before its end (a compressed log cut short): its lines up to there are read
+    cut: str = ""
 
 
 def tai64n(label: str) -> float:
@@ -115,12 +118,32 @@ def time_zone(name: str | None):
 
 
 class _Stamps:
-    """Timestamp prefixes: TAI64N, ISO 8601, or yearless syslog (with a year that wraps)."""
+    """Timestamp prefixes: TAI64N, ISO 8601, or yearless syslog (with a year that wraps).
 
-    def __init__(self, year: int, tz=None) -> None:
+    ``year`` None: a yearless log's first line is in the latest year that puts it in the
+    past (a December log read in January is last year's), as syslog's own readers take
+    it; then a new year begins where the months wrap. Rotated files replayed together are
+    each read so, and line up across the new year (all read as this year, January's file
+    came before December's)."""
+
+    def __init__(self, year: int | None, tz=None, now: float | None = None) -> None:
         self.year = year
         self.tz = tz
+        self.now = now
         self.last_month = 0
+
+    def _latest_past_year(self, month: int, day: int, rest: tuple[int, int, int]) -> int:
+        import time
+
+        now = time.time() if self.now is None else self.now
+        year = datetime.fromtimestamp(now, timezone.utc).year + 1
+        for year in range(year, year - 9, -1):  # February 29th waits for a leap year
+            try:
+                if datetime(year, month, day, *rest, tzinfo=self.tz).timestamp() <= now + 86400:
+                    return year
+            except ValueError:
+                continue
+        return year
 
     def split(self, line: str) -> tuple[float, str] | None:
         m = _TAI.match(line)
@@ -135,12 +158,14 @@ class _Stamps:
         m = _SYSLOG.match(line)
         if m and m.group(1) in _MONTHS:
             month = _MONTHS[m.group(1)]
-            if self.last_month and month < self.last_month:
+            day, rest = int(m.group(2)), (int(m.group(3)), int(m.group(4)), int(m.group(5)))
+            if self.year is None:
+                self.year = self._latest_past_year(month, day, rest)
+            elif self.last_month and month < self.last_month:
                 self.year += 1  # December to January: the log crossed a new year
             self.last_month = month
             try:
-                t = datetime(self.year, month, int(m.group(2)), int(m.group(3)), int(m.group(4)),
-                             int(m.group(5)), tzinfo=self.tz).timestamp()
+                t = datetime(self.year, month, day, *rest, tzinfo=self.tz).timestamp()
             except ValueError:
                 return None
             return t + (float(m.group(6)) if m.group(6) else 0.0), m.group(7)
@@ -181,15 +206,59 @@ def detect(sample: list[str]) -> str:
     return best
 
 
+def open_log(path: str) -> io.TextIOBase:
+    """A log file as text, as logrotate left it: plain, or compressed with gzip (Debian's
+    mail.log.2.gz and older), bzip2 or xz, told by its first bytes rather than its name."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head.startswith(b"\x1f\x8b"):
+        import gzip as module
+    elif head.startswith(b"BZh"):
+        import bz2 as module
+    elif head.startswith(b"\xfd7zXZ\x00"):
+        import lzma as module
+    else:
+        return open(path, encoding="utf-8", errors="replace")
+    return module.open(path, "rt", encoding="utf-8", errors="replace")
+
+
+def _read(stream: io.TextIOBase) -> tuple[list[str], str]:
+    """The stream's lines, and why it ended early ("" when it did not): a compressed file
+    cut short (a copy that did not finish, a full disk) keeps the lines before the cut."""
+    lines: list[str] = []
+    try:
+        for line in stream:
+            lines.append(line)
+    except EOFError as exc:  # gzip, bz2 and lzma: the compressed data ends before its end marker
+        return lines, f"it ends early ({exc})"
+    except (OSError, ValueError, *_codec_errors()) as exc:  # corrupt compressed data, a bad disk
+        return lines, f"it cannot be read past line {len(lines)} ({exc})"
+    return lines, ""
+
+
+def _codec_errors() -> tuple:
+    """What the decompressors raise for corrupt data (besides OSError and EOFError)."""
+    errors = []
+    for name, attribute in (("zlib", "error"), ("lzma", "LZMAError")):
+        try:
+            errors.append(getattr(__import__(name), attribute))
+        except ImportError:  # a Python built without it reads no such file either
+            pass
+    return tuple(errors)
+
+
 def parse(stream: io.TextIOBase, fmt: str = "auto", year: int | None = None, tz=None) -> ParsedLog:
-    """Read a whole log; raise LogError when most of it cannot be read."""
-    lines = list(stream)
+    """Read a whole log; raise LogError when most of it cannot be read. An empty one is an
+    empty log (a rotated log's newest file may be), whatever its format."""
+    lines, cut = _read(stream)
+    if fmt == "auto" and not any(line.strip() for line in lines):
+        return ParsedLog(lines=0, cut=cut)
     if fmt == "auto":
         fmt = detect(lines[:200])
     if fmt not in FORMATS:
         raise LogError(f"unknown log format {fmt!r} (use {', '.join(FORMATS)} or auto)")
-    out = ParsedLog(format=fmt)
-    stamps = _Stamps(year or datetime.now(timezone.utc).year, tz)
+    out = ParsedLog(format=fmt, cut=cut)
+    stamps = _Stamps(year, tz)
     reader = {"tcpserver": _tcpserver, "postfix": _postfix, "wrapper": _wrapper, "postgrey": _postgrey,
               "jsonl": _jsonl, "csv": _csv}[fmt]
     reader(lines, out, stamps)
@@ -199,6 +268,25 @@ def parse(stream: io.TextIOBase, fmt: str = "auto", year: int | None = None, tz=
         raise LogError(f"{len(out.bad)} of {considered} lines cannot be read as {fmt} ({first}); "
                        "is this the right --format?")
     out.events.sort(key=lambda e: e[0])
+    return out
+
+
+def merge(logs: list[ParsedLog]) -> ParsedLog:
+    """Several logs as one (a log and its rotated files, given in any order): their
+    connections in time order, their counts added up."""
+    if len(logs) == 1:
+        return logs[0]
+    out = ParsedLog(format=next((log.format for log in logs if log.format), ""))
+    for log in logs:
+        out.events += log.events
+        out.shadow += log.shadow
+        out.bad += log.bad
+        out.rejected |= log.rejected
+        out.lines += log.lines
+        out.ignored += log.ignored
+        out.greylisted += log.greylisted
+    out.events.sort(key=lambda e: e[0])
+    out.shadow.sort(key=lambda s: s[0])
     return out
 
 

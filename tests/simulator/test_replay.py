@@ -301,6 +301,76 @@ def test_postgreys_log_replays_with_its_envelope_and_its_own_retries(tmp_path):
     assert (spam["messages"], spam["stopped"]) == (1, 1)
 
 
+def test_a_log_and_its_rotated_files_replay_as_one_in_any_order_compressed_or_not(tmp_path):
+    """What logrotate leaves (Debian's mail.log, mail.log.1, mail.log.2.gz; bzip2 and xz
+    where so set), given as the shell's mail.log* gives them, newest first: the same
+    replay as the whole log in one file. An empty newest file is no error."""
+    import bz2
+    import gzip
+    import lzma
+
+    lines = POSTGREY_LOG.splitlines(keepends=True)
+    whole = tmp_path / "whole.log"
+    whole.write_text(POSTGREY_LOG)
+    (tmp_path / "mail.log").write_text("")
+    (tmp_path / "mail.log.1").write_text("".join(lines[4:]))
+    (tmp_path / "mail.log.2.gz").write_bytes(gzip.compress("".join(lines[2:4]).encode()))
+    (tmp_path / "mail.log.3.bz2").write_bytes(bz2.compress(lines[1].encode()))
+    (tmp_path / "mail.log.4.xz").write_bytes(lzma.compress(lines[0].encode()))
+
+    def replayed(*paths) -> dict:
+        out = subprocess.run([sys.executable, "-m", "simulator.cli", "replay", *map(str, paths), "--year", "2026",
+                              "--tz", "UTC", "--key", "triplet", "--delay", "300", "--json", "-", "--quiet"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    one = replayed(whole)
+    rotated = replayed(*sorted(tmp_path.glob("mail.log*")))
+    assert rotated["run"]["log"] == "mail.log, mail.log.1, mail.log.2.gz, mail.log.3.bz2, mail.log.4.xz"
+    for part in ("run", "overall", "classes"):
+        if part == "run":
+            one[part].pop("log"), rotated[part].pop("log")
+        assert rotated[part] == one[part], part
+    assert one["run"]["logged_connections"] == 4
+
+
+def test_rotated_files_across_a_new_year_line_up_and_a_yearless_log_is_never_in_the_future(tmp_path):
+    """Syslog stamps have no year. Each file's first line is taken in the latest year that
+    puts it in the past, so read in January, December's file is last year's and January's
+    this year's: with this year for both (the old default), January came first."""
+    from freezegun import freeze_time
+
+    from simulator.replay.cli import read_logs
+
+    december = tmp_path / "mail.log.1"
+    december.write_text(POSTGREY_LOG.replace("Mar  2", "Dec 31"))
+    january = tmp_path / "mail.log"
+    january.write_text(POSTGREY_LOG.replace("Mar  2", "Jan  2"))
+    with freeze_time("2027-01-10 12:00:00"):
+        log = read_logs([str(january), str(december)], "auto", None, timezone.utc)
+        crossing = parse(io.StringIO(POSTGREY_LOG.replace("Mar  2", "Dec 31").replace(
+            "Dec 31 09:07", "Jan  1 09:07")), "auto", None, timezone.utc)
+    stamps = [datetime.fromtimestamp(e[0], timezone.utc).strftime("%Y-%m-%d") for e in log.events]
+    assert stamps == ["2026-12-31"] * 4 + ["2027-01-02"] * 4
+    assert [datetime.fromtimestamp(e[0], timezone.utc).year for e in crossing.events] == [2026, 2026, 2026, 2027]
+    assert parse(io.StringIO(POSTGREY_LOG), "auto", 2020, timezone.utc).events[0][0] == \
+        datetime(2020, 3, 2, 9, tzinfo=timezone.utc).timestamp()  # --year says
+
+
+def test_a_compressed_log_cut_short_replays_its_lines_up_to_the_cut_and_says_so(tmp_path):
+    import gzip
+
+    path = tmp_path / "mail.log.2.gz"
+    data = gzip.compress(POSTGREY_LOG.encode() * 50)
+    path.write_bytes(data[: len(data) // 2])  # a copy that did not finish
+    out = subprocess.run([sys.executable, "-m", "simulator.cli", "replay", str(path), "--year", "2026",
+                          "--json", "-", "--quiet"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"{path}: it ends early" in out.stderr and "replayed its lines up to there" in out.stderr
+    assert 0 < json.loads(out.stdout)["run"]["logged_connections"] < 200
+
+
 def test_postfix_log_with_rfc3339_stamps():
     """rsyslog's RFC 3339 stamps (RSYSLOG_FileFormat) and journald's short-iso: the zone is in the stamp."""
     text = ("2026-03-02T10:00:00.123456+01:00 mx postfix/smtpd[26895]: connect from a.example[192.0.2.1]\n"
