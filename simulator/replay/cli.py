@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tz", default="local",
                         help="time zone of stamps without one (tai64nlocal, syslog): local (default, as "
                              "tai64nlocal and syslog write them), UTC, or a name such as Europe/Berlin")
-    parser.add_argument("--year", type=int, help="year of a log's first yearless syslog stamp (Postfix, postgrey; default: the "
-                             "latest that puts it in the past)")
+    parser.add_argument("--year", type=int,
+                        help="year of each file's first yearless syslog stamp (Postfix, postgrey; default: "
+                             "the latest that puts it in the past)")
     parser.add_argument("--rate", help="rescale the log's timing to this mean rate (300k/day, 3.5/s)")
     parser.add_argument("--retry-model", default=None,
                         help="how a tempfailed client retries when the log does not show it coming "

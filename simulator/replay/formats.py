@@ -126,16 +126,15 @@ class _Stamps:
     each read so, and line up across the new year (all read as this year, January's file
     came before December's)."""
 
-    def __init__(self, year: int | None, tz=None, now: float | None = None) -> None:
+    def __init__(self, year: int | None, tz=None) -> None:
         self.year = year
         self.tz = tz
-        self.now = now
         self.last_month = 0
 
     def _latest_past_year(self, month: int, day: int, rest: tuple[int, int, int]) -> int:
         import time
 
-        now = time.time() if self.now is None else self.now
+        now = time.time()
         year = datetime.fromtimestamp(now, timezone.utc).year + 1
         for year in range(year, year - 9, -1):  # February 29th waits for a leap year
             try:
