@@ -26,6 +26,18 @@ class Environment:
         self._seq += 1
         heapq.heappush(self._queue, (at, self._seq, action, args))
 
+    def reserve(self, count: int) -> int:
+        """The first of ``count`` sequence numbers for events scheduled later, one at a time
+        (:meth:`schedule_reserved`), that run among same-time events as if all were
+        scheduled now: a replayed log keeps one of its million lines in the queue, not all."""
+        first = self._seq + 1
+        self._seq += count
+        return first
+
+    def schedule_reserved(self, at: float, seq: int, action: Callable[..., Any], *args: Any) -> None:
+        """As :meth:`schedule`, with a sequence number from :meth:`reserve`."""
+        heapq.heappush(self._queue, (max(at, self.now), seq, action, args))
+
     def timeout(self, delay: float, action: Callable[..., Any], *args: Any) -> None:
         """Run ``action(*args)`` ``delay`` seconds from now."""
         self.schedule(self.now + delay, action, *args)

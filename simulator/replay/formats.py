@@ -35,8 +35,11 @@ import csv
 import io
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import chain, islice
+from typing import Iterable
 
 from greylist.core.keys import BadAddress, parse_ip
 
@@ -221,18 +224,25 @@ def open_log(path: str) -> io.TextIOBase:
     return module.open(path, "rt", encoding="utf-8", errors="replace")
 
 
-def _read(stream: io.TextIOBase) -> tuple[list[str], str]:
-    """The stream's lines, and why it ended early ("" when it did not): a compressed file
-    cut short (a copy that did not finish, a full disk) keeps the lines before the cut."""
-    lines: list[str] = []
-    try:
-        for line in stream:
-            lines.append(line)
-    except EOFError as exc:  # gzip, bz2 and lzma: the compressed data ends before its end marker
-        return lines, f"it ends early ({exc})"
-    except (OSError, ValueError, *_codec_errors()) as exc:  # corrupt compressed data, a bad disk
-        return lines, f"it cannot be read past line {len(lines)} ({exc})"
-    return lines, ""
+class _Lines:
+    """A stream's lines, one at a time: a month of mail.log is never all in memory. A
+    compressed file cut short (a copy that did not finish, a full disk) ends at the cut,
+    its lines before it kept, and ``cut`` says why."""
+
+    def __init__(self, stream: io.TextIOBase) -> None:
+        self.stream = stream
+        self.cut = ""
+
+    def __iter__(self):
+        count = 0
+        try:
+            for line in self.stream:
+                count += 1
+                yield line
+        except EOFError as exc:  # gzip, bz2 and lzma: the compressed data ends before its end marker
+            self.cut = f"it ends early ({exc})"
+        except (OSError, ValueError, *_codec_errors()) as exc:  # corrupt compressed data, a bad disk
+            self.cut = f"it cannot be read past line {count} ({exc})"
 
 
 def _codec_errors() -> tuple:
@@ -249,18 +259,24 @@ def _codec_errors() -> tuple:
 def parse(stream: io.TextIOBase, fmt: str = "auto", year: int | None = None, tz=None) -> ParsedLog:
     """Read a whole log; raise LogError when most of it cannot be read. An empty one is an
     empty log (a rotated log's newest file may be), whatever its format."""
-    lines, cut = _read(stream)
-    if fmt == "auto" and not any(line.strip() for line in lines):
-        return ParsedLog(lines=0, cut=cut)
+    source = _Lines(stream)
+    lines = iter(source)
+    sample = list(islice(lines, 200))
+    if fmt == "auto" and not any(line.strip() for line in sample):
+        more = next(lines, None)
+        if more is None:
+            return ParsedLog(cut=source.cut)
+        sample.append(more)
     if fmt == "auto":
-        fmt = detect(lines[:200])
+        fmt = detect(sample[:200])
     if fmt not in FORMATS:
         raise LogError(f"unknown log format {fmt!r} (use {', '.join(FORMATS)} or auto)")
-    out = ParsedLog(format=fmt, cut=cut)
+    out = ParsedLog(format=fmt)
     stamps = _Stamps(year, tz)
     reader = {"tcpserver": _tcpserver, "postfix": _postfix, "wrapper": _wrapper, "postgrey": _postgrey,
               "jsonl": _jsonl, "csv": _csv}[fmt]
-    reader(lines, out, stamps)
+    reader(chain(sample, lines), out, stamps)
+    out.cut = source.cut
     considered = out.lines
     if considered and len(out.bad) > MAX_BAD_SHARE * considered:
         first = ", ".join(f"line {n}: {why}" for n, why in out.bad[:3])
@@ -289,7 +305,7 @@ def merge(logs: list[ParsedLog]) -> ParsedLog:
     return out
 
 
-def _count(out: ParsedLog, lines: list[str]):
+def _count(out: ParsedLog, lines: Iterable[str]):
     for number, raw in enumerate(lines, 1):
         line = raw.rstrip("\r\n")
         if not line.strip():
@@ -298,7 +314,7 @@ def _count(out: ParsedLog, lines: list[str]):
         yield number, line
 
 
-def _stamped(lines: list[str], out: ParsedLog, stamps: _Stamps, missing: str = "no timestamp"):
+def _stamped(lines: Iterable[str], out: ParsedLog, stamps: _Stamps, missing: str = "no timestamp"):
     """(line number, time, text after the stamp) of each line; unstamped lines are bad."""
     for number, line in _count(out, lines):
         split = stamps.split(line)
@@ -314,11 +330,17 @@ def _event(out: ParsedLog, number: int, t: float, address: str) -> bool:
     if ip is None:
         out.bad.append((number, f"not an IP address: {address[:40]!r}"))
         return False
-    out.events.append((t, ip))
+    out.events.append((t, sys.intern(ip)))  # a client's every line shares one string
     return True
 
 
-def _tcpserver(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+def _envelope(sender: str, recipient: str) -> tuple[str, str]:
+    """An event's sender and recipient, one string each however often the log repeats them
+    (a site's recipients, its correspondents: most of a long log's memory otherwise)."""
+    return sys.intern(sender), sys.intern(recipient)
+
+
+def _tcpserver(lines: Iterable[str], out: ParsedLog, stamps: _Stamps) -> None:
     by_pid: dict[str, int] = {}
     denied: set[int] = set()
     for number, t, rest in _stamped(lines, out, stamps):
@@ -336,7 +358,7 @@ def _tcpserver(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
         out.ignored += len(denied)
 
 
-def _postfix(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+def _postfix(lines: Iterable[str], out: ParsedLog, stamps: _Stamps) -> None:
     for number, t, rest in _stamped(lines, out, stamps, "no syslog timestamp"):
         m = _POSTFIX.search(rest)
         if m:
@@ -380,7 +402,7 @@ def our_decision(text: str) -> dict[str, str] | None:
     return fields
 
 
-def _wrapper(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+def _wrapper(lines: Iterable[str], out: ParsedLog, stamps: _Stamps) -> None:
     envelopes = True  # every decision line shows the envelope (a policy server's log)
     for number, t, rest in _stamped(lines, out, stamps):
         fields = our_decision(rest)
@@ -390,7 +412,7 @@ def _wrapper(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
             out.bad[-1] = (number, "no valid ip= field")
         else:
             if "to" in fields:
-                out.events[-1] += (fields.get("from", "<>"), fields["to"])
+                out.events[-1] += _envelope(fields.get("from", "<>"), fields["to"])
             else:
                 envelopes = False
             if "shadow" in fields:
@@ -399,7 +421,7 @@ def _wrapper(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
         out.events = [event[:2] for event in out.events]
 
 
-def _postgrey(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+def _postgrey(lines: Iterable[str], out: ParsedLog, stamps: _Stamps) -> None:
     for number, t, rest in _stamped(lines, out, stamps, "no syslog timestamp"):
         m = _POSTGREY.search(rest)
         if not m:
@@ -407,7 +429,7 @@ def _postgrey(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
             # with on_error's answer) in our own format: a connection all the same
             ours = our_decision(rest)
             if ours is not None and "to" in ours and _event(out, number, t, ours.get("ip", "")):
-                out.events[-1] += (ours.get("from", "<>"), ours["to"])
+                out.events[-1] += _envelope(ours.get("from", "<>"), ours["to"])
             elif ours is not None and "to" in ours:
                 out.bad[-1] = (number, "no valid ip= field")
             else:
@@ -423,10 +445,10 @@ def _postgrey(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
             continue
         if _event(out, number, t, fields["client_address"]):
             t_, ip = out.events[-1]
-            out.events[-1] = (t_, ip, fields.get("sender", ""), fields["recipient"])
+            out.events[-1] = (t_, ip, *_envelope(fields.get("sender", ""), fields["recipient"]))
 
 
-def _jsonl(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+def _jsonl(lines: Iterable[str], out: ParsedLog, stamps: _Stamps) -> None:
     for number, line in _count(out, lines):
         try:
             obj = json.loads(line)
@@ -444,7 +466,7 @@ def _jsonl(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
         out.events.append((t, ip))
 
 
-def _csv(lines: list[str], out: ParsedLog, stamps: _Stamps) -> None:
+def _csv(lines: Iterable[str], out: ParsedLog, stamps: _Stamps) -> None:
     rows = csv.reader(lines)
     try:
         header = [c.strip().lower() for c in next(rows)]

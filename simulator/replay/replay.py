@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections import defaultdict, deque
+from collections import defaultdict
 
 from greylist.stores.base import Store
 from simulator.scenario import Scenario, ScenarioError, SenderClass
@@ -109,16 +109,35 @@ class Replay:
         self.legit = server.class_stats(LEGIT, "legit")
         self.spam = server.class_stats(SPAM, "spam")
         self.returns = returning(events, rejected)
-        self.future: dict[tuple, deque[float]] = defaultdict(deque)
-        for event in events:
-            self.future[event[1:]].append(event[0])
+        #: each client's (or triplet's) logged times still to come, latest first (a list, not
+        #: a deque: a deque costs 600 bytes, and most keys of a long log are seen once)
+        self.future: dict[tuple, list[float]] = {}
+        for event in reversed(events):
+            who = event[1:]
+            later = self.future.get(who)
+            if later is None:
+                self.future[who] = [event[0]]
+            else:
+                later.append(event[0])
         self.waiting: dict[tuple, list[Message]] = defaultdict(list)
+        self.next_event = 0
+        self.first_seq = 0
         server.retry_hook = self._needs_synthetic_retry
 
     def start(self) -> None:
-        env = self.server.env
-        for event in self.events:
-            env.schedule(event[0], self._logged, event[1:])
+        """The log's lines are scheduled one at a time, each as the one before runs, with the
+        sequence numbers they would have had all scheduled now (the same run, event for event)."""
+        if self.events:
+            self.first_seq = self.server.env.reserve(len(self.events))
+            self.server.env.schedule_reserved(self.events[0][0], self.first_seq, self._next)
+
+    def _next(self) -> None:
+        i = self.next_event
+        self.next_event = i + 1
+        events = self.events
+        if i + 1 < len(events):
+            self.server.env.schedule_reserved(events[i + 1][0], self.first_seq + i + 1, self._next)
+        self._logged(events[i][1:])
 
     @staticmethod
     def _who(msg: Message) -> tuple:
@@ -127,7 +146,7 @@ class Replay:
     def _needs_synthetic_retry(self, msg: Message, at: float) -> bool:
         who = self._who(msg)
         upcoming = self.future.get(who)
-        if upcoming and upcoming[0] <= at:
+        if upcoming and upcoming[-1] <= at:
             self.waiting[who].append(msg)  # the log shows it back first: that is the retry
             return False
         return True
@@ -135,7 +154,10 @@ class Replay:
     def _logged(self, who: tuple) -> None:
         server = self.server
         now = server.env.now
-        self.future[who].popleft()
+        upcoming = self.future[who]
+        upcoming.pop()
+        if not upcoming:
+            del self.future[who]  # a long log's keys go as their last line is replayed
         carried = self.waiting.pop(who, [])
         ip = who[0]
         legit = self.returns[ip]
@@ -156,7 +178,7 @@ class Replay:
         for m in [msg] + carried:
             if self.model is not None:
                 server.retry_later(m)
-            elif self.future[who]:
+            elif who in self.future:
                 self.waiting[who].append(m)  # only the log's own returns count
             else:
                 m.stats.given_up += 1
