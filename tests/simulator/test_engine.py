@@ -48,3 +48,33 @@ def test_any_schedule_is_processed_sorted(times):
         env.schedule(t, lambda: seen.append(env.now))
     env.run()
     assert seen == sorted(times)
+
+
+def test_reserved_events_scheduled_one_at_a_time_run_as_if_all_were_scheduled_at_once():
+    """A replayed log keeps one of its lines in the queue at a time; at a tie with an event
+    scheduled meanwhile (a retry at the same second as a logged line), the logged line still
+    runs first, as when every line was scheduled at the start."""
+    times = [10.0, 20.0, 20.0, 30.0]
+
+    def run(lazily: bool) -> list:
+        env = Environment()
+        ran = []
+
+        def logged(i: int) -> None:
+            ran.append(("log", i, env.now))
+            if lazily and i + 1 < len(times):
+                env.schedule_reserved(times[i + 1], first + i + 1, logged, i + 1)
+            if i == 0:
+                env.schedule(20.0, lambda: ran.append(("retry", env.now)))
+
+        if lazily:
+            first = env.reserve(len(times))
+            env.schedule_reserved(times[0], first, logged, 0)
+        else:
+            for i, t in enumerate(times):
+                env.schedule(t, logged, i)
+        env.run()
+        return ran
+
+    assert run(lazily=True) == run(lazily=False)
+    assert run(lazily=True)[1:4] == [("log", 1, 20.0), ("log", 2, 20.0), ("retry", 20.0)]
