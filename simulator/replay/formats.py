@@ -36,10 +36,11 @@ import io
 import json
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import chain, islice
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from greylist.core.keys import BadAddress, parse_ip
 
@@ -208,20 +209,30 @@ def detect(sample: list[str]) -> str:
     return best
 
 
-def open_log(path: str) -> io.TextIOBase:
+@contextmanager
+def open_log(path: str) -> Iterator[io.TextIOBase]:
     """A log file as text, as logrotate left it: plain, or compressed with gzip (Debian's
-    mail.log.2.gz and older), bzip2 or xz, told by its first bytes rather than its name."""
-    with open(path, "rb") as f:
-        head = f.read(6)
-    if head.startswith(b"\x1f\x8b"):
-        import gzip as module
-    elif head.startswith(b"BZh"):
-        import bz2 as module
-    elif head.startswith(b"\xfd7zXZ\x00"):
-        import lzma as module
-    else:
-        return open(path, encoding="utf-8", errors="replace")
-    return module.open(path, "rt", encoding="utf-8", errors="replace")
+    mail.log.2.gz and older), bzip2 or xz, told by its first bytes rather than its name.
+    Opened once and peeked at, never read twice: a pipe (``<(zcat mail.log.*.gz)``) can
+    be read only once, and opening it again found it empty."""
+    with open(path, "rb") as raw:
+        head = raw.peek(6)[:6]
+        if head.startswith(b"\x1f\x8b"):
+            import gzip
+
+            binary = gzip.GzipFile(fileobj=raw)
+        elif head.startswith(b"BZh"):
+            import bz2
+
+            binary = bz2.BZ2File(raw)
+        elif head.startswith(b"\xfd7zXZ\x00"):
+            import lzma
+
+            binary = lzma.LZMAFile(raw)
+        else:
+            binary = raw
+        with io.TextIOWrapper(binary, encoding="utf-8", errors="replace") as text:
+            yield text
 
 
 class _Lines:

@@ -335,6 +335,21 @@ def test_a_log_and_its_rotated_files_replay_as_one_in_any_order_compressed_or_no
     assert one["run"]["logged_connections"] == 4
 
 
+def test_a_log_through_a_pipe_is_read_once_compressed_or_not(tmp_path):
+    """``simulate replay <(zcat ...)`` or ``<(cat mail.log.2.gz)``: a pipe can be read once;
+    the file was opened twice (once for its first bytes) and the pipe's lines were lost."""
+    import gzip
+    import shlex
+
+    (tmp_path / "mail.log.2.gz").write_bytes(gzip.compress(POSTGREY_LOG.encode()))
+    (tmp_path / "mail.log").write_text(POSTGREY_LOG)
+    out = subprocess.run(["bash", "-c", f"{shlex.join([sys.executable, '-m', 'simulator.cli', 'replay'])} "
+                          f"<(cat {tmp_path}/mail.log.2.gz) <(cat {tmp_path}/mail.log) --year 2026 --json - --quiet"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["run"]["logged_connections"] == 8
+
+
 def test_rotated_files_across_a_new_year_line_up_and_a_yearless_log_is_never_in_the_future(tmp_path):
     """Syslog stamps have no year. Each file's first line is taken in the latest year that
     puts it in the past, so read in January, December's file is last year's and January's
