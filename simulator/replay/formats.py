@@ -44,6 +44,8 @@ from typing import Iterable, Iterator
 
 from greylist.core.keys import BadAddress, parse_ip
 
+#: characters of a line read; the rest of a longer one is skipped
+MAX_LINE = 64 * 1024
 FORMATS = ("tcpserver", "postfix", "wrapper", "postgrey", "jsonl", "csv")
 MAX_BAD_SHARE = 0.5
 _MONTHS = {m: i + 1 for i, m in enumerate(
@@ -246,8 +248,18 @@ class _Lines:
 
     def __iter__(self):
         count = 0
+        readline = self.stream.readline
         try:
-            for line in self.stream:
+            while True:
+                line = readline(MAX_LINE)
+                if not line:
+                    break
+                if len(line) == MAX_LINE and not line.endswith("\n"):
+                    # no log line is this long (a binary file given by mistake): its start is
+                    # read (and found bad), the rest skipped, never held whole in memory
+                    rest = line
+                    while len(rest) == MAX_LINE and not rest.endswith("\n"):
+                        rest = readline(MAX_LINE)
                 count += 1
                 yield line
         except EOFError as exc:  # gzip, bz2 and lzma: the compressed data ends before its end marker

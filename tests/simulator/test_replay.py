@@ -350,6 +350,20 @@ def test_a_log_through_a_pipe_is_read_once_compressed_or_not(tmp_path):
     assert json.loads(out.stdout)["run"]["logged_connections"] == 8
 
 
+def test_an_endless_line_is_read_in_part_and_the_lines_after_it_replayed(tmp_path):
+    """A file with a line of megabytes (a binary file, or a log gone wrong): its first
+    64 KiB are read (and found bad), the rest skipped, never held whole in memory."""
+    from simulator.replay import formats
+
+    lines = POSTGREY_LOG.splitlines(keepends=True)
+    text = lines[1] + "x" * (3 * formats.MAX_LINE + 7) + "\n" + "".join(lines[2:])
+    log = parse(io.StringIO(text), "postgrey", 2026)
+    assert len(log.events) == 4 and log.lines == 6
+    assert log.bad[0][0] == 2 and len(log.bad) == 2  # the long line, and the sample's bogus one
+    read = list(formats._Lines(io.StringIO(text)))
+    assert len(read) == 6 and max(map(len, read)) == formats.MAX_LINE
+
+
 def test_rotated_files_across_a_new_year_line_up_and_a_yearless_log_is_never_in_the_future(tmp_path):
     """Syslog stamps have no year. Each file's first line is taken in the latest year that
     puts it in the past, so read in January, December's file is last year's and January's
