@@ -347,15 +347,10 @@ class SqliteStore(Store):
         user_version, rolled back) and treats a database it cannot write as a store that
         failed (on_error). A write lock another connection holds says nothing either way:
         the flushes will tell."""
+        if not self._begin_at_once():
+            return
         db = self.db
-        db.execute("PRAGMA busy_timeout=0")
         try:
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            except sqlite.OperationalError as exc:
-                if _code(exc, SQLITE_BUSY) == SQLITE_BUSY:  # taken
-                    return
-                raise
             try:
                 version = int(db.execute("PRAGMA user_version").fetchone()[0])
                 db.execute(f"PRAGMA user_version={version}")
@@ -363,8 +358,24 @@ class SqliteStore(Store):
                 db.execute("ROLLBACK")
         except sqlite.Error as exc:
             raise _failure(self.path, exc) from None
-        finally:
-            db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+
+    def _begin_at_once(self) -> bool:
+        """BEGIN IMMEDIATE without waiting for another connection's write lock (the busy
+        timeout set aside for it): False when that lock is taken."""
+        db = self.db
+        try:
+            db.execute("PRAGMA busy_timeout=0")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                return True
+            except sqlite.OperationalError as exc:
+                if _code(exc, SQLITE_BUSY) != SQLITE_BUSY:
+                    raise
+            finally:
+                db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+        except sqlite.Error as exc:
+            raise _failure(self.path, exc) from None
+        return False
 
     @classmethod
     def prepare_server(cls) -> None:
@@ -501,18 +512,8 @@ class SqliteStore(Store):
         """BEGIN IMMEDIATE without waiting for another connection's write lock. False (the
         rows stay held) when it is taken; past MAX_HELD rows the oldest are dropped."""
         now = monotonic()
-        try:
-            self.db.execute("PRAGMA busy_timeout=0")
-            try:
-                self.db.execute("BEGIN IMMEDIATE")
-                return True
-            except sqlite.OperationalError as exc:
-                if _code(exc, SQLITE_BUSY) != SQLITE_BUSY:
-                    raise
-            finally:
-                self.db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-        except sqlite.Error as exc:
-            raise _failure(self.path, exc) from None
+        if self._begin_at_once():
+            return True
         self.retry_lock_at = now + LOCK_RETRY
         if self.lock_busy_since is None:
             self.lock_busy_since = now
