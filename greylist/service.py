@@ -303,9 +303,7 @@ class Greylister:
                 extra["store_retry_in"] = max(0.0, self._store_tried_at - time.monotonic())
             elif self._own_store:
                 self._store_failed(exc)  # opened again at the next decision (a server's: later)
-            if self._unsaid:
-                extra["store_warning"] = "; ".join(self._unsaid)
-                self._unsaid = []
+            self._say_unsaid(extra)
             extra["error"] = str(exc)
             extra["on_error"] = config.on_error
             action = TEMPFAIL if config.on_error == "tempfail" else PASS
@@ -406,6 +404,12 @@ class Greylister:
         self._store_tried_at = now + self._store_rest
         self._store_failure = str(exc)
 
+    def _say_unsaid(self, fields: dict) -> None:
+        """What a closed store said that no line has logged yet goes into this one."""
+        if self._unsaid:
+            fields["store_warning"] = "; ".join(self._unsaid)
+            self._unsaid = []
+
     def _writing(self, write) -> None:
         """A store that fails while writing what decisions held is a store that failed, as
         in a decision (those clients are greylisted once more; the decisions of its rest
@@ -424,9 +428,7 @@ class Greylister:
                 # said now: on a quiet server the next decision may be hours away, and a
                 # stopping one makes none (both kept it to themselves)
                 fields: dict[str, object] = {"error": str(exc), "on_error": self.config.on_error}
-                if self._unsaid:
-                    fields["store_warning"] = "; ".join(self._unsaid)
-                    self._unsaid = []
+                self._say_unsaid(fields)
                 if self._store_rest:
                     fields["store_retry_in"] = self._store_rest
                 self.report(fields)
