@@ -120,7 +120,6 @@ class Replay:
             else:
                 later.append(event[0])
         self.waiting: dict[tuple, list[Message]] = defaultdict(list)
-        self.next_event = 0
         self.first_seq = 0
         server.retry_hook = self._needs_synthetic_retry
 
@@ -129,14 +128,13 @@ class Replay:
         sequence numbers they would have had all scheduled now (the same run, event for event)."""
         if self.events:
             self.first_seq = self.server.env.reserve(len(self.events))
-            self.server.env.schedule_reserved(self.events[0][0], self.first_seq, self._next)
+            self.server.env.schedule_reserved(self.events[0][0], self.first_seq, self._next, 0)
 
-    def _next(self) -> None:
-        i = self.next_event
-        self.next_event = i + 1
+    def _next(self, i: int) -> None:
+        """The log's line ``i``, with the next one scheduled."""
         events = self.events
         if i + 1 < len(events):
-            self.server.env.schedule_reserved(events[i + 1][0], self.first_seq + i + 1, self._next)
+            self.server.env.schedule_reserved(events[i + 1][0], self.first_seq + i + 1, self._next, i + 1)
         self._logged(events[i][1:])
 
     @staticmethod
