@@ -58,6 +58,11 @@ class Checkpointer:
                     if self.stopped:
                         break
                     try:
+                        # a read first: a connection that met the database new and empty (the
+                        # server sets it up at its first decision) took it for a rollback-mode
+                        # file, and a checkpoint alone never looks again: every one was a no-op
+                        # and the -wal file grew for as long as the server ran
+                        db.execute("PRAGMA schema_version").fetchone()
                         row = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                         self.behind = max(0, row[1] - row[2]) if row else 0
                         self.checkpoints += 1
