@@ -475,6 +475,116 @@ def test_a_server_that_creates_its_database_checkpoints_it(tmp_path, monkeypatch
     store.close()
 
 
+def _wal_salt(path) -> bytes:
+    """The log's salt: SQLite changes it each time the log starts again from its beginning."""
+    with open(f"{path}-wal", "rb") as f:
+        return f.read(24)[16:24]
+
+
+def test_a_checkpoint_lets_the_log_start_again_though_the_server_wrote_meanwhile(tmp_path, monkeypatch):
+    """A checkpoint that ran while the server wrote a batch copied only what was committed
+    when it began; the log started again only after one that happened to end with nothing
+    new, so under load the -wal file grew (and kept its size). The thread's checkpoint now
+    takes the write lock (SQLite's FULL), waiting for the batch being written, and ends
+    complete: the server's next write starts the log from its beginning."""
+    from greylist.stores import checkpointer
+
+    monkeypatch.setattr(checkpointer, "EVERY", 3600.0)  # a checkpoint when this test says
+    path = tmp_path / "g.db"
+    store = holding(path)
+    policy = load({}, {}).policy
+
+    def batch(first: int, rows: int = 300) -> None:
+        for n in range(first, first + rows):
+            check(store, f"k{n}", 1000.0, policy)
+
+    batch(0)
+    store.flush()
+    batch(1000)  # the next batch: being written, not committed yet
+    store._start_drain(wait=True)
+    store._drain(100)
+    thread = store.checkpointer
+    done = thread.checkpoints
+    thread.wake.release()  # a checkpoint now, while the batch is being written
+    assert _wait_for(lambda: thread.copying)
+    time.sleep(0.02)
+    store._drain(len(store.todo))  # the rest, and the commit
+    assert store.draining is None
+    assert _wait_for(lambda: thread.checkpoints > done)
+    salt, size = _wal_salt(path), (tmp_path / "g.db-wal").stat().st_size
+    batch(2000)
+    store.flush()
+    assert _wal_salt(path) != salt, "the log did not start again"
+    assert (tmp_path / "g.db-wal").stat().st_size == size  # its frames written over the old ones
+    assert len(committed(path)) == 900
+    store.close()
+
+
+def test_the_servers_own_checkpoint_is_not_taken_for_another_writer(tmp_path):
+    """While the checkpoint has the write lock the rows wait a moment, with no word of
+    another connection holding the lock (there is none) and no rows dropped."""
+    from greylist.stores import sqlite as module
+
+    path = tmp_path / "g.db"
+    store = holding(path)
+    policy = load({}, {}).policy
+    check(store, "a", 1000.0, policy)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the lock, as the checkpoint holds it
+    store.checkpointer.copying = True
+    before = time.monotonic()
+    store.flush(wait=False)
+    assert store.pending and not store.warnings
+    assert store.retry_lock_at <= before + module.CHECKPOINT_RETRY + 0.05
+    store.checkpointer.copying = False
+    store.checkpointer.ended = float("-inf")  # long ago: now it is another writer's lock
+    store.retry_lock_at = 0.0
+    store.flush(wait=False)
+    assert store.pending and "another connection holds the database's write lock" in store.warnings[0]
+    other.execute("ROLLBACK")
+    other.close()
+    store.warnings.clear()
+    store.retry_lock_at = 0.0
+    store.flush(wait=False)
+    assert not store.pending and committed(path) == {"a"}
+    store.close()
+
+
+def test_the_wal_file_is_cut_back_when_its_log_starts_again(tmp_path, monkeypatch):
+    """An old read snapshot (an sqlite3 shell left open) or a long burst makes the log
+    large; SQLite reuses the file and it kept that size for good. A holding server's is
+    cut back to WAL_SIZE_LIMIT when its log starts again."""
+    from greylist.stores import checkpointer
+    from greylist.stores import sqlite as module
+
+    monkeypatch.setattr(checkpointer, "EVERY", 3600.0)
+    monkeypatch.setattr(module, "WAL_SIZE_LIMIT", 64 * 1024)
+    path = tmp_path / "g.db"
+    store = holding(path)
+    policy = load({}, {}).policy
+    check(store, "first", 1000.0, policy)
+    store.flush()
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM greylist").fetchone()  # its snapshot holds the log
+    for n in range(3000):
+        check(store, f"k{n}", 1000.0, policy)
+        if n % 100 == 99:
+            store.flush()  # a commit each: pages written again and again
+    wal = tmp_path / "g.db-wal"
+    assert wal.stat().st_size > 4 * 64 * 1024
+    reader.execute("COMMIT")
+    reader.close()
+    done = store.checkpointer.checkpoints
+    store.checkpointer.wake.release()
+    assert _wait_for(lambda: store.checkpointer.checkpoints > done)
+    check(store, "last", 1000.0, policy)
+    store.flush()
+    assert wal.stat().st_size <= 64 * 1024
+    assert len(committed(path)) == 3002
+    store.close()
+
+
 def test_a_log_the_checkpoints_cannot_copy_is_said_once(tmp_path, monkeypatch):
     """Another connection's old read transaction (an sqlite3 shell left open) holds back
     every checkpoint: the -wal file grows until it ends, and the log says so, once."""
