@@ -470,6 +470,38 @@ def test_sqlite_decisions_are_committed_within_the_window_and_at_sigterm(policyd
     assert stored_clients(path) == {"192.0.2.7", "192.0.2.8"}
 
 
+def test_a_new_database_is_checkpointed_and_its_log_stays_small(policyd, tmp_path):
+    """A server that created its database never copied its log into it: the checkpoint
+    thread had met the file empty and taken it for a rollback-mode database, and the -wal
+    file grew for as long as the server ran (780 MB in 7 minutes at 2,700 decisions a
+    second). The database file alone (without its log) must hold the decisions."""
+    import shutil
+    import sqlite3
+
+    path = tmp_path / "g.db"
+    proc, address = policyd("--store", f"sqlite://{path}", "--key", "ip")
+    time.sleep(1.5)  # the checkpoint thread has looked at the file before any table was made
+    c = Client(address)
+    for n in range(200):
+        assert c.ask(request(client_address=f"192.0.2.{n}")).startswith("action=DEFER_IF_PERMIT")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+
+    def in_file_alone() -> int:
+        shutil.copy(path, alone / "g.db")
+        try:
+            with sqlite3.connect(alone / "g.db") as db:
+                return db.execute("SELECT COUNT(*) FROM greylist").fetchone()[0]
+        except sqlite3.DatabaseError:  # no table copied yet, or copied halfway through a write
+            return 0
+
+    deadline = time.monotonic() + 20
+    while in_file_alone() < 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert in_file_alone() == 200
+    assert (tmp_path / "g.db-wal").stat().st_size < 1 << 20
+
+
 def test_a_write_lock_held_by_another_process_stalls_nobody_and_loses_no_retry(policyd, tmp_path):
     """An admin's sqlite3 shell (or any other writer) keeps the write lock: the server
     answers on, its decisions held and read back, so a client that retried after the
