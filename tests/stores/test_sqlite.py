@@ -475,6 +475,19 @@ def test_a_server_that_creates_its_database_checkpoints_it(tmp_path, monkeypatch
     store.close()
 
 
+def _held_back_by_a_reader(path):
+    """A holding store with one row, and another connection's read snapshot kept open (an
+    sqlite3 shell left in a transaction): the checkpoints cannot copy past it."""
+    store = holding(path)
+    policy = load({}, {}).policy
+    check(store, "first", 1000.0, policy)
+    store.flush()
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM greylist").fetchone()
+    return store, policy, reader
+
+
 def _wal_salt(path) -> bytes:
     """The log's salt: SQLite changes it each time the log starts again from its beginning."""
     with open(f"{path}-wal", "rb") as f:
@@ -560,13 +573,7 @@ def test_the_wal_file_is_cut_back_when_its_log_starts_again(tmp_path, monkeypatc
     monkeypatch.setattr(checkpointer, "EVERY", 3600.0)
     monkeypatch.setattr(module, "WAL_SIZE_LIMIT", 64 * 1024)
     path = tmp_path / "g.db"
-    store = holding(path)
-    policy = load({}, {}).policy
-    check(store, "first", 1000.0, policy)
-    store.flush()
-    reader = sqlite3.connect(path, isolation_level=None)
-    reader.execute("BEGIN")
-    reader.execute("SELECT COUNT(*) FROM greylist").fetchone()  # its snapshot holds the log
+    store, policy, reader = _held_back_by_a_reader(path)
     for n in range(3000):
         check(store, f"k{n}", 1000.0, policy)
         if n % 100 == 99:
@@ -594,13 +601,7 @@ def test_a_log_the_checkpoints_cannot_copy_is_said_once(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpointer, "EVERY", 0.02)
     monkeypatch.setattr(module, "WAL_BEHIND", 10)
     path = tmp_path / "g.db"
-    store = holding(path)
-    policy = load({}, {}).policy
-    check(store, "first", 1000.0, policy)
-    store.flush()
-    reader = sqlite3.connect(path, isolation_level=None)
-    reader.execute("BEGIN")
-    reader.execute("SELECT COUNT(*) FROM greylist").fetchone()  # its snapshot, kept
+    store, policy, reader = _held_back_by_a_reader(path)
     n = 0
     while not any("write-ahead log" in w for w in store.warnings):
         for _ in range(200):
