@@ -76,18 +76,21 @@ class Checkpointer:
             db = connect()
             del connect  # the store it came from is not kept alive by this thread
             try:
-                while not self.stopped:
+                last = False
+                while not last:
                     self.wake.acquire(True, EVERY)
-                    if self.stopped:
-                        break
-                    self.copying = True
+                    # stopped (the store closes, a SIGHUP reopens it): one last copy of what
+                    # its final flush wrote, without waiting for the lock; a server reloaded
+                    # more often than EVERY never checkpointed, and its -wal file grew
+                    last = self.stopped
+                    self.copying = not last
                     try:
                         # a read first: a connection that met the database new and empty (the
                         # server sets it up at its first decision) took it for a rollback-mode
                         # file, and a checkpoint alone never looks again: every one was a no-op
                         # and the -wal file grew for as long as the server ran
                         db.execute("PRAGMA schema_version").fetchone()
-                        row = db.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+                        row = db.execute(f"PRAGMA wal_checkpoint({'PASSIVE' if last else 'FULL'})").fetchone()
                         self.behind = max(0, row[1] - row[2]) if row else 0
                         self.checkpoints += 1
                     except self.error:

@@ -488,6 +488,25 @@ def _held_back_by_a_reader(path):
     return store, policy, reader
 
 
+def test_a_store_closed_before_its_first_checkpoint_is_checkpointed(tmp_path, monkeypatch):
+    """A server reloaded (SIGHUP) more often than it checkpoints closed each store before
+    its thread had copied anything: the -wal file grew for as long as it went on (225 MB
+    in a minute of greylist serve reloaded twice a second). The thread copies once more
+    when its store closes."""
+    from greylist.stores import checkpointer
+
+    monkeypatch.setattr(checkpointer, "EVERY", 3600.0)
+    path = tmp_path / "g.db"
+    store = holding(path)
+    thread = store.checkpointer
+    policy = load({}, {}).policy
+    for n in range(300):
+        check(store, f"k{n}", 1000.0, policy)
+    store.close()
+    assert _wait_for(lambda: len(_in_file_alone(path, tmp_path) or ()) == 300, 30.0), vars(thread)
+    assert thread.checkpoints == 1
+
+
 def _wal_salt(path) -> bytes:
     """The log's salt: SQLite changes it each time the log starts again from its beginning."""
     with open(f"{path}-wal", "rb") as f:
