@@ -40,6 +40,10 @@ EVERY = 1.0
 #: a write lock found taken this soon after a checkpoint ended was the checkpoint's
 JUST_ENDED = 0.05
 
+#: seconds a closing store waits for the thread's last copy (a few milliseconds, unless the
+#: disk hangs: then the thread is left to end on its own)
+STOP_WAIT = 5.0
+
 
 class Checkpointer:
     """``connect()`` opens the thread's own connection (in the thread). ``failure`` says
@@ -58,14 +62,21 @@ class Checkpointer:
         self.error = error    # the store's failures (busy, I/O): the next batch tries again
         self.copying = False  # a checkpoint holds the write lock (or is about to)
         self.ended = float("-inf")  # when the last one let it go (time.monotonic)
+        self.finished = _thread.allocate_lock()
+        self.finished.acquire()  # released as the thread ends
         _thread.start_new_thread(self._run, (connect,))
 
-    def stop(self) -> None:
+    def stop(self, wait: float = STOP_WAIT) -> None:
+        """Stop after one last copy, and wait (at most ``wait`` seconds) for the thread to
+        end: nothing of a closed store goes on running beside its caller (a fork then, of
+        a process whose thread held one of SQLite's locks, left the child waiting for ever)."""
         self.stopped = True
         try:
             self.wake.release()
         except RuntimeError:
             pass  # stopped already
+        if self.finished.acquire(True, wait):
+            self.finished.release()
 
     def holds_lock(self) -> bool:
         """Was a write lock just found taken most likely this thread's (not another writer's)?"""
@@ -102,3 +113,5 @@ class Checkpointer:
                 db.close()
         except BaseException as exc:  # noqa: BLE001 - reported through failure, never lost
             self.failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.finished.release()
