@@ -40,6 +40,9 @@ EVERY = 1.0
 #: a write lock found taken this soon after a checkpoint ended was the checkpoint's
 JUST_ENDED = 0.05
 
+#: pages of log (4 KiB each) past which a checkpoint copies without the lock first
+LARGE_LOG = 10_000
+
 #: seconds a closing store waits for the thread's last copy (a few milliseconds, unless the
 #: disk hangs: then the thread is left to end on its own)
 STOP_WAIT = 5.0
@@ -60,6 +63,7 @@ class Checkpointer:
         #: transaction (an sqlite3 shell left open) holds them, and the -wal file grows
         self.behind = 0
         self.error = error    # the store's failures (busy, I/O): the next batch tries again
+        self.log: int | None = None  # pages in the log at the last checkpoint (None: not yet)
         self.copying = False  # a checkpoint holds the write lock (or is about to)
         self.ended = float("-inf")  # when the last one let it go (time.monotonic)
         self.finished = _thread.allocate_lock()
@@ -94,21 +98,30 @@ class Checkpointer:
                     # its final flush wrote, without waiting for the lock; a server reloaded
                     # more often than EVERY never checkpointed, and its -wal file grew
                     last = self.stopped
-                    self.copying = not last
                     try:
                         # a read first: a connection that met the database new and empty (the
                         # server sets it up at its first decision) took it for a rollback-mode
                         # file, and a checkpoint alone never looks again: every one was a no-op
                         # and the -wal file grew for as long as the server ran
                         db.execute("PRAGMA schema_version").fetchone()
-                        row = db.execute(f"PRAGMA wal_checkpoint({'PASSIVE' if last else 'FULL'})").fetchone()
+                        row = None
+                        if last or self.log is None or self.log > LARGE_LOG:
+                            # a large log (left by an earlier run, or by a long expire) is
+                            # copied without the lock first: the lock is then held only for
+                            # what was committed meanwhile, not for a copy of gigabytes
+                            row = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        if not last:
+                            self.copying = True
+                            row = db.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+                        self.log = row[1] if row else None
                         self.behind = max(0, row[1] - row[2]) if row else 0
                         self.checkpoints += 1
                     except self.error:
                         pass
                     finally:
-                        self.copying = False
-                        self.ended = monotonic()
+                        if self.copying:
+                            self.copying = False
+                            self.ended = monotonic()
             finally:
                 db.close()
         except BaseException as exc:  # noqa: BLE001 - reported through failure, never lost

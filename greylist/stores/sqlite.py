@@ -528,17 +528,19 @@ class SqliteStore(Store):
         if self._begin_at_once():
             return True
         checkpointer = self.checkpointer
-        if checkpointer is not None and checkpointer.holds_lock():
-            # our own checkpoint copying the log (a few milliseconds): nobody else's lock
+        ours = checkpointer is not None and checkpointer.holds_lock()
+        if ours:  # our own checkpoint copying the log (milliseconds): nobody else's lock
             self.retry_lock_at = now + CHECKPOINT_RETRY
-            return False
-        self.retry_lock_at = now + LOCK_RETRY
-        if self.lock_busy_since is None:
-            self.lock_busy_since = now
-            self.warnings.append("another connection holds the database's write lock: decisions are held "
-                                 "(and read back) until it is free")
+        else:
+            self.retry_lock_at = now + LOCK_RETRY
+            if self.lock_busy_since is None:
+                self.lock_busy_since = now
+                self.warnings.append("another connection holds the database's write lock: decisions are held "
+                                     "(and read back) until it is free")
         held = self.held
         if len(held) > MAX_HELD:
+            if self.lock_busy_since is None:  # our own checkpoint held it this long
+                self.lock_busy_since = now
             dropped = len(held) - MAX_HELD
             for key in list(held)[:dropped]:  # in order of first write: the oldest
                 del held[key]

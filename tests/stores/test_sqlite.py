@@ -574,6 +574,70 @@ def test_the_servers_own_checkpoint_is_not_taken_for_another_writer(tmp_path):
     store.close()
 
 
+def test_rows_held_while_the_servers_own_checkpoint_has_the_lock_stay_bounded(tmp_path, monkeypatch):
+    """However long the checkpoint keeps the lock, the held rows stay within MAX_HELD."""
+    from greylist.stores import sqlite as module
+
+    monkeypatch.setattr(module, "MAX_HELD", 5)
+    path = tmp_path / "g.db"
+    store = holding(path)
+    policy = load({}, {}).policy
+    for n in range(8):
+        check(store, f"k{n}", 1000.0, policy)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    store.checkpointer.copying = True
+    store.flush(wait=False)
+    assert len(store.held) == 5 and "3 held rows dropped" in store.warnings[-1]
+    store.checkpointer.copying = False
+    other.execute("ROLLBACK")
+    other.close()
+    store.retry_lock_at = 0.0
+    store.flush(wait=False)
+    assert committed(path) == {f"k{n}" for n in range(3, 8)}
+    store.close()
+
+
+def test_a_large_log_is_copied_without_the_lock_first(monkeypatch):
+    """The checkpoint's FULL copy holds the write lock for as long as it copies: on a log of
+    gigabytes (left by an earlier run whose checkpoints copied nothing, or by a long
+    expire) that was the whole copy, with every decision held meanwhile. A log found large
+    (or not yet looked at) is copied without the lock first; the lock then covers what was
+    committed meanwhile. A closing store's last copy never takes it."""
+    from greylist.stores import checkpointer
+
+    monkeypatch.setattr(checkpointer, "EVERY", 3600.0)
+    ran: list[str] = []
+    log = [50_000]  # the log's pages, as each checkpoint reports them
+
+    class Database:
+        def execute(self, sql: str):
+            ran.append(sql.split("(")[-1].rstrip(")") if "checkpoint" in sql else "read")
+            row = (1,) if "schema" in sql else (0, log[0], log[0])
+            return type("Cursor", (), {"fetchone": lambda self: row})()
+
+        def close(self) -> None:
+            ran.append("close")
+
+    thread = checkpointer.Checkpointer(Database, sqlite3.Error)
+
+    def checkpoint(pages: int) -> list[str]:
+        log[0] = pages
+        done, ran[:] = thread.checkpoints, []
+        thread.wake.release()
+        assert _wait_for(lambda: thread.checkpoints > done)
+        return ran[:]
+
+    assert checkpoint(50_000) == ["read", "PASSIVE", "FULL"]  # the first: its size unknown
+    assert checkpoint(300) == ["read", "PASSIVE", "FULL"]  # the last one found 50,000 pages
+    assert checkpoint(300) == ["read", "FULL"]  # a small log: the lock at once
+    assert checkpoint(checkpointer.LARGE_LOG + 1) == ["read", "FULL"]
+    assert checkpoint(300) == ["read", "PASSIVE", "FULL"]
+    ran.clear()
+    thread.stop()
+    assert ran == ["read", "PASSIVE", "close"]
+
+
 def test_the_wal_file_is_cut_back_when_its_log_starts_again(tmp_path, monkeypatch):
     """An old read snapshot (an sqlite3 shell left open) or a long burst makes the log
     large; SQLite reuses the file and it kept that size for good. A holding server's is
