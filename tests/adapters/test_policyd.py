@@ -471,10 +471,11 @@ def test_sqlite_decisions_are_committed_within_the_window_and_at_sigterm(policyd
 
 
 def test_a_new_database_is_checkpointed_and_its_log_stays_small(policyd, tmp_path):
-    """A server that created its database never copied its log into it: the checkpoint
-    thread had met the file empty and taken it for a rollback-mode database, and the -wal
-    file grew for as long as the server ran (780 MB in 7 minutes at 2,700 decisions a
-    second). The database file alone (without its log) must hold the decisions."""
+    """A server that created its database and had no request in its first second never
+    copied its log into it: the checkpoint thread had met the file empty and taken it for
+    a rollback-mode database, and the -wal file grew for as long as the server ran (780 MB
+    in 7 minutes at 2,700 decisions a second). The database file alone (without its log)
+    must hold the decisions."""
     import shutil
     import sqlite3
 

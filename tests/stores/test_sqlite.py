@@ -450,8 +450,8 @@ def test_a_server_that_creates_its_database_checkpoints_it(tmp_path, monkeypatch
     """A server on a new database sets it up at its first decision. The checkpoint thread,
     looking before that, met an empty file, took it for a rollback-mode database and never
     looked again: every checkpoint was a no-op and the -wal file grew for as long as the
-    server ran (a fresh greylist postgrey: 780 MB in 7 minutes at 2,700 decisions a
-    second, the database file 0 bytes)."""
+    server ran (a fresh greylist postgrey with no request in its first second: 780 MB in
+    7 minutes at 2,700 decisions a second, the database file one page)."""
     from greylist.stores import checkpointer
 
     monkeypatch.setattr(checkpointer, "EVERY", 0.05)
