@@ -624,8 +624,9 @@ def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o
 def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, replies: Replies = OUR_REPLIES,
           backlog: int | None = None, socket_mode: int = 0o660, quiet: bool = False, after_bind=None,
           program: str = "greylist-policyd", test_time: bool = False, one_request: bool = False,
-          line_format=None, nightly_expiry: bool = False) -> int:
-    """Listen, then (``after_bind``: drop privileges, daemonize) serve until SIGTERM."""
+          line_format=None, nightly_expiry: bool = False, ready=None) -> int:
+    """Listen, then (``after_bind``: drop privileges, daemonize) serve until SIGTERM;
+    ``ready`` is called once it answers and its signal handlers are in place."""
     limit = raise_descriptor_limit()
     max_connections = max(1, min(max_connections, limit - 64))
     sock, where = make_listener(listen, backlog, socket_mode)
@@ -648,6 +649,8 @@ def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, r
         server.log({"error": f"store unusable at start: {unusable}", "on_error": config.on_error})
     server.write_log()
     print(f"{program.replace('-', ' ')}: listening on {where}", file=sys.stderr, flush=True)
+    if ready is not None:
+        ready()
     try:
         server.serve()
     except KeyboardInterrupt:

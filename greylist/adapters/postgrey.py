@@ -379,13 +379,25 @@ def remove_pidfile(path: str) -> None:
         pass  # another's now, or a directory the user may not write: left, as postgrey leaves it
 
 
-def daemonize(facility: str, drop=lambda: None) -> None:
+def daemonize(facility: str, drop=lambda: None):
     """Detach as postgrey --daemonize does; from then on log lines go to syslog, through a
-    process that ``drop``s root's privileges as the server will (it reads what clients wrote)."""
+    process that ``drop``s root's privileges as the server will (it reads what clients wrote).
+
+    The caller (an init script) gets its prompt back only when the server calls the function
+    returned here: once its pid file is written and SIGHUP reloads it. Returning at the fork
+    let an init script's ``start`` then ``reload`` find no pid file yet, or kill the server
+    with a SIGHUP that came before its handler. A server that ends before it is ready makes
+    the caller exit 1 (its reasons went to syslog)."""
     import syslog
 
+    told, tell = os.pipe()
     if os.fork():
-        os._exit(0)
+        os.close(tell)
+        if os.read(told, 1):
+            os._exit(0)
+        sys.stderr.write("greylist postgrey: ERROR: the server ended as it started (its reasons are in syslog)\n")
+        os._exit(1)
+    os.close(told)
     os.setsid()
     if os.fork():
         os._exit(0)
@@ -413,6 +425,12 @@ def daemonize(facility: str, drop=lambda: None) -> None:
     os.dup2(write, 2)
     os.close(write)
     os.close(null)
+
+    def ready() -> None:
+        os.write(tell, b"1")
+        os.close(tell)
+
+    return ready
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,10 +461,11 @@ def main(argv: list[str] | None = None) -> int:
 
     pid_written = []
     socket_path = unix_path(plan.listen)
+    tell_ready = []
 
     def after_bind() -> None:
         if plan.daemonize:
-            daemonize(plan.facility, lambda: drop_privileges(uid, gid))
+            tell_ready.append(daemonize(plan.facility, lambda: drop_privileges(uid, gid)))
         if plan.pidfile:
             write_pidfile(plan.pidfile)
             pid_written.append(os.getpid())
@@ -464,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(plan.listen, config, replies=replies, backlog=plan.backlog, socket_mode=plan.socket_mode,
                      quiet=plan.quiet, after_bind=after_bind, program="greylist-postgrey",
                      test_time=plan.test_time, one_request=plan.one_request, line_format=postgrey_line,
-                     nightly_expiry=True)
+                     nightly_expiry=True, ready=lambda: [tell() for tell in tell_ready])
     except PostgreyError as exc:
         sys.stderr.write(f"greylist postgrey: ERROR: {exc}\n")
         return 1

@@ -467,6 +467,32 @@ def _unix_answers(path: Path, seconds: float = 20) -> bool:
     return False
 
 
+def test_daemonize_returns_once_the_pid_file_is_there_and_a_reload_is_safe(tmp_path):
+    """An init script's start and, at once, its reload (config management does just that):
+    when the command returns, the pid file is there and SIGHUP reloads. It returned at its
+    first fork, before the pid file was written and before the handler was in place, so
+    the reload found no pid file or killed the server. A server that cannot start makes
+    the command fail instead of returning 0."""
+    as_root = ["--user=root", "--group=root"] if os.geteuid() == 0 else []
+    for attempt in range(5):
+        port = free_port()
+        pidfile = tmp_path / f"postgrey{attempt}.pid"
+        subprocess.run([*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={tmp_path}",
+                        "--daemonize", f"--pidfile={pidfile}", *as_root], env=base_env(), timeout=30,
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        pid = int(pidfile.read_text())  # there when the command returned
+        try:
+            os.kill(pid, signal.SIGHUP)  # reloaded, not killed
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                assert ask(s, client_address="192.0.2.5").startswith("action=DEFER_IF_PERMIT")
+        finally:
+            os.kill(pid, signal.SIGTERM)
+    cannot = subprocess.run([*command("greylist"), "postgrey", f"--inet=127.0.0.1:{free_port()}",
+                             f"--dbdir={tmp_path}", "--daemonize", f"--pidfile={tmp_path}/no/such/dir/p.pid",
+                             *as_root], env=base_env(), timeout=30, capture_output=True, text=True)
+    assert cannot.returncode == 1 and "ended as it started" in cannot.stderr, cannot
+
+
 @pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
 def test_the_unix_socket_and_the_pid_file_belong_to_the_user_as_postgreys_do(tmp_path):
     """--unix with --socketmode=0660: Postfix reaches the socket through its group, so the
