@@ -407,7 +407,8 @@ class Greylister:
     def _say_unsaid(self, fields: dict) -> None:
         """What a closed store said that no line has logged yet goes into this one."""
         if self._unsaid:
-            fields["store_warning"] = "; ".join(self._unsaid)
+            said = fields.get("store_warning")  # what the failing store said in the decision comes first
+            fields["store_warning"] = "; ".join([*([said] if said else []), *self._unsaid])
             self._unsaid = []
 
     def _writing(self, write) -> None:

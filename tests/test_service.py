@@ -307,3 +307,36 @@ def test_a_server_leaves_a_failing_store_alone_for_a_while_and_answers_at_once(t
     for _ in range(2):
         assert wrapper.decide(Connection("192.0.2.1")).verdict.reason == "store-error"
     assert "store_retry_in" not in wrapper.decide(Connection("192.0.2.1")).extra
+
+
+def test_decisions_a_failing_store_could_not_write_are_each_counted_once_in_the_failing_line(tmp_path):
+    """A server without loop rounds (greylist serve) writes a held batch a few rows a decision,
+    so a full disk fails inside a decision; the store is closed, and its close cannot write
+    the rows held meanwhile either. The failing decision's line must say how many decisions
+    were lost, each counted once: the close's count took the batch's place (1,024 rows
+    unsaid), and the rows it could not write were counted twice (as they failed, and as
+    the store closed)."""
+    import sqlite3
+
+    greylister = Greylister(load({"store": f"sqlite://{tmp_path}/g.db", "key": "ip"}, {}),
+                            clock=lambda: 1000.0, commit_window=60)
+    greylister.decide(Connection("10.0.0.0"))
+    with sqlite3.connect(tmp_path / "g.db", isolation_level=None) as db:
+        # the disk is full from the batch's 20th step on (it writes its last rows first), and
+        # for the rows held meanwhile
+        db.execute("CREATE TRIGGER filled BEFORE INSERT ON greylist WHEN NEW.key GLOB '*10.0.3.1??*' "
+                   "OR NEW.key GLOB '*10.0.4.*' BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END")
+    decided = 1
+    while True:
+        outcome = greylister.decide(Connection(f"10.0.{decided >> 8}.{decided & 255}"))
+        decided += 1
+        if outcome.verdict.reason == "store-error":
+            break
+        assert decided < 3000
+    assert greylister._store is None  # closed, resting
+    said = outcome.extra["store_warning"]
+    counts = [int(part.split(" held rows not written")[0]) for part in said.split("; ")
+              if " held rows not written" in part]
+    with sqlite3.connect(tmp_path / "g.db") as db:
+        stored = db.execute("SELECT COUNT(*) FROM greylist").fetchone()[0]
+    assert stored + sum(counts) == decided, (stored, said)  # every decision, the failing one too

@@ -230,6 +230,7 @@ class SqliteStore(Store):
         self.lock_dropped = 0  # holding: held rows dropped since (MAX_HELD)
         self.retry_lock_at = 0.0  # holding: when to try for the write lock again
         self.wal_said = False  # holding: the log said the checkpoints are held back
+        self.lost_said = 0  # held rows the warnings have said were not written
 
     def _setup(self) -> None:
         """WAL mode is kept in the file, so only a new database needs it set.
@@ -464,8 +465,11 @@ class SqliteStore(Store):
             try:
                 self.db.execute("COMMIT")
             except sqlite.Error as exc:
+                failure = _failure(self.path, exc)
+                if self.held:
+                    self._lost(len(self.held), failure)
                 self.held = {}
-                raise _failure(self.path, exc) from None
+                raise failure from None
         if not self.held:
             return
         if wait:
@@ -513,13 +517,18 @@ class SqliteStore(Store):
                     self._watch_checkpointer()
         except BaseException as exc:
             if isinstance(exc, StoreError) and self.draining:  # rolled back: the whole batch
-                self.warnings.append(f"{len(self.draining)} held rows not written: {exc}")
+                self._lost(len(self.draining), exc)
             self.draining, self.todo, self.owed = None, [], 0
             try:
                 self.db.execute("ROLLBACK")
             except sqlite.Error:
                 pass
             raise
+
+    def _lost(self, rows: int, exc: Exception) -> None:
+        """Held rows that will not be written: said once each, so the log's counts add up."""
+        self.lost_said += rows
+        self.warnings.append(f"{rows} held rows not written: {exc}")
 
     def _try_write_lock(self) -> bool:
         """BEGIN IMMEDIATE without waiting for another connection's write lock. False (the
@@ -727,12 +736,14 @@ class SqliteStore(Store):
         at every SMTP connection; exec or exit drops the handle just as safely.
         Held writes are written first, in every case; a transaction a failure left
         open is rolled back, so the handle never keeps the write lock."""
-        unwritten = len(self.held) + len(self.todo)
+        unwritten = len(self.held) + len(self.draining or ())
+        said = self.lost_said
         try:
             self.flush()
         except StoreError as exc:  # closed because it failed: nothing more can be saved
-            if unwritten:  # said (a stopping server logs it): those clients wait once more
-                self.warnings.append(f"{unwritten} held rows not written: {exc}")
+            unsaid = unwritten - (self.lost_said - said)  # those the failing write has not said
+            if unsaid > 0:  # said (a stopping server logs it): those clients wait once more
+                self._lost(unsaid, exc)
         if self.checkpointer is not None:
             self.checkpointer.stop()
             self.checkpointer = None
