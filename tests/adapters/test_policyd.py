@@ -43,6 +43,38 @@ class Client:
         self.sock.close()
 
 
+class Lines:
+    """A server's stderr read as it comes (on a thread): a test waits for the line it needs
+    instead of sleeping a guess, which a loaded CI machine outlasts."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self.ended = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.ended = True
+            self.changed.notify_all()
+
+    def wait_for(self, wanted, seconds: float = 20) -> bool:
+        """A line for which ``wanted`` is true came within ``seconds``."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.ended or any(map(wanted, self.lines)), seconds)
+            return any(map(wanted, self.lines))
+
+    def all(self, seconds: float = 10) -> list[str]:
+        """Every line, once the server has ended."""
+        self.thread.join(seconds)
+        return list(self.lines)
+
+
 def stored_clients(path) -> set[str]:
     """The client part of every key in the server's SQLite file, as another process sees it."""
     import sqlite3
@@ -345,13 +377,14 @@ def test_held_decisions_it_cannot_write_are_logged_when_it_fails_not_at_a_next_d
     time.sleep(0.6)  # written: the table and one row
     largest = max(f.stat().st_size for f in tmp_path.glob("g.db*"))
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (largest + 1024, largest + 1024))
+    log = Lines(proc.stderr)
     for n in range(300):
         c.ask(request(client_address=f"10.0.{n >> 8}.{n & 255}", sender="a@example.org",
                       recipient="b@example.net"))
-    time.sleep(1.0)  # the window's end, the failed write, the log's window
+    assert log.wait_for(lambda line: "error=" in line)  # the window's end, the failed write, the log's window
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
-    lines = proc.stderr.read().splitlines()
+    lines = log.all()
     decided = [line for line in lines if "reason=" in line]
     assert len(decided) == 301 and not any("error=" in line for line in decided)
     said = [line for line in lines if "error=" in line]
