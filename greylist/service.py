@@ -450,10 +450,15 @@ class Greylister:
         said, self._unsaid = self._unsaid, []  # what a failed store said that nobody logged yet
         if store is None or not self._own_store:
             return said
+        from greylist.stores.base import StoreError
+
         try:
             store.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection may fail too
-            pass
+        except (StoreError, OSError):
+            pass  # closing a broken connection may fail too: what it held, it has said
+        except Exception as exc:  # noqa: BLE001 - our bug: said, never hidden (held rows may be lost)
+            store.warnings.append(f"internal error {type(exc).__name__} closing the store: {exc} "
+                                  "(a bug of ours: decisions it held may not be written)")
         said = [*said, *store.warnings]
         store.warnings.clear()
         return said

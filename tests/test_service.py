@@ -340,3 +340,16 @@ def test_decisions_a_failing_store_could_not_write_are_each_counted_once_in_the_
     with sqlite3.connect(tmp_path / "g.db") as db:
         stored = db.execute("SELECT COUNT(*) FROM greylist").fetchone()[0]
     assert stored + sum(counts) == decided, (stored, said)  # every decision, the failing one too
+
+
+def test_a_bug_met_while_closing_the_store_is_said_not_swallowed(tmp_path, monkeypatch):
+    """Closing writes what the store holds: a bug of ours there may lose those decisions,
+    so it is said as one (a failing store's close is quiet: it has said what it lost)."""
+    greylister = Greylister(load({"store": f"sqlite://{tmp_path}/g.db", "key": "ip"}, {}),
+                            clock=lambda: 1000.0, commit_window=60)
+    greylister.decide(Connection("192.0.2.1"))
+    store = greylister._store
+    monkeypatch.setattr(store, "flush", lambda *_: 1 / 0)
+    said = greylister.close()
+    assert any("internal error ZeroDivisionError closing the store" in line for line in said), said
+    assert store.checkpointer is None and not store.db.in_transaction  # its thread and its snapshot let go

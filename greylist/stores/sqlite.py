@@ -744,6 +744,10 @@ class SqliteStore(Store):
             unsaid = unwritten - (self.lost_said - said)  # those the failing write has not said
             if unsaid > 0:  # said (a stopping server logs it): those clients wait once more
                 self._lost(unsaid, exc)
+        finally:  # a bug of ours too (raised on to be said): the thread and the lock let go
+            self._release()
+
+    def _release(self) -> None:
         if self.checkpointer is not None:
             self.checkpointer.stop()
             self.checkpointer = None
