@@ -371,13 +371,18 @@ class HandTimers:
             callback()
 
 
-def test_a_busy_server_writes_its_window_a_few_rows_a_decision_and_its_timer_only_the_rest(tmp_path):
+def test_a_busy_server_writes_its_window_a_few_rows_a_decision_and_its_timer_only_the_rest(tmp_path, monkeypatch):
     """The window's timer wrote everything held at once: a millisecond or more with every
     client waiting, five times a second. While decisions keep coming they write it, a few
     rows each, and the timer only looks again; once they pause it writes the rest."""
+    import greylist.service as service
+    import greylist.stores.sqlite as sqlite_store
     from greylist.service import FLUSH_BUSY
     from greylist.stores.sqlite import DRAIN_STEP
 
+    now = [5000.0]  # the server's and the store's monotonic clock, moved by hand: a loaded
+    monkeypatch.setattr(service.time, "monotonic", lambda: now[0])  # machine's pause between
+    monkeypatch.setattr(sqlite_store, "monotonic", lambda: now[0])  # two lines is no pause here
     path = tmp_path / "g.db"
     config = load({"store": f"sqlite://{path}", "key": "ip"}, {})
     greylister = Greylister(config, clock=lambda: 1000.0, commit_window=0.05)
@@ -385,12 +390,12 @@ def test_a_busy_server_writes_its_window_a_few_rows_a_decision_and_its_timer_onl
     for n in range(5 * DRAIN_STEP):
         greylister.decide(Connection(f"192.0.2.{n}"))
         greylister.flush_in_time(timers)
-    time.sleep(0.06)  # the window has passed: the next decision begins writing the batch
+    now[0] += 0.06  # the window has passed: the next decision begins writing the batch
     greylister.decide(Connection("198.51.100.1"))
     greylister.flush_in_time(timers)
     timers.run()  # a decision a moment ago: the timer leaves the batch to the decisions
     assert committed(path) == set() and timers.due
-    time.sleep(2 * FLUSH_BUSY)  # the decisions pause: the timer writes the rest
+    now[0] += 2 * FLUSH_BUSY  # the decisions pause: the timer writes the rest
     timers.run()
     assert len(committed(path)) == 5 * DRAIN_STEP + 1 and not greylister.pending
     greylister.close()
