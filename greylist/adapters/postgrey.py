@@ -204,7 +204,29 @@ def _optional_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _whole_names(argv: list[str]) -> None:
+    """postgrey's Getopt::Long (posix_default) takes no abbreviation: ``--del=60`` is
+    "Unknown option: del" and postgrey exits 1. Python's getopt would take it for
+    ``--delay``, so an option mistyped in POSTGREY_OPTS would change what it means."""
+    names = {option.rstrip("=") for option in LONG}
+    values = {option[:-1] for option in LONG if option.endswith("=")}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return
+        if arg.startswith("--"):
+            name, given, _ = arg[2:].partition("=")
+            if name not in names:
+                raise PostgreyError(f"Unknown option: {name} (postgrey takes every option by its whole name)")
+            i += name in values and not given  # its value is the next argument
+        elif arg in ("-u", "-i"):
+            i += 1
+        i += 1
+
+
 def parse(argv: list[str], warn=lambda text: None) -> Plan:
+    _whole_names(argv)
     argv = _optional_values(argv)
     try:
         pairs, rest = getopt.gnu_getopt(argv, SHORT, LONG)

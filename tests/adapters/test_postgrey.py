@@ -48,7 +48,7 @@ def test_postgreys_units_and_defaults():
     assert parse(["--inet=10023", "--delay=+60"]).flags["delay"] == "60"  # Getopt::Long's =i takes a sign
     for bad, message in ((["--inet=10023", "--noaction"], "not supported"), ([], "--unix or --inet"),
                          (["--inet=10023", "--retry-window=2w"], "number of days"),
-                         (["--inet=10023", "--delay=soon"], "whole number"), (["--bogus"], "not recognized"),
+                         (["--inet=10023", "--delay=soon"], "whole number"), (["--bogus"], "Unknown option: bogus"),
                          (["--inet=10023", "--delay=-5"], "whole number of 0 or more"),
                          (["--inet=10023", "--greylist-text=wait\naction=OK"], "--greylist-text: .*printable"),
                          (["--inet=10023", "--x-greylist-header=X\x1b"], "--x-greylist-header")):
@@ -143,6 +143,16 @@ def test_version_and_refusals_on_the_command_line():
     bad = subprocess.run([*command("greylist"), "postgrey", "--inet=1", "--noaction"], capture_output=True,
                          text=True, timeout=20)
     assert bad.returncode == 1 and "--noaction" in bad.stderr and "not supported" in bad.stderr
+    # no abbreviations, as postgrey's Getopt::Long has it: --del=60 is no --delay=60
+    for argv in (["--del=60"], ["--max", "35"], ["--whitelist-client=/etc/x"]):
+        name = argv[0][2:].split("=")[0]
+        short = subprocess.run([*command("greylist"), "postgrey", "--inet=127.0.0.1:1", *argv],
+                               capture_output=True, text=True, timeout=20, env=base_env())
+        assert short.returncode == 1 and f"Unknown option: {name}" in short.stderr, short
+        if Path(POSTGREY).exists():
+            theirs = subprocess.run([POSTGREY, "--inet=127.0.0.1:1", *argv], capture_output=True, text=True,
+                                    timeout=20)
+            assert theirs.returncode == 1 and f"Unknown option: {name}" in theirs.stderr, theirs
 
 
 STREAM = [  # (seconds after T, client, sender, recipient)
