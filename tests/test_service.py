@@ -347,9 +347,13 @@ def test_a_bug_met_while_closing_the_store_is_said_not_swallowed(tmp_path, monke
     so it is said as one (a failing store's close is quiet: it has said what it lost)."""
     greylister = Greylister(load({"store": f"sqlite://{tmp_path}/g.db", "key": "ip"}, {}),
                             clock=lambda: 1000.0, commit_window=60)
+    import sqlite3
+
     greylister.decide(Connection("192.0.2.1"))
     store = greylister._store
     monkeypatch.setattr(store, "flush", lambda *_: 1 / 0)
     said = greylister.close()
     assert any("internal error ZeroDivisionError closing the store" in line for line in said), said
-    assert store.checkpointer is None and not store.db.in_transaction  # its thread and its snapshot let go
+    assert store.checkpointer is None  # its thread stopped and its connection closed all the same
+    with pytest.raises(sqlite3.ProgrammingError):
+        store.db.execute("SELECT 1")

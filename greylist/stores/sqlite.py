@@ -756,8 +756,13 @@ class SqliteStore(Store):
                 self.db.execute("ROLLBACK")
         except sqlite.Error:
             pass
-        if self.lean:
+        if self.lean and not self.window:
             return
+        # A server's store (it holds commits) is closed at every SIGHUP: its connection (a
+        # page cache, three descriptors) and key filter went only with a full garbage
+        # collection, the store referring to itself through its transaction. greylist
+        # serve reloaded twice a second grew from 26 to 65 MB in 100 s; closed now, it stays at 26 MB.
+        self.known = self.building = None
         try:
             self.db.close()
         except sqlite.Error:

@@ -718,3 +718,36 @@ def test_when_the_checkpoint_thread_ends_the_server_checkpoints_again_and_says_s
     assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
     assert "checkpoint thread ended (OperationalError: unable to open database file)" in store.warnings[0]
     store.close()
+
+
+def test_a_closed_server_store_lets_go_of_its_connection_at_once(tmp_path):
+    """A server closes its store and opens another at every SIGHUP. The old connection (its
+    page cache, three descriptors) went only with a full garbage collection, the store
+    referring to itself through its transaction: greylist serve reloaded twice a second
+    grew from 26 to 65 MB in 100 s, its descriptors with it. Closed at once, it stays at 26 MB."""
+    import gc
+    import os
+
+    path = tmp_path / "g.db"
+    policy = load({}, {}).policy
+
+    def descriptors() -> int:
+        held = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                held += os.readlink(f"/proc/self/fd/{fd}").startswith(str(path))
+            except OSError:
+                pass  # the directory's own descriptor, closed by now
+        return held
+
+    gc.disable()  # no collection comes to the rescue
+    try:
+        for n in range(5):
+            store = holding(path)
+            check(store, f"k{n}", 1000.0, policy)
+            store.close()
+            del store
+        assert descriptors() == 0
+    finally:
+        gc.enable()
+    assert len(committed(path)) == 5
