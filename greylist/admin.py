@@ -307,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["serve"], ["postgrey"], ["policyd"]):  # a server: a reload while it starts waits
+        from greylist.adapters import reloads
+
+        reloads.hold()
     if argv[:1] == ["serve"]:  # tcpserver's getopt-style command line, not argparse's
         from greylist.adapters.serve import main as serve
 

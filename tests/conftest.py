@@ -93,3 +93,38 @@ def redis_url(redis_server) -> str:
         redis_server.start()
     redis_server.flush()
     return redis_server.url
+
+
+def paused_with_reloads_held(pid: int, seconds: float = 20) -> bool:
+    """Stop a starting server (SIGSTOP) at a moment it holds SIGHUP blocked, as it does from
+    its first line until its handler is in place. False: it never was (or its start
+    outran us, seen only on an idle machine: the caller starts another)."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + seconds
+    status = Path(f"/proc/{pid}/status")
+
+    def has(field: str) -> bool:
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            return False
+        return bool(int(fields.get(field, "0").strip(), 16) & (1 << (signal.SIGHUP - 1)))
+
+    def blocked() -> bool:
+        return has("SigBlk")
+
+    while time.monotonic() < deadline:
+        if has("SigCgt") and not blocked():
+            return False  # its handler is in place already
+        if blocked():
+            os.kill(pid, signal.SIGSTOP)
+            while "T" not in status.read_text().split("State:")[1][:4]:
+                time.sleep(0.001)
+            if blocked():
+                return True
+            os.kill(pid, signal.SIGCONT)  # released as we stopped it: too late for this one
+            return False
+        time.sleep(0.0005)
+    return False

@@ -35,6 +35,7 @@ import sys
 import time
 from collections import deque
 
+from greylist.adapters import reloads
 from greylist.adapters.acceptor import Acceptor, SocketSession, largest_backlog, raise_descriptor_limit
 from greylist.adapters.eventloop import Loop
 from greylist.adapters.logwriter import STOP_WAIT, LogWriter
@@ -419,6 +420,7 @@ class PolicyServer:
         loop.add_signal_handler(signal.SIGTERM, loop.stop)
         loop.add_signal_handler(signal.SIGINT, loop.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        reloads.release()  # a SIGHUP that came as it started reloads it now
         self.acceptor.resume()
         if self.nightly is not None:
             self.nightly.start()

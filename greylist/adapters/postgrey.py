@@ -456,6 +456,9 @@ def daemonize(facility: str, drop=lambda: None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from greylist.adapters import reloads
+
+    reloads.hold()  # greylist-postgrey starts here: a reload while it starts waits
     argv = sys.argv[1:] if argv is None else argv
 
     def warn(text: str) -> None:

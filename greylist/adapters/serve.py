@@ -32,6 +32,7 @@ import socket
 import sys
 from collections import deque
 
+from greylist.adapters import reloads
 from greylist.adapters.acceptor import (Acceptor, SocketSession, drop_privileges, largest_backlog,
                                        raise_descriptor_limit)
 from greylist.adapters.logwriter import STOP_WAIT, LogWriter
@@ -320,6 +321,7 @@ class Server:
         for signum, handler in ((signal.SIGCHLD, self.reap), (signal.SIGTERM, self.stop),
                                 (signal.SIGHUP, self.reload), (signal.SIGINT, self.stop)):
             loop.add_signal_handler(signum, handler)
+        reloads.release()  # a SIGHUP that came as it started reloads it now
         self.acceptor.resume()
         if self.o.verbosity >= 2:
             self.log([self.status_line()])

@@ -848,3 +848,45 @@ def test_the_header_is_added_once_a_message_as_postgrey_remembers_its_last_ten()
     for n in range(10):
         assert messages.first_time(f"other{n}")
     assert messages.first_time("m1")  # ten later messages pushed it out, as in postgrey
+
+
+def test_a_sighup_while_it_starts_reloads_it_once_it_can_and_never_kills_it(tmp_path):
+    """systemd's ExecReload (kill -HUP) right after its start, or an init script's reload:
+    SIGHUP's default action ended a server still reading its whitelists and opening its
+    store. It is held from the server's first line, and reloads it once its handler is in
+    place."""
+    from conftest import paused_with_reloads_held
+
+    for attempt in range(5):
+        port = free_port()
+        proc = subprocess.Popen([*command("greylist"), "policyd", "--listen", f"127.0.0.1:{port}",
+                                 "--store", f"sqlite://{tmp_path}/g{attempt}.db"],
+                                env=base_env(), stderr=subprocess.PIPE, text=True)
+        try:
+            held = paused_with_reloads_held(proc.pid)
+            if held:
+                proc.send_signal(signal.SIGHUP)
+                proc.send_signal(signal.SIGCONT)
+                c = Client(("127.0.0.1", port)) if _answers(port) else None
+                assert c is not None, f"it did not survive: {proc.wait(10)}"
+                assert c.ask(request(client_address="192.0.2.1")).startswith("action=DEFER_IF_PERMIT")
+                c.close()
+        finally:
+            proc.terminate()
+            log = proc.stderr.read()
+            proc.wait(10)
+        if held:
+            assert "reloaded=" in log, log
+            return
+    raise AssertionError("SIGHUP was never held while it started")
+
+
+def _answers(port: int, seconds: float = 20) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False

@@ -282,6 +282,35 @@ def test_sigterm_lets_a_session_finish_and_sighup_rereads_the_whitelist(tmp_path
         s.connect()
 
 
+def test_a_sighup_while_it_starts_reloads_it_once_it_can_and_never_kills_it(tmp_path):
+    """systemd's ExecReload (kill -HUP) right after its start: SIGHUP's default action ended
+    a greylist serve still starting, and SMTP was refused until its restart. It is held
+    from the server's first line, and reloads it once its handler is in place."""
+    from conftest import paused_with_reloads_held
+
+    for attempt in range(5):
+        log = tmp_path / f"serve{attempt}.log"
+        proc = subprocess.Popen([*command("greylist"), "serve", "-1", "-R", "-H", "-l", "mx.test", "--store",
+                                 f"file://{tmp_path}/store", "127.0.0.1", "0", *STANDIN], env=base_env(),
+                                stdout=subprocess.PIPE, stderr=log.open("wb"))
+        try:
+            held = paused_with_reloads_held(proc.pid)
+            if held:
+                proc.send_signal(signal.SIGHUP)
+                proc.send_signal(signal.SIGCONT)
+                port = proc.stdout.readline()
+                assert port.strip().isdigit(), f"it did not survive: {proc.wait(10)}"
+                with socket.create_connection(("127.0.0.1", int(port)), timeout=10) as c:
+                    assert c.recv(100).startswith(b"220 mx.test cqgreylist")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        if held:
+            assert "reloaded=" in log.read_text(), log.read_text()
+            return
+    raise AssertionError("SIGHUP was never held while it started")
+
+
 def test_missing_rules_drop_connections_unless_x_capital(tmp_path, servers):
     for extra, expect in (([], b""), (["-X"], b"220 mx.test cqgreylist")):
         run = tmp_path / ("X" if extra else "plain")
