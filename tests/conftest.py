@@ -128,3 +128,18 @@ def paused_with_reloads_held(pid: int, seconds: float = 20) -> bool:
             return False
         time.sleep(0.0005)
     return False
+
+
+def answers_on(port: int, seconds: float = 20) -> bool:
+    """Something accepts connections on the loopback port within ``seconds``."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False

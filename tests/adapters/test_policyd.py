@@ -855,7 +855,7 @@ def test_a_sighup_while_it_starts_reloads_it_once_it_can_and_never_kills_it(tmp_
     SIGHUP's default action ended a server still reading its whitelists and opening its
     store. It is held from the server's first line, and reloads it once its handler is in
     place."""
-    from conftest import paused_with_reloads_held
+    from conftest import answers_on, paused_with_reloads_held
 
     for attempt in range(5):
         port = free_port()
@@ -867,7 +867,7 @@ def test_a_sighup_while_it_starts_reloads_it_once_it_can_and_never_kills_it(tmp_
             if held:
                 proc.send_signal(signal.SIGHUP)
                 proc.send_signal(signal.SIGCONT)
-                c = Client(("127.0.0.1", port)) if _answers(port) else None
+                c = Client(("127.0.0.1", port)) if answers_on(port) else None
                 assert c is not None, f"it did not survive: {proc.wait(10)}"
                 assert c.ask(request(client_address="192.0.2.1")).startswith("action=DEFER_IF_PERMIT")
                 c.close()
@@ -879,14 +879,3 @@ def test_a_sighup_while_it_starts_reloads_it_once_it_can_and_never_kills_it(tmp_
             assert "reloaded=" in log, log
             return
     raise AssertionError("SIGHUP was never held while it started")
-
-
-def _answers(port: int, seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return True
-        except OSError:
-            time.sleep(0.05)
-    return False

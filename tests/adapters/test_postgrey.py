@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.policy_servers import stop
 from benchmarks.redis_server import free_port
-from conftest import base_env
+from conftest import answers_on, base_env
 from greylist.adapters.postgrey import DEFAULT_TEXT, PostgreyError, parse
 from simulator.commands import command
 
@@ -99,18 +99,6 @@ def start(cmd: list[str], port: int, env=None, log_file: Path | None = None) -> 
         return proc
     proc.kill()
     raise AssertionError(f"{cmd[0]} did not start" + (f": {proc.stderr.read()}" if proc.stderr else ""))
-
-
-def answers_on(port: int, seconds: float = 20) -> bool:
-    """Something accepts connections on the loopback port within ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            time.sleep(0.1)
-    return False
 
 
 def ours(tmp_path: Path, port: int, *extra: str) -> subprocess.Popen:
