@@ -437,11 +437,35 @@ class Greylister:
     def reload(self) -> list[str]:
         """Read whitelists again and reopen the store at the next decision (SIGHUP), even
         one that failed a moment ago (the admin may have mended it). Returns what the
-        store said as it closed (see :meth:`close`)."""
+        store said as it closed (see :meth:`close`).
+
+        Decisions held because another connection keeps the write lock (an admin's sqlite3
+        shell) go to a store opened at once, and wait there for the lock as before: the
+        close waited its busy timeout with every client, then lost them (their clients
+        greylisted once more)."""
+        from greylist.stores.base import StoreError
+
         self._whitelists.clear()
         self._configs.clear()
         self._store_rest = self._store_tried_at = 0.0
-        return self.close() if self._own_store else []
+        if not self._own_store:
+            return []
+        store, carried = self._store, {}
+        if store is not None:
+            try:
+                carried = store.hand_over()
+            except (StoreError, OSError):
+                pass  # a failing store: its close says what it could not write
+        said = self.close()
+        if carried:
+            try:
+                self._open(self.config.store).take_over(carried)
+            except (StoreError, OSError) as exc:
+                return [*said, f"{len(carried)} held rows not written: {exc}"]
+            said.append(f"{len(carried)} held rows kept for the reopened store")
+            if self._flush_timer is None and self._flush_loop is not None:
+                self._flush_timer = self._flush_loop.call_later(self.commit_window, self._timed_flush)
+        return said
 
     def close(self) -> list[str]:
         """Close the store, writing what it holds; what it said meanwhile (held decisions it

@@ -200,6 +200,15 @@ class Store:
         must be waited for; without it, what cannot be written now stays held and
         ``pending``)."""
 
+    def hand_over(self) -> dict:
+        """Before a reload closes this store: what it holds and cannot write now (another
+        writer's lock), for the next store of the same URL to :meth:`take_over`; stores
+        that hold nothing hand over nothing."""
+        return {}
+
+    def take_over(self, held: dict) -> None:
+        """Hold what the closed store handed over, as if decided here."""
+
     def close(self) -> None:
         """Release connections or handles; the default has none."""
 

@@ -525,6 +525,32 @@ class SqliteStore(Store):
                 pass
             raise
 
+    def hand_over(self) -> dict:
+        """Before a reload (SIGHUP) closes this store: what is held is written now if the
+        write lock is to be had, and otherwise handed over (see :meth:`take_over`) instead of
+        waited for. The close waited its busy timeout with every client, then lost them."""
+        self.flush(wait=False)
+        held, self.held = self.held, {}
+        self.pending = False
+        return held
+
+    def take_over(self, held: dict) -> None:
+        """The rows a closing store handed over, held here as this window's own: read back
+        by decisions, written once the write lock is free."""
+        if not held:
+            return
+        merged = dict(held)  # the oldest first, as MAX_HELD drops them
+        for key, (expected, record) in self.held.items():  # decided here since: the newer
+            merged[key] = (held[key][0] if key in held else expected, record)
+        self.held = merged
+        for keys in (self.known, self.building):
+            if keys is not None:
+                for key in held:
+                    keys.add(text_key(key))
+        if not self.pending:
+            self.pending = True
+            self.opened = monotonic()
+
     def _lost(self, rows: int, exc: Exception) -> None:
         """Held rows that will not be written: said once each, so the log's counts add up."""
         self.lost_said += rows
