@@ -578,21 +578,28 @@ def test_a_write_lock_held_by_another_process_stalls_nobody_and_loses_no_retry(p
     assert "holds the database's write lock" in log and "write lock was free again" in log, log
 
 
-def test_decisions_a_stopping_server_cannot_write_are_logged(policyd, tmp_path):
-    """SIGTERM while another process keeps the write lock: the server waits its busy
-    timeout for it, then says how many decisions were not written (those clients are
-    greylisted once more), where it used to lose them without a word."""
+def _one_stored_then_locked(address, path):
+    """192.0.2.1 decided and in the file; then another process takes the write lock (an
+    admin's sqlite3 shell in a transaction), and 192.0.2.2 is decided, held."""
     import sqlite3
 
-    path = tmp_path / "g.db"
-    proc, address = policyd("--store", f"sqlite://{path}?timeout=0.3", "--key", "ip")
     c = Client(address)
     assert c.ask(request(client_address="192.0.2.1")).startswith("action=DEFER_IF_PERMIT")
     assert stored_soon(path, "192.0.2.1")
     blocker = sqlite3.connect(path, timeout=5, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
+    assert c.ask(request(client_address="192.0.2.2")).startswith("action=DEFER_IF_PERMIT")
+    return c, blocker
+
+
+def test_decisions_a_stopping_server_cannot_write_are_logged(policyd, tmp_path):
+    """SIGTERM while another process keeps the write lock: the server waits its busy
+    timeout for it, then says how many decisions were not written (those clients are
+    greylisted once more), where it used to lose them without a word."""
+    path = tmp_path / "g.db"
+    proc, address = policyd("--store", f"sqlite://{path}?timeout=0.3", "--key", "ip")
+    c, blocker = _one_stored_then_locked(address, path)
     try:
-        assert c.ask(request(client_address="192.0.2.2")).startswith("action=DEFER_IF_PERMIT")
         proc.send_signal(signal.SIGTERM)
         log = proc.stderr.read()  # the lock still held until the server has ended
     finally:
@@ -608,18 +615,11 @@ def test_a_reload_while_another_process_holds_the_write_lock_stalls_nobody_and_l
     keeps out of the file, go to the store opened again and are written once the lock is
     free. The reload waited the busy timeout (here a minute) with every client, then lost
     them: a client that retried after the delay was greylisted once more."""
-    import sqlite3
-
     path = tmp_path / "g.db"
     proc, address = policyd("--store", f"sqlite://{path}?timeout=60", "--key", "ip", "--delay", "1")
     log = Lines(proc.stderr)
-    c = Client(address)  # answers within its 10 s, or the test fails
-    assert c.ask(request(client_address="192.0.2.1")).startswith("action=DEFER_IF_PERMIT")
-    assert stored_soon(path, "192.0.2.1")
-    blocker = sqlite3.connect(path, timeout=5, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
+    c, blocker = _one_stored_then_locked(address, path)  # the client answers within 10 s, or fails
     try:
-        assert c.ask(request(client_address="192.0.2.2")).startswith("action=DEFER_IF_PERMIT")
         proc.send_signal(signal.SIGHUP)
         assert log.wait_for(lambda line: "reloaded=" in line)
         assert c.ask(request(client_address="192.0.2.3")).startswith("action=DEFER_IF_PERMIT")
