@@ -9,7 +9,7 @@ import pytest
 
 from greylist.config import load
 from greylist.core.check import check
-from greylist.core.policy import Record
+from greylist.core.policy import PASS, Record
 from greylist.service import Connection, Greylister
 from greylist.stores import open_store
 from greylist.stores.base import StoreError
@@ -751,3 +751,36 @@ def test_a_closed_server_store_lets_go_of_its_connection_at_once(tmp_path):
     finally:
         gc.enable()
     assert len(committed(path)) == 5
+
+
+def test_rows_a_closing_store_hands_over_are_held_by_the_next_and_written_once_the_lock_is_free(tmp_path):
+    """A reload: the rows another connection's write lock keeps out of the file go to the
+    store opened again (the oldest first, a decision made there since is the newer), are
+    read back there, and are written once the lock is free."""
+    path = tmp_path / "g.db"
+    policy = load({}, {}).policy
+    first = holding(path)
+    check(first, "a", 1000.0, policy)
+    first.flush()
+    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        check(first, "b", 1000.0, policy)
+        check(first, "c", 1000.0, policy)
+        carried = first.hand_over()
+        assert list(carried) == ["b", "c"] and not first.pending
+        first.close()  # nothing held: it waits for no lock
+        second = holding(path)
+        check(second, "c", 1100.0, policy)  # decided here before the rows arrive: the newer
+        second.take_over(carried)
+        assert list(second.held) == ["b", "c"] and second.pending
+        assert second.held["c"][1].last_seen == 1100.0
+        assert check(second, "b", 1400.0, policy).action == PASS  # read back: waited, it passes
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    second.flush()
+    assert committed(path) == {"a", "b", "c"}
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT last_seen FROM greylist WHERE key = 'c'").fetchone()[0] == 1100.0
+    second.close()
