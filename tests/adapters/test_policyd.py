@@ -561,7 +561,7 @@ def test_a_write_lock_held_by_another_process_stalls_nobody_and_loses_no_retry(p
     envelope = dict(sender="a@example.org", recipient="b@example.net")
     assert c.ask(request(client_address="192.0.2.1", **envelope)).startswith("action=DEFER_IF_PERMIT")
     assert stored_soon(path, "192.0.2.1")
-    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker = sqlite3.connect(path, timeout=5, isolation_level=None)  # past a checkpoint's moment
     blocker.execute("BEGIN IMMEDIATE")
     try:
         assert c.ask(request(client_address="192.0.2.2", **envelope)).startswith("action=DEFER_IF_PERMIT")

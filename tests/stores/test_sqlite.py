@@ -169,7 +169,7 @@ def test_a_write_lock_held_elsewhere_keeps_the_rows_held_and_never_waits_for_it(
     store = holding(path, "?timeout=60")
     policy = load({"delay": "60"}, {}).policy
     check(store, "a", 1000.0, policy)
-    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker = sqlite3.connect(path, timeout=5, isolation_level=None)  # past a checkpoint's moment
     blocker.execute("BEGIN IMMEDIATE")
     store.flush(wait=False)
     assert store.pending and committed(path) == set()
@@ -283,7 +283,7 @@ def test_rows_held_past_the_bound_while_the_lock_stays_taken_are_dropped_oldest_
     policy = load({}, {}).policy
     check(store, "z", 1000.0, policy)
     store.flush()
-    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker = sqlite3.connect(path, timeout=5, isolation_level=None)  # past a checkpoint's moment
     blocker.execute("BEGIN IMMEDIATE")
     for key in "abcde":
         check(store, key, 1000.0, policy)
@@ -762,7 +762,7 @@ def test_rows_a_closing_store_hands_over_are_held_by_the_next_and_written_once_t
     first = holding(path)
     check(first, "a", 1000.0, policy)
     first.flush()
-    blocker = sqlite3.connect(path, timeout=0, isolation_level=None)
+    blocker = sqlite3.connect(path, timeout=5, isolation_level=None)  # past a checkpoint's moment
     blocker.execute("BEGIN IMMEDIATE")
     try:
         check(first, "b", 1000.0, policy)
