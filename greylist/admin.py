@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["serve"], ["postgrey"], ["policyd"]):  # a server: a reload while it starts waits
+    if argv[:1] in (["serve"], ["policyd"]):  # a server: a reload while it starts waits (postgrey's main too)
         from greylist.adapters import reloads
 
         reloads.hold()

@@ -357,6 +357,9 @@ class Greylister:
         """After a decision of a long-lived server: decisions the store now holds are
         flushed within the window, by a timer on ``loop`` (this package's or asyncio's)."""
         self._last_decision = time.monotonic()
+        self._flush_later(loop)
+
+    def _flush_later(self, loop) -> None:
         if self._flush_timer is None and self.pending:
             self._flush_loop = loop
             self._flush_timer = loop.call_later(self.commit_window, self._timed_flush)
@@ -463,8 +466,8 @@ class Greylister:
             except (StoreError, OSError) as exc:
                 return [*said, f"{len(carried)} held rows not written: {exc}"]
             said.append(f"{len(carried)} held rows kept for the reopened store")
-            if self._flush_timer is None and self._flush_loop is not None:
-                self._flush_timer = self._flush_loop.call_later(self.commit_window, self._timed_flush)
+            if self._flush_loop is not None:
+                self._flush_later(self._flush_loop)
         return said
 
     def close(self) -> list[str]:

@@ -158,13 +158,7 @@ class _Transaction:
             writes, store.decision, store.read = store.decision, None, None
             held = store.held
             if exc_type is None:  # a failed decision leaves nothing behind
-                for key, (expected, record) in writes.items():
-                    earlier = held.get(key)
-                    # a key written twice in a window keeps what it held when first read
-                    held[key] = (expected if earlier is None else earlier[0], record)
-                if writes and not store.pending:
-                    store.pending = True
-                    store.opened = monotonic()
+                store._hold(writes)
             if store.draining is not None:
                 store._owe(DRAIN_STEP)
             elif store.pending and (len(held) >= HELD_ROWS or monotonic() - store.opened >= store.window):
@@ -539,15 +533,22 @@ class SqliteStore(Store):
         by decisions, written once the write lock is free."""
         if not held:
             return
-        merged = dict(held)  # the oldest first, as MAX_HELD drops them
-        for key, (expected, record) in self.held.items():  # decided here since: the newer
-            merged[key] = (held[key][0] if key in held else expected, record)
-        self.held = merged
+        newer, self.held = self.held, {}
+        self._hold(held)  # the oldest first, as MAX_HELD drops them
+        self._hold(newer)  # decided here since: the newer
         for keys in (self.known, self.building):
             if keys is not None:
                 for key in held:
                     keys.add(text_key(key))
-        if not self.pending:
+
+    def _hold(self, writes: dict) -> None:
+        """Writes join the window's held ones; a key written twice in a window keeps what it
+        held when first read."""
+        held = self.held
+        for key, (expected, record) in writes.items():
+            earlier = held.get(key)
+            held[key] = (expected if earlier is None else earlier[0], record)
+        if writes and not self.pending:
             self.pending = True
             self.opened = monotonic()
 
