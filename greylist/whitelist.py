@@ -346,10 +346,13 @@ class RecipientWhitelist:
         local, at, domain = r.rpartition("@")
         if at and (self.addresses or self.locals):
             # the local part, and each part of it before a "+" that has an extension after it
-            bases = [local] + [local[:i] for i, c in enumerate(local) if c == "+" and i + 1 < len(local)]
-            for base in bases:
-                if base in self.locals or f"{base}@{domain}" in self.addresses:
-                    return True
+            if local in self.locals or r in self.addresses:
+                return True
+            if "+" in local:
+                bases = [local[:i] for i, c in enumerate(local) if c == "+" and i + 1 < len(local)]
+                for base in bases:
+                    if base in self.locals or f"{base}@{domain}" in self.addresses:
+                        return True
         if self.domains:
             labels = domain.split(".")
             for i in range(0 if at else 1, len(labels)):  # after the @ or after a dot

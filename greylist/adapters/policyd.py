@@ -76,9 +76,8 @@ class RequestReader:
         self.size += len(data)
         if self.size > MAX_REQUEST:
             raise RequestError(f"a request larger than {MAX_REQUEST} bytes")
-        if (not self.buffer and not self.attrs and not self.skipping and not self.garbage
-                and len(data) <= MAX_LINE and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2
-                and b"\r" not in data and data[:1] != b"\n"):
+        if (len(data) <= MAX_LINE and data.find(b"\n\n") == len(data) - 2 > 0 and b"\r" not in data
+                and data[:1] != b"\n" and not (self.buffer or self.attrs or self.skipping or self.garbage)):
             return [self._whole(data)]  # Postfix's usual read: exactly one request
         self.buffer += data
         done = []
@@ -101,14 +100,25 @@ class RequestReader:
             self._line(line)
 
     def _whole(self, data: bytes) -> dict[str, str]:
-        """One whole request with no line that can be over-long, in one pass."""
-        attrs = self.attrs
-        for text in data[:-2].decode("utf-8", "replace").split("\n"):
-            name, eq, value = text.partition("=")
-            if eq and len(value) <= MAX_VALUE and len(attrs) < MAX_ATTRIBUTES:
-                attrs[name.strip()[:100]] = value
+        """One whole request with no line that can be over-long. Postfix's requests
+        (some 30 lines) are read in one step per line and a few checks of the whole:
+        read line by line in Python, they were a tenth of a decision's work."""
+        text = data[:-2].decode("utf-8", "replace")
+        lines = text.split("\n")
+        if len(lines) <= MAX_ATTRIBUTES and "=" in text:
+            try:
+                attrs = dict([line.split("=", 1) for line in lines])
+            except ValueError:  # a line without "=": garbage, said below
+                pass
             else:
-                self._attribute(text)  # garbage, a value to cut, or one too many
+                names = "".join(attrs)
+                # no name to strip (whitespace is " " or unprintable) or cut, no value to cut
+                if (names.isprintable() and " " not in names and max(map(len, attrs)) <= 100
+                        and (len(text) <= MAX_VALUE or max(map(len, attrs.values())) <= MAX_VALUE)):
+                    self.size = 0
+                    return attrs
+        for line in lines:
+            self._attribute(line)  # garbage, a name to strip, a value to cut, too many
         return self._complete()
 
     def _complete(self) -> dict[str, str]:

@@ -29,6 +29,8 @@ def text_key(key: str) -> str:
     """A key that any text column or protocol takes: keys built from the environment
     may carry undecodable bytes (as surrogates, from os.environ); they are written as
     backslash escapes, the same for the same bytes, so the key is stable."""
+    if key.isascii():
+        return key
     try:
         key.encode("utf-8")
         return key

@@ -45,3 +45,29 @@ def test_both_batv_forms_keep_the_user_whatever_the_tag():
     standard = [normalize_sender(f"prvs=0{t}cafe=news@example.org") for t in ("123abcde", "987fedcb")]
     reversed_ = [normalize_sender(f"prvs=news=0{t}cafe@example.org") for t in ("123abcde", "987fedcb")]
     assert standard == reversed_ == ["news@example.org"] * 2
+
+
+@given(st.text(alphabet=st.sampled_from("ab.-+=#0123456789\0\u0663\u00e9"), max_size=30))
+def test_each_run_of_digits_becomes_one_hash_however_the_address_is_written(local):
+    from greylist.core.keys import _digits_as_hash
+
+    expected = "".join("#" if run[0].isdigit() else run
+                       for run in __import__("re").findall(r"\d+|\D+", local))  # Python's \d is isdigit here
+    assert _digits_as_hash(local) == expected
+
+
+@pytest.mark.parametrize("bad", ["", None, "1.2.3", "::g", "x" * 46])
+def test_a_bad_address_is_refused_first_and_after_a_good_one(bad):
+    """packed_ip remembers the last address it packed: never one it refused, nor its start."""
+    import subprocess
+    import sys
+
+    code = ("from greylist.core.keys import BadAddress, packed_ip\n"
+            "for _ in range(2):\n"
+            "    try:\n"
+            f"        print(packed_ip({bad!r}))\n"
+            "    except BadAddress:\n"
+            "        print('refused')\n"
+            "    print(packed_ip('192.0.2.1').hex())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["refused", "c0000201"] * 2

@@ -7,12 +7,14 @@ from hypothesis import given, settings, strategies as st
 
 from greylist.adapters.policyd import MAX_VALUE, RequestError, RequestReader
 
-names = st.sampled_from(["request", "client_address", "sender", "recipient", "helo_name", "x", ""])
+names = st.one_of(st.sampled_from(["request", "client_address", "sender", "recipient", "helo_name", "x", ""]),
+                  st.sampled_from([" sender", "x\t", "\u00a0y", "a b", "\u2028", "n" * 99, "n" * 101]),
+                  st.integers(0, 999).map(lambda i: f"n{i}"))  # over 100 names: too many
 values = st.one_of(st.text(max_size=20).filter(lambda v: "\n" not in v),
                    st.text(alphabet="ab\u00e9\r", min_size=MAX_VALUE - 2, max_size=MAX_VALUE + 40))
 lines = st.one_of(st.tuples(names, values).map(lambda nv: f"{nv[0]}={nv[1]}".encode()),
                   st.binary(max_size=30).filter(lambda b: b"\n" not in b))
-requests = st.lists(lines, max_size=8).map(lambda ls: b"".join(line + b"\n" for line in ls) + b"\n")
+requests = (st.lists(lines, max_size=8) | st.lists(lines, min_size=99, max_size=102)).map(lambda ls: b"".join(line + b"\n" for line in ls) + b"\n")
 
 
 def read(chunks: list[bytes]):
@@ -39,3 +41,12 @@ def test_one_read_and_byte_by_byte_give_the_same_requests(stream):
 def test_a_long_value_is_cut_in_the_one_read_path_too():
     got = read([b"request=smtpd_access_policy\nhelo_name=" + b"h" * 1000 + b"\n\n"])
     assert got == [{"request": "smtpd_access_policy", "helo_name": "h" * MAX_VALUE, "_truncated": "helo_name"}]
+
+
+def test_more_than_a_hundred_names_in_one_read_are_refused_as_line_by_line():
+    for count, refused in ((100, False), (101, True)):
+        request = b"".join(b"n%d=v\n" % i for i in range(count)) + b"\n"
+        assert len(request) < 2048  # the one-read path
+        whole, by_byte = read([request]), read([bytes([b]) for b in request])
+        assert whole == by_byte
+        assert (whole == ["more than 100 attributes"]) is refused
