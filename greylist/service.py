@@ -383,7 +383,7 @@ class Greylister:
         """The end of a round of the server's event loop (``in_rounds``): what the round's
         decisions left to write, written together."""
         store = self._store
-        if store is not None:
+        if store is not None and store.owed:  # most rounds owe nothing
             self._writing(store.write_owed)
 
     def flush(self, wait: bool = True) -> None:

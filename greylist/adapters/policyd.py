@@ -175,11 +175,13 @@ class Replies:
             text = self.text
             if "etrn_domain" in attrs and not text[:1].isdigit():
                 text = "4.2.0 " + text
-            text = text.replace("%s", str(max(0, int(verdict.retry_in + 0.999))), 1)
-            domain = attrs.get("recipient", "").rpartition("@")[2]
-            if not (domain.isascii() and domain.isprintable()):  # the client's text, in our reply
-                domain = "".join(c if " " < c <= "~" else "?" for c in domain)
-            text = text.replace("%r", domain, 1)
+            if "%s" in text:
+                text = text.replace("%s", str(max(0, int(verdict.retry_in + 0.999))), 1)
+            if "%r" in text:
+                domain = attrs.get("recipient", "").rpartition("@")[2]
+                if not (domain.isascii() and domain.isprintable()):  # the client's text, in our reply
+                    domain = "".join(c if " " < c <= "~" else "?" for c in domain)
+                text = text.replace("%r", domain, 1)
         return f"action={self.action} {text}"
 
     def passed(self, config, verdict: Verdict) -> str:

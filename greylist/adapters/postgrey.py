@@ -98,32 +98,37 @@ def postgrey_line(program: str, fields: dict) -> bytes:
     start-up) is our own line. The request's values are postgrey's (as Postfix sent
     them), anything unprintable written %XX as Net::Server writes postgrey's: a log line is
     never split or forged."""
-    if fields.get("expire") == "started":  # the nightly clean-up (greylist.adapters.nightly)
-        return b"cleaning up old entries...\n"
-    if fields.get("expire") == "done" and "removed" in fields:
-        scanned = int(fields.get("scanned", 0))
-        return (f"cleaning main database finished. before: {scanned}, "
-                f"after: {scanned - int(fields['removed'])}\n").encode("ascii")
-    request = fields.get("_request") or {}
+    request = fields.get("_request")
     reason = fields.get("reason")
-    if "shadow" in fields or fields.get("verdict") not in ("pass", "tempfail") or not request or (
-            reason not in POSTGREY_REASONS and reason != "too-soon"):
+    words = POSTGREY_REASONS.get(reason)  # one test passes the usual line
+    if (not request or (words is None and reason != "too-soon") or "shadow" in fields
+            or fields.get("verdict") not in ("pass", "tempfail")):
+        if fields.get("expire") == "started":  # the nightly clean-up (greylist.adapters.nightly)
+            return b"cleaning up old entries...\n"
+        if fields.get("expire") == "done" and "removed" in fields:
+            scanned = int(fields.get("scanned", 0))
+            return (f"cleaning main database finished. before: {scanned}, "
+                    f"after: {scanned - int(fields['removed'])}\n").encode("ascii")
         return log_line(program, {k: v for k, v in fields.items() if k != "_request"})
-    if reason == "too-soon":
-        action, words = "greylist", f"early-retry ({max(0, int(float(fields.get('retry_in', 0)) + 0.999))}s missing)"
-    else:
-        action, words = POSTGREY_REASONS[reason]
-    info = [f"action={action}", f"reason={words}"]
+    if words is None:  # too soon
+        words = ("greylist", f"early-retry ({max(0, int(float(fields.get('retry_in', 0)) + 0.999))}s missing)")
+    line = f"action={words[0]}, reason={words[1]}"
     if reason == "passed" and "header" not in fields:  # postgrey says the delay with its header
-        info.append(f"delay={int(float(fields.get('age', 0)))}")
-    for name in ("client_name", "client_address", "sender", "recipient"):
-        value = request.get(name)
-        if value and value != "0":  # Perl's truth, as postgrey tests it
-            info.append(f"{name}={value}")
+        line += f", delay={int(float(fields.get('age', 0)))}"
+    get = request.get
+    name, address, sender, recipient = get("client_name"), get("client_address"), get("sender"), get("recipient")
+    # each left out where Perl's truth is false ("" or "0"), as postgrey tests it
+    if name and name != "0":
+        line += f", client_name={name}"
+    if address and address != "0":
+        line += f", client_address={address}"
+    if sender and sender != "0":
+        line += f", sender={sender}"
+    if recipient and recipient != "0":
+        line += f", recipient={recipient}"
     if "truncated" in fields:  # ours: what was cut (postgrey's logcheck rule allows a tail)
-        info.append(f"truncated={fields['truncated']}")
-    line = ", ".join(info)
-    queue_id = request.get("queue_id")
+        line += f", truncated={fields['truncated']}"
+    queue_id = get("queue_id")
     if queue_id and queue_id != "0":
         line = f"{queue_id}: {line}"
     if not (line.isascii() and line.isprintable()):  # as Net::Server writes postgrey's log

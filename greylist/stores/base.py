@@ -176,6 +176,8 @@ class Store:
 
     #: decisions written but not yet committed (a store holding commits, see hold_commits)
     pending = False
+    #: rows the loop round's decisions left to :meth:`write_owed` (none: nothing to call)
+    owed = 0
 
     def hold_commits(self, seconds: float, in_rounds: bool = False) -> None:
         """Let a long-lived server commit many decisions at once, at most ``seconds`` after
