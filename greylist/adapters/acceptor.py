@@ -73,6 +73,11 @@ class Acceptor:
         self.after_round = after_round
         self.accepting = False
         self.closed = False
+        # socket.accept() turns the listener's family and type into enums at every call (a
+        # tenth of the server's Python work a connection, with one request each): the
+        # socket is made here from the accepted descriptor, with the numbers read once
+        self._accept = getattr(listener, "_accept", None)
+        self._kind = (int(listener.family), int(listener.type), listener.proto)
 
     def resume(self) -> None:
         if not self.accepting and not self.closed:
@@ -102,7 +107,15 @@ class Acceptor:
                 self.pause()
                 return
             try:
-                sock, address = self.listener.accept()
+                if self._accept is None:
+                    sock, address = self.listener.accept()
+                else:
+                    fd, address = self._accept()
+                    try:
+                        sock = socket.socket(*self._kind, fd)
+                    except OSError:  # gone already (its getsockname failed): never a leaked descriptor
+                        os.close(fd)
+                        continue
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # out of descriptors, say: wait a little, never spin
