@@ -27,3 +27,48 @@ def test_live_capacity_is_reported_but_not_gated_in_quick_runs():
 def test_new_figures_are_listed_without_failing():
     rows, ok = compare({"decisions": {"redis_per_second": 5}}, {}, 2.0)
     assert ok and rows[0][-1] == "new figure"
+
+
+def test_a_policy_request_is_timed_to_the_kernels_arrival_of_its_answer_not_to_its_reading():
+    """benchmarks/policy_servers.py: an answer the one-threaded client reads late (busy
+    with others) is timed when the kernel had it; the time as read is returned too."""
+    import socket
+    import threading
+    import time
+
+    from benchmarks.policy_servers import STAMP_SPACE, SO_TIMESTAMPNS, arrival, drive
+
+    # the stamp itself: an answer read 50 ms after it came is stamped when it came
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        b = socket.create_connection(listening.getsockname())
+        a, _ = listening.accept()
+    b.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)  # TCP, as the benchmark's
+    a.send(b"action=DUNNO\n\n")
+    time.sleep(0.05)
+    data, ancillary, _flags, _address = b.recvmsg(4096, STAMP_SPACE)
+    came = arrival(ancillary)
+    assert data == b"action=DUNNO\n\n" and came is not None and time.time() - came >= 0.04
+    a.close()
+    b.close()
+
+    # the driver: a server that holds each answer 20 ms
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for _ in range(3):
+                buffer = b""
+                while not buffer.endswith(b"\n\n"):
+                    buffer += conn.recv(4096)
+                time.sleep(0.02)
+                conn.send(b"action=DUNNO\n\n")
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    _wall, latencies, seen = drive(port, 1, 3, True, 0)
+    server.join(5)
+    listener.close()
+    assert len(latencies) == len(seen) == 3
+    assert all(0.02 <= kernel < read for kernel, read in zip(latencies, seen))  # read after it came
