@@ -14,7 +14,8 @@ values = st.one_of(st.text(max_size=20).filter(lambda v: "\n" not in v),
                    st.text(alphabet="ab\u00e9\r", min_size=MAX_VALUE - 2, max_size=MAX_VALUE + 40))
 lines = st.one_of(st.tuples(names, values).map(lambda nv: f"{nv[0]}={nv[1]}".encode()),
                   st.binary(max_size=30).filter(lambda b: b"\n" not in b))
-requests = (st.lists(lines, max_size=8) | st.lists(lines, min_size=99, max_size=102)).map(lambda ls: b"".join(line + b"\n" for line in ls) + b"\n")
+requests = (st.lists(lines, max_size=8) | st.lists(lines, min_size=99, max_size=102)).map(
+    lambda ls: b"".join(line + b"\n" for line in ls) + b"\n")  # a few lines, or about the most allowed
 
 
 def read(chunks: list[bytes]):
