@@ -183,6 +183,8 @@ def drive(port: int, clients: int, per_client: int, persistent: bool,
                 got[fd] = data
                 continue
             at = clock()
+            # unstamped (the kernel starts stamping a moment after the first socket asks):
+            # the time as read, the longer
             latencies.append((arrival(ancillary) or at) - started_at[fd])
             seen.append(at - started_at[fd])
             c = client_of[fd]
