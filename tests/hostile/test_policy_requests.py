@@ -10,12 +10,15 @@ from greylist.adapters.policyd import MAX_VALUE, RequestError, RequestReader
 names = st.one_of(st.sampled_from(["request", "client_address", "sender", "recipient", "helo_name", "x", ""]),
                   st.sampled_from([" sender", "x\t", "\u00a0y", "a b", "\u2028", "n" * 99, "n" * 101]),
                   st.integers(0, 999).map(lambda i: f"n{i}"))  # over 100 names: too many
-values = st.one_of(st.text(max_size=20).filter(lambda v: "\n" not in v),
-                   st.text(alphabet="ab\u00e9\r", min_size=MAX_VALUE - 2, max_size=MAX_VALUE + 40))
-lines = st.one_of(st.tuples(names, values).map(lambda nv: f"{nv[0]}={nv[1]}".encode()),
-                  st.binary(max_size=30).filter(lambda b: b"\n" not in b))
-requests = (st.lists(lines, max_size=8) | st.lists(lines, min_size=99, max_size=102)).map(
-    lambda ls: b"".join(line + b"\n" for line in ls) + b"\n")  # a few lines, or about the most allowed
+short_values = st.text(max_size=20).filter(lambda v: "\n" not in v)
+values = st.one_of(short_values, st.text(alphabet="ab\u00e9\r", min_size=MAX_VALUE - 2, max_size=MAX_VALUE + 40))
+garbage = st.binary(max_size=30).filter(lambda b: b"\n" not in b)
+lines = st.one_of(st.tuples(names, values).map(lambda nv: f"{nv[0]}={nv[1]}".encode()), garbage)
+requests = st.lists(lines, max_size=8).map(lambda ls: b"".join(line + b"\n" for line in ls) + b"\n")
+# about the most lines allowed, each short (read byte by byte, long ones took seconds an example)
+short_lines = st.one_of(st.tuples(names, short_values).map(lambda nv: f"{nv[0]}={nv[1]}".encode()), garbage)
+long_requests = st.lists(short_lines, min_size=99, max_size=102).map(
+    lambda ls: b"".join(line + b"\n" for line in ls) + b"\n")
 
 
 def read(chunks: list[bytes]):
@@ -29,7 +32,7 @@ def read(chunks: list[bytes]):
     return out
 
 
-@settings(max_examples=400)
+@settings(max_examples=400, deadline=None)  # a correctness property, not a timing
 @given(st.lists(requests, min_size=1, max_size=3))
 def test_one_read_and_byte_by_byte_give_the_same_requests(stream):
     for request in stream:  # each request in one read, as Postfix sends it
@@ -37,6 +40,12 @@ def test_one_read_and_byte_by_byte_give_the_same_requests(stream):
         assert whole == read([bytes([b]) for b in request])
     data = b"".join(stream)
     assert read([data]) == read([bytes([b]) for b in data])
+
+
+@settings(max_examples=60, deadline=None)
+@given(long_requests)
+def test_a_request_of_about_a_hundred_lines_reads_the_same_in_one_read(request):
+    assert read([request]) == read([bytes([b]) for b in request])
 
 
 def test_a_long_value_is_cut_in_the_one_read_path_too():
