@@ -56,6 +56,19 @@ class RedisServer:
             c.sendall(b"FLUSHALL\r\n")
             c.recv(64)
 
+    def round_trips_per_second(self, count: int) -> float:
+        """PING and its answer, one at a time on one loopback connection: the floor of a
+        decision on Redis, which the machine of the hour sets (a waking vCPU, mostly)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as c:
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            started = time.perf_counter()
+            for _ in range(count):
+                c.sendall(b"PING\r\n")
+                answer = b""
+                while not answer.endswith(b"\r\n"):
+                    answer += c.recv(64)
+            return count / (time.perf_counter() - started)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -59,7 +59,9 @@ COMPARED = [
     ("decisions", "memory_per_second", "higher"),
     ("decisions", "file_per_second", "higher"),
     ("decisions", "sqlite_per_second", "higher"),
-    ("decisions", "redis_per_second", "higher"),
+    # against the round trip in the same minutes: the rate alone follows the machine's hour
+    # (it read 0.26x its baseline for unchanged code, which the 2x gate took for a regression)
+    ("decisions", "redis_vs_round_trip", "higher"),
     ("simulated_day", "memory_connections_per_second", "higher"),
     ("simulated_day", "file_connections_per_second", "higher"),
     ("replay_log", "kb_per_line", "lower"),

@@ -25,7 +25,7 @@ def test_live_capacity_is_reported_but_not_gated_in_quick_runs():
 
 
 def test_new_figures_are_listed_without_failing():
-    rows, ok = compare({"decisions": {"redis_per_second": 5}}, {}, 2.0)
+    rows, ok = compare({"decisions": {"redis_vs_round_trip": 0.5}}, {}, 2.0)
     assert ok and rows[0][-1] == "new figure"
 
 
