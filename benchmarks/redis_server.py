@@ -66,7 +66,10 @@ class RedisServer:
                 c.sendall(b"PING\r\n")
                 answer = b""
                 while not answer.endswith(b"\r\n"):
-                    answer += c.recv(64)
+                    chunk = c.recv(64)
+                    if not chunk:
+                        raise ConnectionError("redis-server closed the connection")
+                    answer += chunk
             return count / (time.perf_counter() - started)
 
     def stop(self) -> None:
