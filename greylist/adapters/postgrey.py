@@ -115,20 +115,13 @@ def postgrey_line(program: str, fields: dict) -> bytes:
     line = f"action={words[0]}, reason={words[1]}"
     if reason == "passed" and "header" not in fields:  # postgrey says the delay with its header
         line += f", delay={int(float(fields.get('age', 0)))}"
-    get = request.get
-    name, address, sender, recipient = get("client_name"), get("client_address"), get("sender"), get("recipient")
-    # each left out where Perl's truth is false ("" or "0"), as postgrey tests it
-    if name and name != "0":
-        line += f", client_name={name}"
-    if address and address != "0":
-        line += f", client_address={address}"
-    if sender and sender != "0":
-        line += f", sender={sender}"
-    if recipient and recipient != "0":
-        line += f", recipient={recipient}"
+    for name in ("client_name", "client_address", "sender", "recipient"):
+        value = request.get(name)
+        if value and value != "0":  # Perl's truth, as postgrey tests it
+            line += f", {name}={value}"
     if "truncated" in fields:  # ours: what was cut (postgrey's logcheck rule allows a tail)
         line += f", truncated={fields['truncated']}"
-    queue_id = get("queue_id")
+    queue_id = request.get("queue_id")
     if queue_id and queue_id != "0":
         line = f"{queue_id}: {line}"
     if not (line.isascii() and line.isprintable()):  # as Net::Server writes postgrey's log

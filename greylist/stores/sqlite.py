@@ -669,7 +669,7 @@ class SqliteStore(Store):
                     self.opened = monotonic()
             if self.building is not None and not self.read:  # once a decision
                 self._build_step()
-            stored = key if key.isascii() else text_key(key)
+            stored = text_key(key)
             known = self.known
             if known is not None and stored not in known:
                 found = self.read[key] = _ABSENT  # certainly not in the file: no query
@@ -715,7 +715,7 @@ class SqliteStore(Store):
                 # new to the file: the key filters must say so already (a key read from the
                 # file is in them, or in the scan still to come; added again at every update,
                 # a busy server's filter grew two bytes a write, for ever)
-                stored = key if key.isascii() else text_key(key)
+                stored = text_key(key)
                 if self.known is not None:
                     self.known.add(stored)
                 if self.building is not None:
