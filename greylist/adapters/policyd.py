@@ -76,7 +76,9 @@ class RequestReader:
         self.size += len(data)
         if self.size > MAX_REQUEST:
             raise RequestError(f"a request larger than {MAX_REQUEST} bytes")
-        if (len(data) <= MAX_LINE and data.find(b"\n\n") == len(data) - 2 > 0 and b"\r" not in data
+        # find(), not `b"\r" not in data`: bytes' `in` first tries its operand as an integer
+        # and formats the TypeError it then clears (1,800 instructions, a fifth of a parse)
+        if (len(data) <= MAX_LINE and data.find(b"\n\n") == len(data) - 2 > 0 and data.find(b"\r") < 0
                 and data[:1] != b"\n" and not (self.buffer or self.attrs or self.skipping or self.garbage)):
             return [self._whole(data)]  # Postfix's usual read: exactly one request
         self.buffer += data
