@@ -23,7 +23,10 @@ def parse_ip(text: str) -> str:
     """Return the canonical text form of an IPv4 or IPv6 address, or raise BadAddress."""
     packed = packed_ip(text)
     if len(packed) == 4:
-        return inet_ntop(AF_INET, packed)
+        # an IPv4 text that inet_pton took is canonical already (four decimal numbers,
+        # no leading zeros: tests/core/test_keys.py holds the C library to it);
+        # inet_ntop's sprintf cost 2,700 instructions a decision
+        return text if ":" not in text else inet_ntop(AF_INET, packed)
     return inet_ntop(AF_INET6, packed)
 
 
@@ -64,6 +67,8 @@ def network_of(ip: str, v4_bits: int = 24, v6_bits: int = 64) -> str:
     packed = packed_ip(ip)
     size = len(packed)
     if size == 4:
+        if v4_bits == 24 and ":" not in ip:  # canonical (see parse_ip): the first three numbers
+            return f"{ip[:ip.rindex('.')]}.0/24"
         family, host_bits, bits = AF_INET, 32 - v4_bits, v4_bits
     else:
         family, host_bits, bits = AF_INET6, 128 - v6_bits, v6_bits

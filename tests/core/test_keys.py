@@ -3,7 +3,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from greylist.core.keys import BadAddress, parse_ip
 
@@ -73,3 +73,29 @@ def test_a_bad_address_is_refused_first_and_after_a_good_one(bad):
             "    print(packed_ip('192.0.2.1').hex())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["refused", "c0000201"] * 2
+
+
+@given(st.text(alphabet="0123456789.", min_size=7, max_size=16))
+def test_an_ipv4_text_the_c_library_takes_is_its_canonical_form(text):
+    """parse_ip and network_of give an accepted IPv4 text back as it came (no inet_ntop):
+    this holds the platform's inet_pton to taking four decimal numbers, no leading zeros."""
+    import socket
+
+    try:
+        packed = socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        return
+    assert socket.inet_ntop(socket.AF_INET, packed) == text
+    assert parse_ip(text) == text
+
+
+@given(st.ip_addresses(), st.sampled_from([8, 16, 20, 24, 32]), st.sampled_from([32, 48, 64, 128]))
+@example(ipaddress.ip_address("::ffff:66.94.237.12"), 24, 64)  # the IPv4 client (random IPv6 is never one)
+def test_network_of_is_the_address_network(addr, v4_bits, v6_bits):
+    from greylist.core.keys import network_of
+
+    client = addr.ipv4_mapped if addr.version == 6 and addr.ipv4_mapped is not None else addr
+    bits = v4_bits if client.version == 4 else v6_bits
+    expected = str(ipaddress.ip_network(f"{client}/{bits}", strict=False))
+    assert network_of(str(addr), v4_bits, v6_bits) == expected
+    assert network_of(addr.exploded, v4_bits, v6_bits) == expected
