@@ -114,8 +114,11 @@ class RequestReader:
                 pass
             else:
                 names = "".join(attrs)
-                # no name to strip (whitespace is " " or unprintable) or cut, no value to cut
-                if (names.isprintable() and " " not in names and max(map(len, attrs)) <= 100
+                # no name to strip or cut, no value to cut: names of letters, digits and "_"
+                # (Postfix's), checked as bytes (str.isprintable() asks the Unicode tables
+                # about each character: 10,700 instructions for a real request's 31 names)
+                if (names.encode().replace(b"_", b"").isalnum()
+                        and (len(names) <= 100 or max(map(len, attrs)) <= 100)
                         and (len(text) <= MAX_VALUE or max(map(len, attrs.values())) <= MAX_VALUE)):
                     self.size = 0
                     return attrs
