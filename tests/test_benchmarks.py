@@ -84,7 +84,7 @@ def test_a_policy_request_is_timed_to_the_kernels_arrival_of_its_answer_not_to_i
 
 def test_a_servers_cpu_is_read_to_well_under_a_tick():
     """The scheduler's count of a process's CPU time, as the process's own clock reads it:
-    within a millisecond over 60 ms of work, where 10 ms ticks are off by up to one."""
+    within a millisecond over 65 ms of work, where 10 ms ticks are off by up to one."""
     import os
     import time
 
@@ -92,7 +92,7 @@ def test_a_servers_cpu_is_read_to_well_under_a_tick():
 
     for _ in range(3):
         before, own = cpu(os.getpid()), time.process_time()
-        end = own + 0.06
+        end = own + 0.065  # not a whole number of ticks
         while time.process_time() < end:
             pass
         used, own = cpu(os.getpid()) - before, time.process_time() - own
