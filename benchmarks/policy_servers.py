@@ -39,18 +39,16 @@ def cpu(pid: int) -> float:
     nanosecond (/proc/PID/task/*/schedstat). utime + stime come in ticks of 10 ms: a
     turn of 10,000 requests at 75 us is 75 of them, so one tick was 1.3% of a figure
     (and of the ratio between two), and a short turn's 4% and more."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-        total = 0
-        for task in tasks:
-            try:
-                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
-            except FileNotFoundError:  # a thread that ended meanwhile
-                pass
-        return total / 1e9
-    except (OSError, ValueError, IndexError):  # no schedstat in this kernel
+    if not Path(f"/proc/{pid}/schedstat").exists():  # a kernel that keeps no such count
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICK
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return total / 1e9
 
 
 def free_port() -> int:

@@ -85,8 +85,11 @@ def test_an_ipv4_text_the_c_library_takes_is_its_canonical_form(text):
         packed = socket.inet_pton(socket.AF_INET, text)
     except OSError:
         return
+    from greylist.core.keys import network_of
+
     assert socket.inet_ntop(socket.AF_INET, packed) == text
     assert parse_ip(text) == text
+    assert network_of(text) == str(ipaddress.ip_network(f"{text}/24", strict=False))
 
 
 @given(st.ip_addresses(), st.sampled_from([8, 16, 20, 24, 32]), st.sampled_from([32, 48, 64, 128]))
