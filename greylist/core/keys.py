@@ -90,21 +90,22 @@ def normalize_sender(address: str) -> str:
     local, at, domain = a.rpartition("@")
     if not at:
         local, domain = a, ""
-    if local.startswith("prvs=") and local.count("=") == 2:
-        # BATV, prvs=TAG=user, also seen reversed as prvs=user=TAG: the tag is the part
-        # that looks like one (ten digits or letters at its start), as postgrey decides
-        _, a, b = local.split("=")
-        tag_a, tag_b = _looks_like_tag(a), _looks_like_tag(b)
-        local = a if (tag_b and not tag_a) else b
-    elif local.startswith(("prvs=", "btv1==", "msprvs1=")):  # BATV variants
-        tag_end = local.find("=", local.index("=") + 1 if not local.startswith("btv1==") else 6)
-        if tag_end > 0:
-            local = local[tag_end + 1:]
-    if local.startswith(("srs0=", "srs1=")):
-        parts = local.split("=")
-        # SRS0=HHH=TT=orig.domain=user ; SRS1 nests one more hop before them
-        if len(parts) >= 5:
-            domain, local = parts[-2], parts[-1]
+    if "=" in local:  # every tag form has one; most senders have none (three startswith saved)
+        if local.startswith("prvs=") and local.count("=") == 2:
+            # BATV, prvs=TAG=user, also seen reversed as prvs=user=TAG: the tag is the part
+            # that looks like one (ten digits or letters at its start), as postgrey decides
+            _, a, b = local.split("=")
+            tag_a, tag_b = _looks_like_tag(a), _looks_like_tag(b)
+            local = a if (tag_b and not tag_a) else b
+        elif local.startswith(("prvs=", "btv1==", "msprvs1=")):  # BATV variants
+            tag_end = local.find("=", local.index("=") + 1 if not local.startswith("btv1==") else 6)
+            if tag_end > 0:
+                local = local[tag_end + 1:]
+        if local.startswith(("srs0=", "srs1=")):
+            parts = local.split("=")
+            # SRS0=HHH=TT=orig.domain=user ; SRS1 nests one more hop before them
+            if len(parts) >= 5:
+                domain, local = parts[-2], parts[-1]
     plus = local.find("+")
     if plus > 0:
         local = local[:plus]
