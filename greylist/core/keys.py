@@ -184,4 +184,4 @@ class Keying:
 
     @property
     def needs_envelope(self) -> bool:
-        return self.mode.startswith("triplet")
+        return self.mode in ("triplet", "triplet-subnet")  # asked at every decision
