@@ -9,6 +9,7 @@ the rest) or makes room, as the server decides.
 
 from __future__ import annotations
 
+import _socket
 import os
 import socket
 from typing import Callable
@@ -112,7 +113,9 @@ class Acceptor:
                 else:
                     fd, address = self._accept()
                     try:
-                        sock = socket.socket(*self._kind, fd)
+                        # the C type: socket.socket adds a Python __init__ and close (for
+                        # makefile's references), 5,000 instructions a connection
+                        sock = _socket.socket(*self._kind, fd)
                     except OSError:  # gone already (its getsockname failed): never a leaked descriptor
                         os.close(fd)
                         continue
