@@ -99,3 +99,29 @@ def test_a_servers_cpu_is_read_to_well_under_a_tick():
         if abs(used - own) < 0.001:
             return
     raise AssertionError(f"cpu() read {used:.4f} s where the process's clock read {own:.4f} s")
+
+
+def test_an_instruction_count_is_gated_closer_than_the_noisy_figures():
+    baseline = {"instructions": {"per_decision": 100_000}, "decisions": {"memory_per_second": 1000}}
+    slower = {"instructions": {"per_decision": 130_000}, "decisions": {"memory_per_second": 700}}
+    rows, ok = compare(slower, baseline, tolerance=2.0)
+    assert not ok  # 1.3x more instructions: a regression, where 1.4x fewer decisions/s is noise
+    verdicts = {row[0]: row[-1] for row in rows}
+    assert "REGRESSION (> 1.25x)" in verdicts["instructions.per_decision"]
+    assert verdicts["decisions.memory_per_second"].endswith(": ok")
+    _, ok = compare({"instructions": {"per_decision": 120_000}}, baseline, tolerance=2.0)
+    assert ok
+
+
+def test_the_instruction_harness_decides_both_requests():
+    """The process callgrind counts (without valgrind here): it decides and answers."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for shape in ("benchmark", "postfix"):
+        done = subprocess.run([sys.executable, str(root / "benchmarks" / "instructions.py"), "--harness", "40", shape],
+                              cwd=root, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
