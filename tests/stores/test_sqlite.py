@@ -329,7 +329,7 @@ def test_a_server_in_rounds_has_the_rows_its_decisions_owe_written_at_the_round_
     """On the server's own event loop, a decision only counts the DRAIN_STEP rows it
     owes; write_owed (the end of the loop round) writes them together, after the
     round's answers, and commits the batch after its last row."""
-    from greylist.stores.sqlite import DRAIN_STEP, HELD_ROWS
+    from greylist.stores.sqlite import DRAIN_STEP, HELD_ROWS, ROUND_ROWS
 
     path = tmp_path / "g.db"
     store = holding(path, in_rounds=True)
@@ -340,10 +340,14 @@ def test_a_server_in_rounds_has_the_rows_its_decisions_owe_written_at_the_round_
     for n in range(HELD_ROWS, HELD_ROWS + 3):
         check(store, f"k{n}", 1000.0, policy)
     assert store.owed == 4 * DRAIN_STEP and len(store.todo) == HELD_ROWS  # the decisions wrote nothing
-    store.write_owed()  # one round's end: the four decisions' rows, together
-    assert store.owed == 0 and len(store.todo) == HELD_ROWS - 4 * DRAIN_STEP
+    store.write_owed()  # one round's end: the four decisions' rows together, ROUND_ROWS at least
+    assert store.owed == 0 and len(store.todo) == HELD_ROWS - max(4 * DRAIN_STEP, ROUND_ROWS)
+    for n in range(HELD_ROWS + 3, HELD_ROWS + 3 + ROUND_ROWS // DRAIN_STEP + 1):  # a busy round: what it owes
+        check(store, f"k{n}", 1000.0, policy)
+    store.write_owed()
+    assert len(store.todo) == HELD_ROWS - max(4 * DRAIN_STEP, ROUND_ROWS) - (ROUND_ROWS + DRAIN_STEP)
     assert committed(path) == set()  # one transaction: committed after its last row
-    n = HELD_ROWS + 3
+    n = HELD_ROWS + 3 + ROUND_ROWS // DRAIN_STEP + 1
     while store.draining is not None:
         check(store, f"k{n}", 1000.0, policy)
         assert check(store, f"k{n}", 1001.0, policy).reason == "too-soon"  # its own writes, read back
