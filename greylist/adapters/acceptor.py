@@ -15,6 +15,9 @@ import socket
 from typing import Callable
 
 BATCH = 64
+#: a session's reads and writes never wait, whether or not its socket was made
+#: non-blocking (that is one more system call for every connection)
+_DONTWAIT = socket.MSG_DONTWAIT
 RETRY_AFTER_EMFILE = 0.1
 
 
@@ -158,7 +161,7 @@ class SocketSession:
     def send(self, data: bytes) -> bool:
         """Replies are a few hundred bytes at most; a client that does not read them is dropped."""
         try:
-            return self.sock.send(data) == len(data)
+            return self.sock.send(data, _DONTWAIT) == len(data)
         except OSError:
             return False
 
@@ -167,7 +170,7 @@ class SocketSession:
         if self.closed:
             return  # closed by another callback of the same round
         try:
-            data = self.sock.recv(65536)
+            data = self.sock.recv(65536, _DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
@@ -195,13 +198,17 @@ class SocketSession:
             return
         self.closed = True
         if self.timer is not None:  # started: its reader is registered and its clock runs
-            self.loop.remove_reader(self.fd)
+            self.unwatch(self.fd)
             self.timer.cancel()
         try:
             self.sock.close()
         except OSError:
             pass
         self.closing()
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching the descriptor, which is closed next."""
+        self.loop.remove_reader(fd)
 
     # -- what a subclass says --------------------------------------------------
     def received(self, data: bytes) -> None:

@@ -58,6 +58,7 @@ class _Poll:
 class Loop:
     def __init__(self) -> None:
         self.poller = select.epoll() if hasattr(select, "epoll") else _Poll()
+        self.forgets_closed = not isinstance(self.poller, _Poll)  # epoll drops a closed descriptor
         self.handlers: dict[int, object] = {}
         self.timers: list[tuple[float, int, Timer]] = []
         self.cancelled = 0  # cancelled timers still in the heap
@@ -92,6 +93,13 @@ class Loop:
             self.poller.unregister(fd)
         except (KeyError, ValueError, OSError):
             pass  # closed already: the kernel forgot it
+
+    def forget_reader(self, fd: int) -> None:
+        """remove_reader for a descriptor about to be closed, that nothing else holds (no dup,
+        no child): closing it takes it out of epoll, and the epoll_ctl call is saved (one
+        system call of some ten a connection). poll(2) has no such rule: unregistered."""
+        if self.handlers.pop(fd, None) is not None and self.forgets_closed is False:
+            self.poller.unregister(fd)
 
     def call_at(self, when: float, callback) -> Timer:
         timer = Timer(callback, self)

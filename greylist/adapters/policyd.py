@@ -317,6 +317,9 @@ class Client(SocketSession):
                 self.close()
                 return
 
+    def unwatch(self, fd: int) -> None:
+        self.loop.forget_reader(fd)  # our loop; the socket is closed next, and only we hold it
+
     def reply(self, line: str) -> bool:
         return self.send(line.encode("utf-8", "replace") + b"\n\n")
 
@@ -474,8 +477,7 @@ class PolicyServer:
         all, cost 12% less CPU a request than taking turns (50 clients, a connection per
         request, medians of 5 turns: 69.4 against 78.9 us, p50 3.2 against 3.8 ms; 10
         clients 72.0 against 73.9 us, p99 1.6 against 2.2 ms; one client unchanged)."""
-        sock.setblocking(False)
-        client = Client(self, sock)
+        client = Client(self, sock)  # left blocking: a session reads and writes with MSG_DONTWAIT
         self.clients[client] = None
         if self.fresh is None:
             self.fresh = []

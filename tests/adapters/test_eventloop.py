@@ -104,3 +104,44 @@ def test_work_left_to_the_round_end_is_done_once_a_round_before_the_loop_waits()
     loop.close()
     a.close()
     b.close()
+
+
+def test_a_reader_forgotten_as_its_socket_closes_leaves_nothing_watched():
+    """forget_reader (a session closing its own socket) saves epoll_ctl: closing the
+    descriptor takes it out of epoll. The number, reused by the next connection, is
+    watched again with its new reader; nothing is reported for the closed one."""
+    loop = Loop()
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    loop.add_reader(fd, lambda: seen.append("old"))
+    loop.forget_reader(fd)
+    a.close()
+    c, d = socket.socketpair()
+    assert c.fileno() == fd  # the lowest free number: the closed one's
+    seen: list[str] = []
+    loop.add_reader(fd, lambda: (seen.append(c.recv(10)), loop.stop()))  # no "already watched"
+    b.close()  # the old socket's peer goes: nothing to report for a closed descriptor
+    d.send(b"new")
+    loop.run_forever()
+    assert seen == [b"new"]
+    loop.close()
+    for sock in (c, d):
+        sock.close()
+
+
+def test_without_epoll_a_forgotten_reader_is_unregistered(monkeypatch):
+    """poll(2) keeps a closed descriptor and reports it (POLLNVAL) at every wait: a loop
+    that only forgot it would spin. Where there is no epoll, forget_reader unregisters."""
+    import select
+
+    monkeypatch.delattr(select, "epoll")
+    loop = Loop()
+    assert not loop.forgets_closed
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    loop.add_reader(fd, lambda: None)
+    loop.forget_reader(fd)
+    a.close()
+    assert [event for event in loop.poller.poll(0) if event[0] == fd] == []
+    loop.close()
+    b.close()
