@@ -120,8 +120,8 @@ def test_the_instruction_harness_decides_both_requests():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    for shape in ("benchmark", "postfix"):
-        done = subprocess.run([sys.executable, str(root / "benchmarks" / "instructions.py"), "--harness", "40", shape],
+    for args in (["40", "benchmark"], ["40", "postfix"], ["20", "benchmark", "3", "1"], ["20", "benchmark", "3", "0"]):
+        done = subprocess.run([sys.executable, str(root / "benchmarks" / "instructions.py"), "--harness", *args],
                               cwd=root, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)},
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
