@@ -661,10 +661,9 @@ class SqliteStore(Store):
     def get(self, key: str) -> Record | None:
         decision = self.decision
         if decision is not None:  # holding: the deciding one's writes, the window's, then the file
-            if key in decision:
-                return decision[key][1]
-            if key in self.held:
-                return self.held[key][1]
+            written = decision.get(key) or self.held.get(key)
+            if written is not None:
+                return written[1]
             draining = self.draining
             if draining is not None and key in draining:  # being written: what the file will hold
                 found = self.read[key] = draining[key][1]
@@ -681,7 +680,7 @@ class SqliteStore(Store):
                 self._build_step()
             stored = text_key(key)
             known = self.known
-            if known is not None and stored not in known:
+            if known is not None and not known.maybe(stored):
                 found = self.read[key] = _ABSENT  # certainly not in the file: no query
             else:
                 found = self.read[key] = self._row(stored)
@@ -719,8 +718,12 @@ class SqliteStore(Store):
         decision = self.decision
         if decision is not None:
             earlier = decision.get(key)
-            decision[key] = (self.read.get(key, _ANY) if earlier is None else earlier[0], record)
-            if (earlier is None and type(self.read.get(key)) is not Record and key not in self.held
+            if earlier is not None:
+                decision[key] = (earlier[0], record)
+                return
+            read = self.read.get(key, _ANY)
+            decision[key] = (read, record)
+            if (type(read) is not Record and key not in self.held
                     and (self.draining is None or key not in self.draining)):
                 # new to the file: the key filters must say so already (a key read from the
                 # file is in them, or in the scan still to come; added again at every update,
