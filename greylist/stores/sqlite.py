@@ -55,8 +55,8 @@ DRAIN_STEP = 8
 #: server that waits between requests, and most of a statement's cost is that: with one
 #: persistent client, 8 rows a round cost 3-5% more server CPU a request than 64 (one
 #: client alternating requests between the two servers, medians of 9 turns), and a
-#: request ran into 6% more cache lines not in the cache (cachegrind, caches swept before
-#: each request: 3,920 against 3,671). A busy server's rounds owe more than this anyway
+#: decision found 3.4% more cache lines cold (benchmarks/instructions.py: 3,774 against
+#: 3,647). A busy server's rounds owe more than this anyway
 #: (8 decisions or more); a quiet one's next client waits some 0.2 ms, once a batch in 16.
 ROUND_ROWS = 64
 
