@@ -217,14 +217,22 @@ def drive(port: int, clients: int, per_client: int, persistent: bool,
     return now() - started, sorted(latencies), sorted(seen)
 
 
-def start(kind: str, directory: Path) -> tuple[subprocess.Popen, int]:
+def start(kind: str, directory: Path, tree: Path | None = None) -> tuple[subprocess.Popen, int]:
+    """postgrey, or greylist postgrey: as installed, or (``tree``) the greylist package there."""
     port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GREYLIST_")}
     if kind == "postgrey":
         argv = [POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"]
+    elif tree is not None:
+        import sys
+
+        argv = [sys.executable, "-m", "greylist.admin", "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"]
+        env["PYTHONPATH"] = str(tree)
     else:
         argv = [*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GREYLIST_")}
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # a tree's package, not the one in the current directory (python -m puts it first)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd="/" if tree is not None else None)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:

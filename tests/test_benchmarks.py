@@ -125,3 +125,26 @@ def test_the_instruction_harness_decides_both_requests():
                               cwd=root, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)},
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
+
+
+def test_alternating_requests_between_servers_measures_each_at_the_same_moments():
+    """benchmarks/alternate.py: each server's CPU a request, and its ratio to the first's
+    turn by turn. Against Debian's postgrey, ours must read far cheaper; a second copy of
+    the same server is told apart by name."""
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    from benchmarks.alternate import main, measure
+
+    if not Path("/usr/sbin/postgrey").exists() or os.geteuid() != 0:
+        pytest.skip("needs Debian's postgrey, run as root")
+    result = measure(["postgrey", "worktree", "worktree"], turns=2, requests=150)
+    assert result["postgrey"]["ratio"] == 1.0 and result["postgrey"]["cpu_us"] > 100
+    for name in ("worktree#1", "worktree#2"):
+        assert 0 < result[name]["cpu_us"] and result[name]["ratio"] < 0.8  # postgrey: some 4x ours
+        low, high = result[name]["ratio_range"]
+        assert low <= result[name]["ratio"] <= high
+    with pytest.raises(SystemExit):
+        main(["worktree"])  # one server: nothing to compare with
