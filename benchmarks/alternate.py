@@ -65,6 +65,10 @@ def measure(servers: list[str], turns: int = 9, requests: int = 2000, new_connec
 
     if len(servers) < 2:
         raise ValueError("name two servers or more")
+    if turns < 1 or requests < 1:
+        raise ValueError("at least one turn of one request")
+    if any(server.startswith("-") for server in servers):  # git archive would take it as an option
+        raise ValueError("a server is postgrey, worktree or a git revision")
     if "postgrey" in servers and (not Path("/usr/sbin/postgrey").exists() or os.geteuid() != 0):
         return {"skipped": "postgrey needs Debian's postgrey, run as root (it switches to its own user)"}
     names = [f"{name}#{n}" if servers.count(name) > 1 else name for n, name in enumerate(servers)]

@@ -146,5 +146,6 @@ def test_alternating_requests_between_servers_measures_each_at_the_same_moments(
         assert 0 < result[name]["cpu_us"] and result[name]["ratio"] < 0.8  # postgrey: some 4x ours
         low, high = result[name]["ratio_range"]
         assert low <= result[name]["ratio"] <= high
-    with pytest.raises(SystemExit):
-        main(["worktree"])  # one server: nothing to compare with
+    for bad in (["worktree"], ["worktree", "--output=/tmp/x"], ["--turns", "0", "worktree", "HEAD"]):
+        with pytest.raises(SystemExit):  # one server; an option for git; no turn at all
+            main(bad)
