@@ -87,10 +87,10 @@ COMPARED = [
 ]
 
 
-#: figures a shared machine does not blur, gated closer than --tolerance: an instruction
-#: count is the same run after run; 1.25 leaves room for another Python or SQLite build
-TOLERANCE = {("instructions", "per_decision"): 1.25, ("instructions", "per_decision_postfix_request"): 1.25,
-             ("instructions", "cold_lines_per_decision"): 1.25}
+#: benchmarks whose figures a shared machine does not blur, gated closer than --tolerance:
+#: valgrind's counts of instructions and cache lines are the same run after run; 1.25
+#: leaves room for another Python or SQLite build
+TOLERANCE = {"instructions": 1.25}
 
 
 def machine() -> dict:
@@ -109,7 +109,7 @@ def compare(results: dict, baseline: dict, tolerance: float, quick: bool = False
             rows.append([f"{bench}.{figure}", "-", now, "-", "new figure"])
             continue
         worse_by = (now / base if better == "lower" else base / now) if now else float("inf")
-        allowed = min(tolerance, TOLERANCE.get((bench, figure), tolerance))
+        allowed = min(tolerance, TOLERANCE.get(bench, tolerance))
         status = "ok" if worse_by <= allowed else f"REGRESSION (> {allowed:g}x)"
         if quick and bench in NOT_GATED_WHEN_QUICK:
             status += " (not gated in --quick)"
