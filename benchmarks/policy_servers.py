@@ -18,6 +18,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -224,8 +225,6 @@ def start(kind: str, directory: Path, tree: Path | None = None) -> tuple[subproc
     if kind == "postgrey":
         argv = [POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"]
     elif tree is not None:
-        import sys
-
         argv = [sys.executable, "-m", "greylist.admin", "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"]
         env["PYTHONPATH"] = str(tree)
     else:
@@ -371,7 +370,6 @@ def measure(requests: int = 4000, idle: int = 1000, settings=((1, True), (10, Tr
 
 if __name__ == "__main__":
     import json
-    import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     print(json.dumps(measure(int(sys.argv[1]) if len(sys.argv) > 1 else 4000,
