@@ -342,12 +342,14 @@ def test_a_server_in_rounds_has_the_rows_its_decisions_owe_written_at_the_round_
     assert store.owed == 4 * DRAIN_STEP and len(store.todo) == HELD_ROWS  # the decisions wrote nothing
     store.write_owed()  # one round's end: the four decisions' rows together, ROUND_ROWS at least
     assert store.owed == 0 and len(store.todo) == HELD_ROWS - max(4 * DRAIN_STEP, ROUND_ROWS)
-    for n in range(HELD_ROWS + 3, HELD_ROWS + 3 + ROUND_ROWS // DRAIN_STEP + 1):  # a busy round: what it owes
+    busy = ROUND_ROWS // DRAIN_STEP + 1  # a busy round: it owes more than ROUND_ROWS, and writes that
+    for n in range(HELD_ROWS + 3, HELD_ROWS + 3 + busy):
         check(store, f"k{n}", 1000.0, policy)
     store.write_owed()
-    assert len(store.todo) == HELD_ROWS - max(4 * DRAIN_STEP, ROUND_ROWS) - (ROUND_ROWS + DRAIN_STEP)
+    assert busy * DRAIN_STEP > ROUND_ROWS
+    assert len(store.todo) == HELD_ROWS - max(4 * DRAIN_STEP, ROUND_ROWS) - busy * DRAIN_STEP
     assert committed(path) == set()  # one transaction: committed after its last row
-    n = HELD_ROWS + 3 + ROUND_ROWS // DRAIN_STEP + 1
+    n = HELD_ROWS + 3 + busy
     while store.draining is not None:
         check(store, f"k{n}", 1000.0, policy)
         assert check(store, f"k{n}", 1001.0, policy).reason == "too-soon"  # its own writes, read back
