@@ -47,7 +47,7 @@ HELD_ROWS = 1024
 #: code and pages still warm. The statements a batch takes no longer depend on this step,
 #: only the size of each: at 8 a round of 50 decisions wrote 400 rows, 1.1 ms (p90 1.7 ms)
 #: with every client waiting; at 3, 0.3 ms (p90 0.6). Per turn of 20,000 requests (50
-#: clients, a connection per request), the p99 was lower at 3 in 27 turns of 39. A
+#: clients, a connection per request), the p99 was lower at 3 in 27 turns of 41. A
 #: decision makes at most two rows, so a batch is still written before the next (and a
 #: batch grown while another writer held the lock is caught up with); a full batch holds
 #: the write lock for 342 decisions at most.
