@@ -325,6 +325,44 @@ def test_a_busy_server_flushes_by_size_before_its_window_ends(tmp_path):
     store.close()
 
 
+def test_a_backlog_left_by_another_writers_lock_is_caught_up_with_at_two_rows_a_decision(tmp_path, monkeypatch):
+    """A decision makes at most two rows (a triplet's first pass and its client's
+    auto-whitelist tally); DRAIN_STEP writes more than that of the batch, so rows held
+    while another connection had the write lock are caught up with under any load. At
+    two rows written a decision, a backlog never shrank while every decision made two,
+    and held rows past MAX_HELD are dropped."""
+    from greylist.stores import sqlite as module
+
+    monkeypatch.setattr(module, "LOCK_RETRY", 0.0)
+    path = tmp_path / "g.db"
+    store = holding(path)
+    policy = load({"delay": "60"}, {}).policy
+    passing = 2 * module.HELD_ROWS
+    for n in range(passing):  # triplets seen once, committed: each will pass, with its tally
+        check(store, f"t{n}", 1000.0, policy, f"10.0.{n >> 8}.{n & 255}")
+    store.flush()
+    blocker = sqlite3.connect(path, timeout=5, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # an admin's sqlite3 shell, say
+    for n in range(2 * module.HELD_ROWS):  # new triplets meanwhile: held, the lock taken
+        check(store, f"new{n}", 1000.0, policy, "192.0.2.1")
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    backlog = len(store.held) + len(store.todo)
+    assert backlog == 2 * module.HELD_ROWS and store.draining is None
+    for n in range(passing):  # every decision now makes two rows
+        before = len(store.held) + len(store.todo)
+        assert check(store, f"t{n}", 1100.0, policy, f"10.0.{n >> 8}.{n & 255}").reason == "passed"
+        assert len(store.held) + len(store.todo) <= before + 2
+    left = len(store.held) + len(store.todo)
+    assert left < backlog // 2  # shrinking (at two rows written a decision it stayed level)
+    assert store.lock_dropped == 0
+    store.flush()
+    triplets = {key for key in committed(path) if not key.startswith("awl|")}
+    assert triplets == {f"t{n}" for n in range(passing)} | {f"new{n}" for n in range(2 * module.HELD_ROWS)}
+    assert store.get(f"t{passing - 1}").passes == 1  # nothing lost: the last pass, written
+    store.close()
+
+
 def test_a_server_in_rounds_has_the_rows_its_decisions_owe_written_at_the_round_end(tmp_path):
     """On the server's own event loop, a decision only counts the DRAIN_STEP rows it
     owes; write_owed (the end of the loop round) writes them together, after the
