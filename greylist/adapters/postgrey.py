@@ -53,6 +53,70 @@ ALIASES = {"-h": "--help", "-n": "--noaction", "-v": "--verbose", "-q": "--quiet
 REFUSED = {"--noaction": "is refused by postgrey itself"}
 
 
+#: what --help prints: postgrey's own usage, its options in its order, units and defaults,
+#: each as greylist postgrey takes it, and what we add. An admin who swaps the binary
+#: types --help to check an option, not to read this module's docstring.
+USAGE = """Usage:
+    greylist postgrey [postgrey's options...]     (or greylist-postgrey)
+
+     -h, --help              display this help and exit
+         --version           output version information and exit
+     -v, --verbose           log every decision (the default)
+         --syslog-facility   syslog facility, with --daemonize (default mail)
+     -q, --quiet             log greylisting and errors only, not passes
+     -u, --unix=PATH         listen on unix socket PATH
+         --socketmode=MODE   unix socket permission (default 0666)
+     -i, --inet=[HOST:]PORT  listen on PORT, localhost if HOST is not specified
+     -d, --daemonize         run in the background, logging to syslog
+         --pidfile=PATH      put daemon pid into this file
+         --user=USER         run as USER (default: postgrey)
+         --group=GROUP       run as group GROUP (default: USER's group)
+         --dbdir=PATH        put the database in PATH (default: /var/lib/postgrey):
+                             one SQLite file, greylist.sqlite
+         --delay=N           greylist for N seconds (default: 300)
+         --max-age=N         delete entries older than N days since the last time
+                             that they have been seen (default: 35), once a night
+         --retry-window=N    allow only N days for the first retrial (default: 2)
+                             append 'h' if you want to specify it in hours
+         --greylist-action=A if greylisted, return A to Postfix (default: DEFER_IF_PERMIT)
+         --greylist-text=TXT response when a mail is greylisted, %s the seconds left
+                             and %r the recipient's domain (default: Greylisted, see
+                             http://postgrey.schweikert.ch/help/%r.html)
+         --lookup-by-subnet  strip the last bits from IP addresses, as ipv4cidr and
+                             ipv6cidr say (default)
+         --ipv4cidr=N        the subnet of IPv4 addresses with lookup-by-subnet (default: 24)
+         --ipv6cidr=N        the subnet of IPv6 addresses with lookup-by-subnet (default: 64)
+         --lookup-by-host    do not strip the last bits from IP addresses
+         --privacy           store data using one-way hash functions (SHA-1)
+         --hostname=NAME     set the hostname (default: `hostname`)
+         --exim              don't reuse a socket for more than one query (exim compatible)
+         --whitelist-clients=FILE     default: /etc/postgrey/whitelist_clients
+         --whitelist-recipients=FILE  default: /etc/postgrey/whitelist_recipients
+         --auto-whitelist-clients=N   whitelist a client after N deliveries that
+                                      waited (default 5, counted as postgrey counts);
+                                      N=0 disables it
+         --listen-queue-size=N        allow for N waiting connections to our socket
+                                      (default: as many as the system allows)
+         --x-greylist-header=TXT      header when a mail was delayed by greylisting
+                                      default: X-Greylist: delayed <seconds> seconds by
+                                      postgrey-<version> at <server>; <date>
+
+     Note that the --whitelist-x options can be specified multiple times,
+     and that per default /etc/postgrey/whitelist_clients.local and
+     /etc/postgrey/whitelist_recipients.local are also read, so that you can put
+     there local entries.
+
+ greylist's own, beside postgrey's:
+         --store=URL         the database instead of --dbdir's file: sqlite:///PATH,
+                             redis://HOST:PORT/DB, file:///DIR or memory://
+         --mode=shadow       decide and log, but let every mail through (try it first)
+         GREYLIST_*          settings from the environment, as greylist policyd takes them
+
+ postgrey's database is brought over once, before the switch:
+     greylist migrate postgrey:///var/lib/postgrey sqlite:///var/lib/postgrey/greylist.sqlite
+"""
+
+
 class PostgreyError(ValueError):
     """A postgrey option we cannot honour; the message says which and why."""
 
@@ -471,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"postgrey {POSTGREY_VERSION} (greylist {__version__})\n")
         return 0
     if plan.help:
-        sys.stdout.write(__doc__ + "\noptions: " + " ".join(f"--{o.rstrip('=')}" for o in LONG) + "\n")
+        sys.stdout.write(USAGE)
         return 0
     try:
         config = load(plan.flags, os.environ)  # GREYLIST_* variables may add to postgrey's options

@@ -143,6 +143,29 @@ def test_version_and_refusals_on_the_command_line():
             assert theirs.returncode == 1 and f"Unknown option: {name}" in theirs.stderr, theirs
 
 
+def test_help_lists_every_option_of_postgreys_own_help_and_ours():
+    """An admin who swapped the binary types --help to look an option up: postgrey's usage,
+    each of its options there (as the installed postgrey's --help lists them, where it is
+    installed), every option we take, and nothing of the module's docstring markup."""
+    import re
+
+    from greylist.adapters.postgrey import LONG
+
+    for argv in (["--help"], ["-h"], ["--man"]):
+        out = subprocess.run([*command("greylist"), "postgrey", *argv], capture_output=True, text=True,
+                             timeout=20)
+        assert out.returncode == 0 and out.stdout.startswith("Usage:") and out.stderr == ""
+    listed = set(re.findall(r"--([a-z][a-z0-9-]*)", out.stdout))
+    hidden = {"man", "noaction", "no-action", "syslogfacility", "facility", "accept-test-time"}
+    assert {o.rstrip("=") for o in LONG} - hidden <= listed  # aliases, the refused, the tests' own aside
+    assert "``" not in out.stdout and ":class:" not in out.stdout
+    assert "greylist migrate postgrey:///var/lib/postgrey" in out.stdout
+    if Path(POSTGREY).exists():
+        theirs = subprocess.run([POSTGREY, "--help"], capture_output=True, text=True, timeout=20)
+        options = set(re.findall(r"^\s+(?:-\w, )?--([a-z][a-z0-9-]*)", theirs.stdout + theirs.stderr, re.M))
+        assert len(options) > 25 and options <= listed, options - listed
+
+
 STREAM = [  # (seconds after T, client, sender, recipient)
     (0, "192.0.2.5", "a@example.org", "b@example.net"),
     (10, "192.0.2.5", "a@example.org", "b@example.net"),            # too soon
