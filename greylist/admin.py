@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("migrate", help="copy entries between stores (a cqgreylist tree into Redis, say)")
-    p.add_argument("src", help="source store URL, e.g. file:///var/qmail/cqgreylist")
+    p.add_argument("src", help="source store URL, e.g. file:///var/qmail/cqgreylist, or "
+                               "postgrey:///var/lib/postgrey (postgrey's Berkeley DB files, read once)")
     p.add_argument("dst", help="destination store URL, e.g. redis://10.0.0.5:6379/0")
     add_setting_options(p, ("retry_window", "max_age"))
     p.add_argument("--dry-run", action="store_true", help="count, write nothing")
