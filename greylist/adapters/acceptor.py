@@ -132,6 +132,18 @@ class Acceptor:
             self.on_socket(sock, address)
 
 
+class _Untimed:
+    """The timer of a session whose server finds its idle sessions itself: nothing to cancel."""
+
+    __slots__ = ()
+
+    def cancel(self) -> None:
+        pass
+
+
+UNTIMED = _Untimed()
+
+
 class SocketSession:
     """One accepted connection on the loop: data as it comes, one lazy timer, closed once.
 
@@ -142,6 +154,11 @@ class SocketSession:
     """
 
     __slots__ = ("loop", "sock", "fd", "last", "idle", "deadline", "timer", "closed")
+
+    #: False: no timer of its own; its server closes the sessions silent for ``idle``
+    #: itself, from one timer for all (a connection that lives for one request then
+    #: costs no timer to make and cancel, and the heap no entry to clear out)
+    timed = True
 
     def __init__(self, loop, sock: socket.socket, idle: float, deadline: float = float("inf")) -> None:
         self.loop = loop
@@ -156,7 +173,8 @@ class SocketSession:
     def start(self) -> None:
         """Listen for data and start the clock (after a greeting, say)."""
         self.loop.add_reader(self.fd, self.readable)
-        self.timer = self.loop.call_at(min(self.last + self.idle, self.deadline), self._tick)
+        self.timer = self.loop.call_at(min(self.last + self.idle, self.deadline), self._tick) if self.timed \
+            else UNTIMED
 
     def send(self, data: bytes) -> bool:
         """Replies are a few hundred bytes at most; a client that does not read them is dropped."""
@@ -197,7 +215,7 @@ class SocketSession:
         if self.closed:
             return
         self.closed = True
-        if self.timer is not None:  # started: its reader is registered and its clock runs
+        if self.timer is not None:  # started: its reader is registered (and its clock runs, if timed)
             self.unwatch(self.fd)
             self.timer.cancel()
         try:

@@ -51,6 +51,8 @@ MAX_REQUEST = 32 * 1024
 MAX_ATTRIBUTES = 100
 _EQUALS, _ONCE = repeat("="), repeat(1)  # the arguments of every request line's split
 IDLE_TIMEOUT = 300.0
+#: how often (in parts of the idle timeout) the server looks for idle clients
+SWEEPS = 4
 LOG_WINDOW = 0.2         # log lines are written together, at most this late
 LOG_BATCH = 64           # or when this many wait (256 held every client 1 ms)
 DEFAULT_MAX_CONNECTIONS = 4000
@@ -296,6 +298,12 @@ class Client(SocketSession):
 
     __slots__ = ("server", "reader")
 
+    #: the server closes idle clients from one timer (PolicyServer.sweep): a timer a
+    #: connection, made and cancelled, was 1.7% and 2.5% of a connection's CPU with one
+    #: client connecting for each request (two runs of alternating turns, 13 each; their
+    #: controls 0.997 and 1.002); 50 such clients' p99 was no different (15 turns)
+    timed = False
+
     def __init__(self, server: "PolicyServer", sock: socket.socket) -> None:
         super().__init__(server.loop, sock, server.idle_timeout)
         self.server = server
@@ -448,8 +456,21 @@ class PolicyServer:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         reloads.release()  # a SIGHUP that came as it started reloads it now
         self.acceptor.resume()
+        loop.call_later(self.idle_timeout / SWEEPS, self.sweep)
         if self.nightly is not None:
             self.nightly.start()
+
+    def sweep(self) -> None:
+        """Close the clients silent for the idle timeout (Postfix closes its own idle
+        connections sooner, after 300 s: this is for clients that never do), at most a
+        SWEEPS-th of it late. The clients are walked in order of arrival, not of their last
+        request, so all of them, once every SWEEPS-th of the timeout."""
+        now = self.loop.time()
+        idle = self.idle_timeout
+        for client in [client for client in self.clients if now - client.last >= idle]:
+            client.idled()
+            client.close()
+        self.loop.call_later(idle / SWEEPS, self.sweep)
 
     def reload(self) -> None:
         said = self.greylister.reload()

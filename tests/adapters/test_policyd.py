@@ -907,3 +907,47 @@ def test_a_sighup_while_it_starts_reloads_it_once_it_can_and_never_kills_it(tmp_
             assert "reloaded=" in log, log
             return
     raise AssertionError("SIGHUP was never held while it started")
+
+
+def test_a_client_silent_for_the_idle_timeout_is_closed_and_one_that_asks_is_kept():
+    """Clients have no timer of their own: the server's sweep closes the ones silent for
+    the idle timeout (at most a SWEEPS-th of it late) and leaves the others open."""
+    from greylist.adapters.policyd import SWEEPS, PolicyServer, make_listener
+    from greylist.config import load
+
+    listener, where = make_listener("127.0.0.1:0")
+    address = listener.getsockname()
+    idle = 0.6  # six of the busy client's requests in it: a slow moment of the machine is no silence
+    server = PolicyServer(listener, load({"store": "memory://", "key": "ip"}, {}), where, idle_timeout=idle)
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    quiet = socket.create_connection(address, timeout=5)
+    busy = socket.create_connection(address, timeout=5)
+    seen: list[tuple[float, int, bool]] = []
+    started = time.monotonic()
+
+    def ask() -> None:  # every tenth of a second: never silent for the idle timeout
+        busy.sendall(request(client_address="192.0.2.7"))
+        seen.append((time.monotonic() - started, len(server.clients),
+                     any(client.sock.getpeername() == busy.getsockname() for client in server.clients)))
+        if time.monotonic() - started < 4 * idle:
+            server.loop.call_later(0.1, ask)
+        else:
+            server.loop.stop()
+
+    try:
+        server.start()
+        server.loop.call_later(0.1, ask)
+        server.serve()
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    assert quiet.recv(4096) == b""  # closed by the server
+    early = [clients for at, clients, _kept in seen if at < idle - 0.05]
+    late = [(clients, kept) for at, clients, kept in seen if at > idle * (1 + 1 / SWEEPS) + 0.3]
+    assert early and all(clients == 2 for clients in early)  # not before its time
+    assert late and all(clients == 1 and kept for clients, kept in late)  # the quiet one, not the busy one
+    answers = b""
+    while answers.count(b"\n\n") < len(seen) and (chunk := busy.recv(4096)):
+        answers += chunk
+    assert answers.count(b"action=") == len(seen)
+    busy.close()
