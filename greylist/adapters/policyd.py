@@ -461,16 +461,17 @@ class PolicyServer:
             self.nightly.start()
 
     def sweep(self) -> None:
-        """Close the clients silent for the idle timeout (Postfix closes its own idle
-        connections sooner, after 300 s: this is for clients that never do), at most a
-        SWEEPS-th of it late. The clients are walked in order of arrival, not of their last
-        request, so all of them, once every SWEEPS-th of the timeout."""
+        """Close the clients silent for the idle timeout, at most a SWEEPS-th of it late
+        (Postfix closes its own after smtpd_policy_service_max_idle, 300 s by default: this
+        is for clients that never do). The clients are walked in order of arrival, not of
+        their last request, so all of them. The next sweep is set first: a failure here (a
+        bug, logged by the loop) must not end the sweeps."""
         now = self.loop.time()
         idle = self.idle_timeout
+        self.loop.call_later(idle / SWEEPS, self.sweep)
         for client in [client for client in self.clients if now - client.last >= idle]:
             client.idled()
             client.close()
-        self.loop.call_later(idle / SWEEPS, self.sweep)
 
     def reload(self) -> None:
         said = self.greylister.reload()
