@@ -951,3 +951,40 @@ def test_a_client_silent_for_the_idle_timeout_is_closed_and_one_that_asks_is_kep
         answers += chunk
     assert answers.count(b"action=") == len(seen)
     busy.close()
+
+
+def test_a_sweep_that_fails_is_logged_as_our_bug_and_the_next_one_still_runs(monkeypatch):
+    from greylist.adapters import policyd
+    from greylist.config import load
+
+    listener, where = policyd.make_listener("127.0.0.1:0")
+    server = policyd.PolicyServer(listener, load({"store": "memory://"}, {}), where, idle_timeout=0.2)
+    failed: list[object] = []
+
+    def idled(client) -> None:  # a bug, the first time only
+        if not failed:
+            failed.append(client)
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(policyd.Client, "idled", idled)
+    logged: list[dict] = []
+    monkeypatch.setattr(server, "log", logged.append)
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    quiet = socket.create_connection(listener.getsockname(), timeout=5)
+    open_then: list[int] = []
+
+    def look() -> None:
+        open_then.append(len(server.clients))
+        server.loop.stop()
+
+    try:
+        server.start()
+        server.loop.call_later(1.0, look)
+        server.serve()
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    assert failed and any("internal error RuntimeError in PolicyServer.sweep" in str(f.get("error")) for f in logged)
+    assert open_then == [0]  # closed by a later sweep
+    assert quiet.recv(4096) == b""
+    quiet.close()
