@@ -909,6 +909,19 @@ def test_a_sighup_while_it_starts_reloads_it_once_it_can_and_never_kills_it(tmp_
     raise AssertionError("SIGHUP was never held while it started")
 
 
+def serve_started(server, delay: float, callback) -> None:
+    """Run a server in this process as its command runs it (start: signals, the sweep),
+    ``callback`` called ``delay`` seconds in; pytest's signal handlers are put back."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        server.start()
+        server.loop.call_later(delay, callback)
+        server.serve()
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
 def test_a_client_silent_for_the_idle_timeout_is_closed_and_one_that_asks_is_kept():
     """Clients have no timer of their own: the server's sweep closes the ones silent for
     the idle timeout (at most a SWEEPS-th of it late) and leaves the others open."""
@@ -919,7 +932,6 @@ def test_a_client_silent_for_the_idle_timeout_is_closed_and_one_that_asks_is_kep
     address = listener.getsockname()
     idle = 0.6  # six of the busy client's requests in it: a slow moment of the machine is no silence
     server = PolicyServer(listener, load({"store": "memory://", "key": "ip"}, {}), where, idle_timeout=idle)
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     quiet = socket.create_connection(address, timeout=5)
     busy = socket.create_connection(address, timeout=5)
     seen: list[tuple[float, int, bool]] = []
@@ -934,13 +946,7 @@ def test_a_client_silent_for_the_idle_timeout_is_closed_and_one_that_asks_is_kep
         else:
             server.loop.stop()
 
-    try:
-        server.start()
-        server.loop.call_later(0.1, ask)
-        server.serve()
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
+    serve_started(server, 0.1, ask)
     assert quiet.recv(4096) == b""  # closed by the server
     early = [clients for at, clients, _kept in seen if at < idle - 0.05]
     late = [(clients, kept) for at, clients, kept in seen if at > idle * (1 + 1 / SWEEPS) + 0.3]
@@ -969,7 +975,6 @@ def test_a_sweep_that_fails_is_logged_as_our_bug_and_the_next_one_still_runs(mon
     monkeypatch.setattr(policyd.Client, "idled", idled)
     logged: list[dict] = []
     monkeypatch.setattr(server, "log", logged.append)
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     quiet = socket.create_connection(listener.getsockname(), timeout=5)
     open_then: list[int] = []
 
@@ -977,13 +982,7 @@ def test_a_sweep_that_fails_is_logged_as_our_bug_and_the_next_one_still_runs(mon
         open_then.append(len(server.clients))
         server.loop.stop()
 
-    try:
-        server.start()
-        server.loop.call_later(1.0, look)
-        server.serve()
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
+    serve_started(server, 1.0, look)
     assert failed and any("internal error RuntimeError in PolicyServer.sweep" in str(f.get("error")) for f in logged)
     assert open_then == [0]  # closed by a later sweep
     assert quiet.recv(4096) == b""
