@@ -59,8 +59,8 @@ DRAIN_STEP = 3
 #: persistent client, 8 rows a round cost 3-5% more server CPU a request than 64 (one
 #: client alternating requests between the two servers, medians of 9 turns), and a
 #: decision found 3.4% more cache lines cold (benchmarks/instructions.py: 3,774 against
-#: 3,647). A busy server's rounds owe more than this anyway (8 decisions or more); a
-#: quiet one's next client waits some 0.2 ms, once a batch in 16.
+#: 3,647). A busy server's rounds of 22 decisions or more owe more than this anyway
+#: (DRAIN_STEP rows each); a quiet one's next client waits some 0.2 ms, once a batch in 16.
 ROUND_ROWS = 64
 
 #: a server holding writes never waits for another connection's write lock (a qmail
