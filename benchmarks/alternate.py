@@ -16,10 +16,12 @@ revisions with each other; benchmarks/policy_servers.py measures against postgre
 
     python benchmarks/alternate.py 9d34fa7 HEAD          # two revisions of greylist postgrey
     python benchmarks/alternate.py postgrey worktree     # Debian's postgrey, the files as they are
+    python benchmarks/alternate.py worktree python:/tmp/system/bin/python   # another Python's build
 
 A server is ``postgrey`` (Debian's, run as root), ``worktree`` (this checkout's
-files) or a git revision; each is run as ``greylist postgrey`` on a database of
-its own. Every request is a new triplet, as in benchmarks/policy_servers.py.
+files), a git revision, or ``python:PATH``: greylist as installed for that
+interpreter (a venv's python), to compare builds of Python; each is run as
+``greylist postgrey`` on a database of its own. Every request is a new triplet, as in benchmarks/policy_servers.py.
 """
 
 from __future__ import annotations
@@ -61,14 +63,17 @@ def _ask(sock: socket.socket, data: bytes) -> None:
 
 def measure(servers: list[str], turns: int = 9, requests: int = 2000, new_connection: bool = False) -> dict:
     """CPU a request of each server (medians of the turns) and its ratio to the first's."""
-    from benchmarks.policy_servers import cpu, request, server_pid, start, stop
+    from benchmarks.policy_servers import cpu, installed_in, request, server_pid, start, stop
 
     if len(servers) < 2:
         raise ValueError("name two servers or more")
     if turns < 1 or requests < 1:
         raise ValueError("at least one turn of one request")
     if any(server.startswith("-") for server in servers):  # git archive would take it as an option
-        raise ValueError("a server is postgrey, worktree or a git revision")
+        raise ValueError("a server is postgrey, worktree, a git revision or python:PATH")
+    for server in servers:
+        if server.startswith("python:"):
+            installed_in(server.removeprefix("python:"))
     if "postgrey" in servers and (not Path("/usr/sbin/postgrey").exists() or os.geteuid() != 0):
         return {"skipped": "postgrey needs Debian's postgrey, run as root (it switches to its own user)"}
     names = [f"{name}#{n}" if servers.count(name) > 1 else name for n, name in enumerate(servers)]
@@ -84,8 +89,11 @@ def measure(servers: list[str], turns: int = 9, requests: int = 2000, new_connec
                     shutil.chown(directory, "postgrey")
                 except LookupError:
                     pass  # no such user: greylist postgrey stays root
-            tree = None if server == "postgrey" else _tree(server, base / f"tree{n}")
-            proc, port = start("postgrey" if tree is None else "ours", directory, tree)
+            if server.startswith("python:"):
+                proc, port = start("ours", directory, python=server.removeprefix("python:"))
+            else:
+                tree = None if server == "postgrey" else _tree(server, base / f"tree{n}")
+                proc, port = start("postgrey" if tree is None else "ours", directory, tree)
             running[name] = (proc, port, server_pid(proc))
         conns = {name: socket.create_connection(("127.0.0.1", port), timeout=30)
                  for name, (_proc, port, _pid) in running.items()}
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("servers", nargs="+", help="postgrey, worktree or a git revision; the first is the reference")
+    parser.add_argument("servers", nargs="+", help="postgrey, worktree, a git revision or python:PATH; the first is the reference")
     parser.add_argument("--turns", type=int, default=9)
     parser.add_argument("--requests", type=int, default=2000, help="requests a turn, to each server")
     parser.add_argument("--new-connection", action="store_true", help="a connection per request")

@@ -13,6 +13,7 @@ capacity per store.
     python benchmarks/run.py            # full run, prints the comparison table
     python benchmarks/run.py --quick    # the short run CI does
     python benchmarks/run.py --update-baseline
+    python benchmarks/run.py --only policy_servers --system-python /tmp/system/bin/python
 
 Figures are compared as ratios to benchmarks/baseline.json. Because shared
 machines are noisy, only a gross regression fails the run: a figure more than
@@ -127,14 +128,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default=str(HERE / "baseline.json"))
     parser.add_argument("--tolerance", type=float, default=2.0)
     parser.add_argument("--update-baseline", action="store_true")
+    parser.add_argument("--system-python", metavar="PYTHON",
+                        help="policy_servers: also run greylist postgrey as installed for this interpreter "
+                             "(a venv's python, e.g. one made with the distribution's python3)")
     args = parser.parse_args(argv)
 
+    if args.system_python:
+        try:
+            policy_servers.installed_in(args.system_python)
+        except ValueError as exc:
+            parser.error(str(exc))
     results: dict = {"machine": machine(), "quick": args.quick}
     for name, (func, full, quick) in SUITE.items():
         if args.only and name not in args.only:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = func(**(quick if args.quick else full))
+        kwargs = dict(quick if args.quick else full)
+        if name == "policy_servers" and args.system_python:
+            kwargs["system_python"] = args.system_python
+        results[name] = func(**kwargs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -149,3 +149,37 @@ def test_alternating_requests_between_servers_measures_each_at_the_same_moments(
     for bad in (["worktree"], ["worktree", "--output=/tmp/x"], ["--turns", "0", "worktree", "HEAD"]):
         with pytest.raises(SystemExit):  # one server; an option for git; no turn at all
             main(bad)
+
+
+def test_a_python_of_its_own_is_a_server_beside_the_others():
+    """benchmarks/alternate.py and policy_servers.py: ``python:PATH`` (``system_python``)
+    runs greylist postgrey as installed for another interpreter, to compare builds of
+    Python (Debian's took a fifth less CPU a request than pyenv's); an interpreter
+    without greylist is refused with how to make one, before any server starts."""
+    import os
+    import platform
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    from benchmarks.alternate import measure
+    from benchmarks.policy_servers import installed_in
+    from benchmarks.policy_servers import measure as side_by_side
+
+    assert installed_in(sys.executable) == sys.executable  # the test venv has it installed
+    for bad in ("/bin/false", "/nonexistent/python"):
+        with pytest.raises(ValueError, match="pip install"):
+            installed_in(bad)
+    with pytest.raises(ValueError, match="greylist installed"):
+        measure(["worktree", "python:/bin/false"], turns=1, requests=1)
+    result = measure(["worktree", f"python:{sys.executable}"], turns=2, requests=100)
+    assert result["worktree"]["ratio"] == 1.0 and result[f"python:{sys.executable}"]["cpu_us"] > 0
+    if not Path("/usr/sbin/postgrey").exists() or os.geteuid() != 0:
+        pytest.skip("the side-by-side run needs Debian's postgrey, run as root")
+    out = side_by_side(requests=100, idle=5, settings=((1, True),), same_cpu=False, system_python=sys.executable)
+    shared = "libpython" in Path(f"/proc/{os.getpid()}/maps").read_text()
+    assert out["system_interpreter"].startswith(f"Python {platform.python_version()} ")
+    assert out["system_interpreter"].endswith("libpython shared" if shared else "libpython linked in")
+    assert out["system_persistent_1_cpu_us"] > 0 and out["cpu_ratio_system_persistent_1"] < 0.8
+    assert out["system_rss_idle_connections_mb"] > 0 and "cpu_ratio_persistent_1" in out
