@@ -71,9 +71,8 @@ def measure(servers: list[str], turns: int = 9, requests: int = 2000, new_connec
         raise ValueError("at least one turn of one request")
     if any(server.startswith("-") for server in servers):  # git archive would take it as an option
         raise ValueError("a server is postgrey, worktree, a git revision or python:PATH")
-    for server in servers:
-        if server.startswith("python:"):
-            installed_in(server.removeprefix("python:"))
+    pythons = {server: installed_in(server.removeprefix("python:")) for server in servers
+               if server.startswith("python:")}
     if "postgrey" in servers and (not Path("/usr/sbin/postgrey").exists() or os.geteuid() != 0):
         return {"skipped": "postgrey needs Debian's postgrey, run as root (it switches to its own user)"}
     names = [f"{name}#{n}" if servers.count(name) > 1 else name for n, name in enumerate(servers)]
@@ -90,7 +89,7 @@ def measure(servers: list[str], turns: int = 9, requests: int = 2000, new_connec
                 except LookupError:
                     pass  # no such user: greylist postgrey stays root
             if server.startswith("python:"):
-                proc, port = start("ours", directory, python=server.removeprefix("python:"))
+                proc, port = start("ours", directory, python=pythons[server])
             else:
                 tree = None if server == "postgrey" else _tree(server, base / f"tree{n}")
                 proc, port = start("postgrey" if tree is None else "ours", directory, tree)

@@ -219,14 +219,16 @@ def drive(port: int, clients: int, per_client: int, persistent: bool,
 
 
 def installed_in(python: str) -> str:
-    """``python`` itself, once it is known to import greylist (a venv's python with this
-    checkout installed); else a ValueError that says how to make one."""
-    check = subprocess.run([python, "-c", "import greylist.adapters.postgrey"], cwd="/",
-                           capture_output=True, text=True, check=False) if shutil.which(python) else None
+    """``python``'s absolute path (servers start in /), once it is known to import
+    greylist (a venv's python with this checkout installed); else a ValueError that
+    says how to make one."""
+    found = shutil.which(python)
+    check = subprocess.run([os.path.abspath(found), "-c", "import greylist.adapters.postgrey"], cwd="/",
+                           capture_output=True, text=True, check=False) if found else None
     if check is None or check.returncode != 0:
         raise ValueError(f"{python}: not an interpreter with greylist installed; make one with "
                          f"'{python} -m venv DIR && DIR/bin/pip install .' and name DIR/bin/python")
-    return python
+    return os.path.abspath(found)
 
 
 def interpreter(pid: int) -> str:
@@ -325,7 +327,7 @@ def measure(requests: int = 4000, idle: int = 1000, settings=((1, True), (10, Tr
     if not Path(POSTGREY).exists() or os.geteuid() != 0:
         return {"skipped": "needs Debian's postgrey, run as root (it switches to its own user)"}
     if system_python is not None:
-        installed_in(system_python)
+        system_python = installed_in(system_python)
     base = Path(tempfile.mkdtemp(dir="/tmp"))
     os.chmod(base, 0o755)
     out: dict = {}

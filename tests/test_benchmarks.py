@@ -168,6 +168,8 @@ def test_a_python_of_its_own_is_a_server_beside_the_others():
     from benchmarks.policy_servers import measure as side_by_side
 
     assert installed_in(sys.executable) == sys.executable  # the test venv has it installed
+    relative = os.path.relpath(sys.executable)
+    assert installed_in(relative) == os.path.abspath(relative)  # make's .venv-system/bin/python
     for bad in ("/bin/false", "/nonexistent/python"):
         with pytest.raises(ValueError, match="pip install"):
             installed_in(bad)
