@@ -51,3 +51,13 @@ def test_the_contrib_postgrey_unit_is_debians_with_one_path_changed():
     added = {"ExecReload=/bin/kill -HUP $MAINPID", "SyslogIdentifier=postgrey", "SyslogFacility=mail"}
     assert [line for line in lines if line not in added] == expected.splitlines()
     assert added <= set(lines)
+
+
+def test_every_make_target_the_readme_names_is_in_the_makefile():
+    import re
+
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    named = set(re.findall(r"`make ([a-z][a-z-]*)", README))
+    assert {"simulate", "test", "bench", "bench-postgrey"} <= named
+    for target in named:
+        assert re.search(rf"^{target}:", makefile, re.M), target
