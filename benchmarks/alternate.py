@@ -21,7 +21,8 @@ revisions with each other; benchmarks/policy_servers.py measures against postgre
 A server is ``postgrey`` (Debian's, run as root), ``worktree`` (this checkout's
 files), a git revision, or ``python:PATH``: greylist as installed for that
 interpreter (a venv's python), to compare builds of Python; each is run as
-``greylist postgrey`` on a database of its own. Every request is a new triplet, as in benchmarks/policy_servers.py.
+``greylist postgrey`` on a database of its own. Every request is a new
+triplet, as in benchmarks/policy_servers.py.
 """
 
 from __future__ import annotations

@@ -322,8 +322,8 @@ def measure(requests: int = 4000, idle: int = 1000, settings=((1, True), (10, Tr
     interpreter (a venv made with the distribution's python3, as ``python3 -m venv
     /opt/greylist`` makes one on a Debian site), taking its turns beside the other
     two; its figures are named ``system_...`` and its ratios ``cpu_ratio_system_...``.
-    Each of ours is described (``*_interpreter``): the build of Python moves the CPU
-    a request by a fifth."""
+    Each of ours is described (``*_interpreter``): the build of Python moved the CPU
+    a request by up to a fifth (8-15% in most settings of four runs)."""
     if not Path(POSTGREY).exists() or os.geteuid() != 0:
         return {"skipped": "needs Debian's postgrey, run as root (it switches to its own user)"}
     if system_python is not None:

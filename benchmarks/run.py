@@ -13,7 +13,7 @@ capacity per store.
     python benchmarks/run.py            # full run, prints the comparison table
     python benchmarks/run.py --quick    # the short run CI does
     python benchmarks/run.py --update-baseline
-    python benchmarks/run.py --only policy_servers --system-python /tmp/system/bin/python
+    python benchmarks/run.py --only policy_servers --system-python .venv-system/bin/python  # make bench-postgrey
 
 Figures are compared as ratios to benchmarks/baseline.json. Because shared
 machines are noisy, only a gross regression fails the run: a figure more than
