@@ -234,7 +234,7 @@ def installed_in(python: str) -> str:
 def interpreter(pid: int) -> str:
     """What runs a server: its Python's version and executable, and whether the interpreter
     is in a shared libpython. It matters: Debian's python3.11, linked statically and built
-    with profile-guided optimisation, took 17-23% less CPU a request than the 3.11.7
+    with profile-guided optimisation, took 11-23% less CPU a request than the 3.11.7
     pyenv built here (libpython shared, no PGO), the same code in alternating turns."""
     exe = os.readlink(f"/proc/{pid}/exe")
     shared = "libpython" in Path(f"/proc/{pid}/maps").read_text()

@@ -154,7 +154,7 @@ def test_alternating_requests_between_servers_measures_each_at_the_same_moments(
 def test_a_python_of_its_own_is_a_server_beside_the_others():
     """benchmarks/alternate.py and policy_servers.py: ``python:PATH`` (``system_python``)
     runs greylist postgrey as installed for another interpreter, to compare builds of
-    Python (Debian's took 17-23% less CPU a request than pyenv's); an interpreter
+    Python (Debian's took 11-23% less CPU a request than pyenv's); an interpreter
     without greylist is refused with how to make one, before any server starts."""
     import os
     import platform
