@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if "skipped" in result:
         print(result["skipped"], file=sys.stderr)
         return 1
-    for name in args.servers if len(set(args.servers)) == len(args.servers) else [
-            k for k in result if isinstance(result[k], dict)]:
-        figures = result[name]
+    for name, figures in result.items():  # the servers, by name, in the order given
+        if not isinstance(figures, dict):
+            continue
         low, high = figures["ratio_range"]
         print(f"{name:24} {figures['cpu_us']:8.1f} us a request   {figures['ratio']:.3f} of the first"
               f" (turns {low:.3f}-{high:.3f})")

@@ -249,18 +249,20 @@ def start(kind: str, directory: Path, tree: Path | None = None,
     or as installed for another interpreter (``python``, a venv's)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GREYLIST_")}
+    options = [f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"]
+    by_module = kind != "postgrey" and (python is not None or tree is not None)
     if kind == "postgrey":
-        argv = [POSTGREY, f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"]
-    elif python is not None:
-        argv = [python, "-m", "greylist.admin", "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"]
-    elif tree is not None:
-        argv = [sys.executable, "-m", "greylist.admin", "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"]
-        env["PYTHONPATH"] = str(tree)
+        argv = [POSTGREY, *options]
+    elif by_module:
+        argv = [python or sys.executable, "-m", "greylist.admin", "postgrey", *options]
+        if tree is not None:
+            env["PYTHONPATH"] = str(tree)
     else:
-        argv = [*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={directory}"]
-    # a tree's package, not the one in the current directory (python -m puts it first)
+        argv = [*command("greylist"), "postgrey", *options]
+    # a tree's or that interpreter's package, not the one in the current directory
+    # (python -m puts it first)
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd="/" if tree is not None or python is not None else None)
+                            cwd="/" if by_module else None)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
