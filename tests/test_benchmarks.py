@@ -219,3 +219,18 @@ def test_the_postgrey_issues_targets_are_checked_setting_by_setting():
         assert shortfalls(results(**change), "system") == []  # each server's own figures
     assert shortfalls(results(cpu_ratio_new_50=0.5, ours_persistent_1_p99_ms=30)) == []  # 5 ms: at 50 only
     assert shortfalls(results(system_new_50_p99_ms=6.0), "system") == ["p99 new_50 6.0 ms (target: under 5)"]
+
+
+def test_the_admin_commands_memory_is_the_commands_own():
+    """Each command says its own peak (VmHWM): wait4's figure would count the memory of
+    the benchmark's process, which forked it. The expire must leave the recent rows."""
+    from benchmarks.admin_commands import measure
+
+    ballast = bytearray(96 << 20)  # this process: 96 MB more, every page touched
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    out = measure(3000)
+    del ballast
+    assert out["rows"] == 3000
+    for figure in ("expire_peak_rss_mb", "stats_peak_rss_mb"):
+        assert 3 < out[figure] < 90
+    assert out["expire_rows_per_second"] > 0 and out["stats_rows_per_second"] > 0

@@ -1,0 +1,91 @@
+"""``greylist expire`` and ``greylist stats`` on a large SQLite store: peak memory and rows a second.
+
+``greylist expire`` runs from cron beside the mail server, and ``greylist
+postgrey`` runs it every night itself (postgrey's clean-up): at a site of
+300,000 connections a day the table holds a million rows and more. The store
+is made here with the store's own schema, a third of its rows stale, and
+each command runs as its own process, which says its own peak resident
+memory (VmHWM).
+
+Measured before the store's scan read a page of rows at a time (it read the
+whole table at once): a million rows took 269 MB in either command; after,
+16 and 20 MB.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from greylist.stores.sqlite import SCHEMA
+
+
+def make_store(path: Path, rows: int, now: float) -> None:
+    """``rows`` triplets: a third pending past the 2-day retry window, the rest recent."""
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(SCHEMA)
+    db.executemany("INSERT INTO greylist VALUES (?, ?, ?, ?)",
+                   ((f"10.{i >> 16 & 255}.{i >> 8 & 255}.0/24|s{i}@example{i % 977}.org|r{i % 5000}@example.net",
+                     now - (3 if i % 3 == 0 else 0.5) * 86400, now - (3 if i % 3 == 0 else 0.5) * 86400,
+                     0 if i % 3 == 0 else 1 + i % 4) for i in range(rows)))
+    db.commit()
+    db.close()
+
+
+#: runs ``greylist ARGS...`` as its entry point does, then says its own peak resident memory.
+#: ``wait4``'s ru_maxrss would not do: the kernel counts into it the memory of the process
+#: that forked it, up to the exec (this one: 22 MB, more than either command takes)
+PEAK = """import sys
+from greylist.admin import main
+sys.argv = ["greylist", *sys.argv[1:]]
+try:
+    code = main()
+finally:
+    with open("/proc/self/status") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    print(f"VmHWM {peak}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def run(args: list[str]) -> tuple[float, float]:
+    """(peak resident MB, seconds) of one ``greylist`` command, which must succeed."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", PEAK, *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, cwd="/")
+    wall = time.perf_counter() - started
+    peak = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("VmHWM ")]
+    if proc.returncode != 0 or not peak:
+        raise RuntimeError(f"greylist {' '.join(args)} failed: {proc.stderr[-500:]}")
+    return int(peak[-1]) / 1024, wall
+
+
+def measure(rows: int = 1_000_000) -> dict:
+    directory = Path(tempfile.mkdtemp())
+    try:
+        path = directory / "greylist.sqlite"
+        make_store(path, rows, time.time())
+        url = f"sqlite://{path}"
+        stats_mb, stats_s = run(["stats", "--store", url])
+        expire_mb, expire_s = run(["expire", "--store", url])
+        left = sqlite3.connect(path).execute("SELECT COUNT(*) FROM greylist").fetchone()[0]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    if left != rows - (rows + 2) // 3:
+        raise RuntimeError(f"greylist expire left {left} of {rows} rows, not the {rows - (rows + 2) // 3} recent ones")
+    return {"rows": rows, "expire_peak_rss_mb": round(expire_mb, 1), "expire_rows_per_second": round(rows / expire_s),
+            "stats_peak_rss_mb": round(stats_mb, 1), "stats_rows_per_second": round(rows / stats_s)}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    print(json.dumps(measure(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000), indent=2))
