@@ -20,14 +20,17 @@ unreadable and a warning says why. The store is read-only: migrate from it.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import subprocess
+import tempfile
 
 from greylist.core.check import AWL_PREFIX
 from greylist.core.keys import BadAddress, normalize_recipient, normalize_sender, parse_ip
 from greylist.core.policy import Record
 from greylist.stores.base import SCAN, Store, StoreError
 
+#: db_dump silent this long (a lock in postgrey's environment it waits for) is given up on
 DUMP_TIMEOUT = 600.0
 
 
@@ -48,29 +51,61 @@ def unescape(line: str) -> bytes:
     return bytes(out)
 
 
+def dump_lines(argv: list[str], path: str):
+    """The lines db_dump writes, as it writes them: a million entries held whole (its output
+    and the pairs) took 509 MB in ``greylist migrate``. Its errors go to a file, never a
+    pipe nobody reads while it writes; one that writes nothing for DUMP_TIMEOUT seconds is
+    stopped, and so is one whose reader stops early. A failure after some lines raises after
+    them: what was read has been yielded (a migration that stops there copied those)."""
+    with tempfile.TemporaryFile() as errors:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from None
+        try:
+            fd, rest = proc.stdout.fileno(), b""
+            while True:
+                if not select.select([fd], [], [], DUMP_TIMEOUT)[0]:
+                    raise StoreError(f"cannot read {path}: db_dump wrote nothing for {DUMP_TIMEOUT:.0f} s")
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    yield line.decode("latin-1")  # -p writes ASCII; any other byte kept as it is
+            if rest:
+                yield rest.decode("latin-1")
+            if proc.wait() != 0:
+                errors.seek(0)
+                said = errors.read(4096).decode("utf-8", "replace").strip()
+                raise StoreError(f"cannot read {path}: {said[:200] or f'db_dump exited {proc.returncode}'}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+
+
 def dump_pairs(path: str):
     """(key, value) byte pairs of a Berkeley DB file, read by db_dump -p inside postgrey's
     environment (``-h DIR``): recent changes may still be in its log, not yet in the file."""
     tool = shutil.which("db_dump") or shutil.which("db5.3_dump")
     if tool is None:
         raise StoreError("reading postgrey's database needs db_dump (apt-get install db-util)")
-    try:
-        directory, name = os.path.split(path)
-        result = subprocess.run([tool, "-h", directory, "-p", name], capture_output=True, text=True,
-                                timeout=DUMP_TIMEOUT, errors="replace")
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise StoreError(f"cannot read {path}: {exc}") from None
-    if result.returncode != 0:
-        raise StoreError(f"cannot read {path}: {result.stderr.strip()[:200]}")
-    data, inside = [], False
-    for line in result.stdout.splitlines():
+    directory, name = os.path.split(path)
+    inside, key = False, None
+    for line in dump_lines([tool, "-h", directory, "-p", name], path):
         if line == "HEADER=END":
             inside = True
         elif line == "DATA=END":
             inside = False
         elif inside and line.startswith(" "):
-            data.append(unescape(line))
-    return zip(data[0::2], data[1::2])
+            if key is None:
+                key = unescape(line)
+            else:
+                yield key, unescape(line)
+                key = None
 
 
 class PostgreyStore(Store):
