@@ -194,6 +194,48 @@ class _Transaction:
             store._execute("COMMIT")
 
 
+def _own_file(path: str) -> tuple[int, int]:
+    """The database file, made here if it is new (O_EXCL, O_NOFOLLOW: never through a link,
+    as every file we create) and never opened through a link: SQLite follows one, and
+    root's greylist migrate or expire in a directory another user may write (the postgrey
+    user's /var/lib/postgrey) would create or change whatever file a link there names.
+    Returns the file's (device, inode), for :func:`_same_file`."""
+    import os
+    import stat
+
+    try:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise StoreError(f"{path} is a symbolic link: give the database's own path "
+                             "(a store is never opened through a link)") from None
+        raise StoreError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"cannot open {path}: not a regular file")
+    return st.st_dev, st.st_ino
+
+
+def _same_file(path: str, identity: tuple[int, int], db) -> None:
+    """SQLite opened the file :func:`_own_file` checked, not one put in its place meanwhile."""
+    import os
+
+    try:
+        st = os.stat(path)
+        same = (st.st_dev, st.st_ino) == identity
+    except OSError:
+        same = False
+    if not same:
+        db.close()
+        raise StoreError(f"cannot open {path}: it was replaced while it was being opened")
+
+
 class SqliteStore(Store):
     capabilities = frozenset({SCAN, COUNT, DISK_USAGE})
     OPTIONS = ("timeout",)
@@ -206,9 +248,11 @@ class SqliteStore(Store):
         self.url = f"sqlite://{path}"
         self.lean = lean
         self.timeout = timeout
+        identity = _own_file(path)
         try:
             self.db = sqlite.connect(path, timeout=timeout, isolation_level=None,
                                      check_same_thread=False)
+            _same_file(path, identity, self.db)
             # A new database is set up when a statement first finds no table
             # (see _execute): the usual case, an existing one, pays nothing.
             # No fsync at each commit (a lost entry costs one more tempfail, not mail).

@@ -861,3 +861,51 @@ def test_scan_reads_a_page_at_a_time_every_row_once_in_key_order(tmp_path, monke
     assert counts["scanned"] == 10 and counts["removed"] == 5
     assert [key for key, _ in store.scan()] == sorted(keys)[::2]
     store.close()
+
+
+def test_a_database_path_that_is_a_link_is_refused_and_nothing_is_made_where_it_points(tmp_path):
+    """root's greylist migrate into /var/lib/postgrey, which the postgrey user may write: a
+    link planted there as greylist.sqlite made root's SQLite create (or change) the file it
+    named. The file is made by us (O_EXCL, O_NOFOLLOW), never opened through a link."""
+    import os
+
+    target = tmp_path / "elsewhere" / "made-by-root"
+    target.parent.mkdir()
+    link = tmp_path / "greylist.sqlite"
+    link.symlink_to(target)
+    with pytest.raises(StoreError, match="is a symbolic link"):
+        open_store(f"sqlite://{link}")
+    assert not target.exists() and os.listdir(target.parent) == []
+    with pytest.raises(StoreError, match="not a regular file"):
+        open_store(f"sqlite://{tmp_path}")
+    made = tmp_path / "new.sqlite"
+    store = open_store(f"sqlite://{made}")  # a new database: made here, then set up by SQLite
+    store.put("k", Record(1.0, 1.0, 0))
+    store.close()
+    assert made.stat().st_mode & 0o777 == 0o644 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_database_replaced_while_it_is_opened_is_refused(tmp_path, monkeypatch):
+    import greylist.stores.sqlite as sqlite_store
+
+    path = tmp_path / "greylist.sqlite"
+    real_own_file = sqlite_store._own_file
+
+    def and_then_replaced(p):
+        identity = real_own_file(p)
+        other = tmp_path / "other"  # another file in its place, between the check and SQLite's open
+        other.write_bytes(b"")
+        other.replace(path)
+        return identity
+
+    monkeypatch.setattr(sqlite_store, "_own_file", and_then_replaced)
+    with pytest.raises(StoreError, match="replaced while it was being opened"):
+        open_store(f"sqlite://{path}")
