@@ -18,6 +18,7 @@ from greylist.core.expiry import expire
 from greylist.core.keys import BadAddress
 from greylist.core.policy import Policy, Record, decide, expires_at, is_expired
 from greylist.stores import StoreError, open_store
+from greylist.service import shown
 from greylist.stores.base import DISK_USAGE, PATHS, TEMP_FILES
 
 #: Upper bounds (seconds) and labels of the age histogram in ``greylist stats``.
@@ -69,7 +70,7 @@ def cmd_expire(args: argparse.Namespace) -> int:
     def say(key: str, record, removed: bool) -> None:
         if args.verbose:
             what = "removed" if removed else "would remove"
-            print(f"{what} {key} (last seen {iso(record.last_seen)})")
+            print(f"{what} {shown(key)} (last seen {iso(record.last_seen)})")
 
     with open_existing(config.store) as store:
         counts = expire(store, now, policy, dry_run=args.dry_run, on_removed=say)

@@ -572,6 +572,13 @@ def _text(value: object) -> str:
     return str(value)
 
 
+def shown(text: str) -> str:
+    """Text a client controls (a triplet's sender, say), as a terminal may print it: its
+    control characters as escapes, so that ``greylist expire -v`` never hands an admin's
+    terminal a client's escape sequence (a title, a cleared screen, worse)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
 def _escape(c: str) -> str:
     """A character of a quoted log value: controls and non-ASCII as escapes (Python's, so
     a reader gets the value back), so a value (a sender's address, say) can never start a

@@ -163,3 +163,21 @@ def test_read_only_commands_never_create_a_store_and_a_missing_one_is_an_error(t
             assert main(command + ["--store", url]) == 2, (command, url)
             assert "no store at" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_expire_names_a_clients_escape_sequence_as_escapes_never_as_themselves(tmp_path, capsys):
+    """A triplet's sender is the client's (qmail takes any byte in MAIL FROM, and
+    greylist-spp keys on it): expire -v printed it as it was, an escape sequence for the
+    admin's terminal (here: set its title, clear its screen)."""
+    from greylist.stores import open_store
+
+    store = open_store(f"sqlite://{tmp_path}/g.sqlite")
+    evil = "10.0.0.0/24|x\x1b]0;pwned\x07\x1b[2J\x9b31m@example.org|r@example.net"
+    store.put(evil, Record(1.0, 1.0, 0))
+    store.put("10.0.1.0/24|caf\u00e9@example.org|r@example.net", Record(1.0, 1.0, 0))
+    store.close()
+    assert main(["expire", "-v", "--dry-run", "--store", f"sqlite://{tmp_path}/g.sqlite"]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\x9b")
+    assert "x\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m@example.org" in out
+    assert "caf\u00e9@example.org" in out  # printable text stays as it is
