@@ -17,8 +17,8 @@ from greylist.config import SETTINGS, ConfigError, add_setting_options, flags_of
 from greylist.core.expiry import expire
 from greylist.core.keys import BadAddress
 from greylist.core.policy import Policy, Record, decide, expires_at, is_expired
-from greylist.stores import StoreError, open_store
 from greylist.service import shown
+from greylist.stores import StoreError, open_store
 from greylist.stores.base import DISK_USAGE, PATHS, TEMP_FILES
 
 #: Upper bounds (seconds) and labels of the age histogram in ``greylist stats``.

@@ -203,11 +203,16 @@ def _own_file(path: str) -> tuple[int, int]:
     import os
     import stat
 
+    fd = None
     try:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        while fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except FileNotFoundError:
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                except FileExistsError:
+                    pass  # made meanwhile (wrappers meeting a new database at once): open that one
     except OSError as exc:
         if os.path.islink(path):
             raise StoreError(f"{path} is a symbolic link: give the database's own path "

@@ -909,3 +909,23 @@ def test_a_database_replaced_while_it_is_opened_is_refused(tmp_path, monkeypatch
     monkeypatch.setattr(sqlite_store, "_own_file", and_then_replaced)
     with pytest.raises(StoreError, match="replaced while it was being opened"):
         open_store(f"sqlite://{path}")
+
+
+def test_a_new_database_another_process_makes_at_the_same_moment_is_opened(tmp_path, monkeypatch):
+    """Two wrappers meeting a new database: the one whose O_EXCL loses opens the other's file."""
+    import os
+
+    path = tmp_path / "greylist.sqlite"
+    real_open = os.open
+
+    def the_other_first(name, flags, *args):
+        if flags & os.O_EXCL and not path.exists():
+            real_open(name, os.O_WRONLY | os.O_CREAT, 0o644)  # the other wrapper, just before us
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", the_other_first)
+    store = open_store(f"sqlite://{path}")
+    monkeypatch.undo()
+    store.put("k", Record(1.0, 1.0, 0))
+    assert store.get("k") == Record(1.0, 1.0, 0)
+    store.close()
