@@ -679,9 +679,11 @@ def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o
 def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, replies: Replies = OUR_REPLIES,
           backlog: int | None = None, socket_mode: int = 0o660, quiet: bool = False, after_bind=None,
           program: str = "greylist-policyd", test_time: bool = False, one_request: bool = False,
-          line_format=None, nightly_expiry: bool = False, ready=None) -> int:
+          line_format=None, nightly_expiry: bool = False, ready=None,
+          notes: list[dict[str, object]] | None = None) -> int:
     """Listen, then (``after_bind``: drop privileges, daemonize) serve until SIGTERM;
-    ``ready`` is called once it answers and its signal handlers are in place."""
+    ``ready`` is called once it answers and its signal handlers are in place. ``notes``:
+    log lines (their fields) for the admin, written with the start's."""
     limit = raise_descriptor_limit()
     max_connections = max(1, min(max_connections, limit - 64))
     sock, where = make_listener(listen, backlog, socket_mode)
@@ -699,6 +701,8 @@ def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, r
     server.start()
     server.log({"started": where, "store": config.store, "key": config.key, "delay": config.delay,
                 "max_connections": max_connections})
+    for note in notes or ():
+        server.log(note)
     unusable = server.greylister.try_store()
     if unusable is not None:
         server.log({"error": f"store unusable at start: {unusable}", "on_error": config.on_error})

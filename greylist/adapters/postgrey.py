@@ -517,6 +517,24 @@ def daemonize(facility: str, drop=lambda: None):
     return ready
 
 
+def unmigrated(plan: Plan) -> dict[str, object] | None:
+    """The start's warning when postgrey's database lies in --dbdir and our database there is
+    new: the binary was swapped and the migration forgotten, so every client postgrey knew
+    (its triplets, its auto-whitelisted clients) is greylisted again. Said in the log, with
+    the command that brings them over, rather than found from the complaints."""
+    ours = f"{plan.dbdir}/greylist.sqlite"
+    if plan.flags.get("store") != f"sqlite://{ours}" or not os.path.isfile(f"{plan.dbdir}/postgrey.db"):
+        return None
+    try:
+        if os.stat(ours).st_size:
+            return None
+    except OSError:
+        pass  # not there yet: made at this start
+    return {"warning": f"postgrey's database is in {plan.dbdir} and {ours} is new: the clients postgrey "
+                       "knew are greylisted again until it is migrated (safe while this server runs): "
+                       f"greylist migrate postgrey://{plan.dbdir} sqlite://{ours}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from greylist.adapters import reloads
 
@@ -570,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(plan.listen, config, replies=replies, backlog=plan.backlog, socket_mode=plan.socket_mode,
                      quiet=plan.quiet, after_bind=after_bind, program="greylist-postgrey",
                      test_time=plan.test_time, one_request=plan.one_request, line_format=postgrey_line,
-                     nightly_expiry=True, ready=lambda: [tell() for tell in tell_ready])
+                     nightly_expiry=True, ready=lambda: [tell() for tell in tell_ready],
+                     notes=[note for note in (unmigrated(plan),) if note is not None])
     except PostgreyError as exc:
         sys.stderr.write(f"greylist postgrey: ERROR: {exc}\n")
         return 1

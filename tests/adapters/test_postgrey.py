@@ -873,3 +873,33 @@ def test_decisions_are_logged_in_postgreys_words_and_the_rest_in_ours():
     for ours in (line(verdict="pass", shadow="tempfail", reason="new"),
                  line(verdict="pass", reason="store-error"), line(verdict="error", error="no client_address")):
         assert ours.startswith("greylist-postgrey: ip=192.0.2.5 ") and "_request" not in ours, ours
+
+
+def test_a_postgrey_database_left_unmigrated_is_said_at_start_with_the_command(tmp_path):
+    """The binary swapped and the migration forgotten: every client postgrey knew would be
+    greylisted again, and nothing said why. The start says it, with the command; it says
+    nothing where there is no postgrey.db, or where our database holds data already."""
+    (tmp_path / "postgrey.db").write_bytes(b"\0" * 4096)
+
+    def start_log(*extra: str) -> str:
+        port = free_port()
+        proc = ours(tmp_path, port, *extra)
+        stop(proc)
+        return proc.stderr.read()
+
+    log = start_log()
+    warning = next(line for line in log.splitlines() if "warning=" in line)
+    assert "is new: the clients postgrey knew are greylisted again" in warning
+    assert f"greylist migrate postgrey://{tmp_path} sqlite://{tmp_path}/greylist.sqlite" in warning
+    from greylist.core.policy import Record
+    from greylist.stores import open_store
+
+    store = open_store(f"sqlite://{tmp_path}/greylist.sqlite")  # as a migration leaves it
+    store.put("awl|192.0.2.5", Record(time.time(), time.time(), 5))
+    store.close()
+    assert "warning=" not in start_log()
+    (tmp_path / "greylist.sqlite").unlink()
+    (tmp_path / "postgrey.db").unlink()
+    assert "warning=" not in start_log()
+    (tmp_path / "postgrey.db").write_bytes(b"")
+    assert "warning=" not in start_log(f"--store=sqlite://{tmp_path}/other.sqlite")  # not --dbdir's file
