@@ -664,8 +664,8 @@ def make_listener(listen: str, backlog: int | None = None, socket_mode: int = 0o
     else:
         host, _, port = listen.rpartition(":")
         host = host.strip("[]") or "127.0.0.1"
-        if not port.isdigit():
-            raise ValueError(f"--listen {listen!r}: use HOST:PORT or unix:/path")
+        if not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"--listen {listen!r}: use HOST:PORT (a port up to 65535) or unix:/path")
         if host == "*":
             sock = _any_address(int(port))
         else:

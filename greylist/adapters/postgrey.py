@@ -320,8 +320,8 @@ def parse(argv: list[str], warn=lambda text: None) -> Plan:
             plan.listen = f"unix:{value}"
         elif opt == "--inet":
             host, _, port = value.rpartition(":")
-            if not port.isdigit():
-                raise PostgreyError(f"--inet takes [HOST:]PORT, not {value!r}")
+            if not port.isdigit() or int(port) > 65535:
+                raise PostgreyError(f"--inet takes [HOST:]PORT, a port up to 65535, not {value!r}")
             plan.listen = f"{host or 'localhost'}:{port}"  # postgrey binds localhost by default
         elif opt in FALSE_IS_DEFAULT and value in ("", "0"):
             # postgrey takes these as `$opt{x} || default`: Perl's false ("" and "0") is the

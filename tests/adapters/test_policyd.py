@@ -987,3 +987,10 @@ def test_a_sweep_that_fails_is_logged_as_our_bug_and_the_next_one_still_runs(mon
     assert open_then == [0]  # closed by a later sweep
     assert quiet.recv(4096) == b""
     quiet.close()
+
+
+def test_a_listen_port_past_65535_is_a_clear_error_not_a_traceback():
+    out = subprocess.run([*command("greylist"), "policyd", "--listen", "127.0.0.1:70000", "--store", "memory://"],
+                         capture_output=True, text=True, timeout=20, env=base_env())
+    assert out.returncode == 2 and "use HOST:PORT (a port up to 65535)" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

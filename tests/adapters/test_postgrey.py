@@ -903,3 +903,12 @@ def test_a_postgrey_database_left_unmigrated_is_said_at_start_with_the_command(t
     assert "warning=" not in start_log()
     (tmp_path / "postgrey.db").write_bytes(b"")
     assert "warning=" not in start_log(f"--store=sqlite://{tmp_path}/other.sqlite")  # not --dbdir's file
+
+
+def test_a_port_past_65535_is_a_clear_error_not_a_traceback():
+    with pytest.raises(PostgreyError, match="a port up to 65535, not '999999'"):
+        parse(["--inet=999999"])
+    out = subprocess.run([*command("greylist"), "postgrey", "--inet=127.0.0.1:70000", "--user=root"],
+                         capture_output=True, text=True, timeout=20, env=base_env())
+    assert out.returncode == 1 and "ERROR: --inet takes [HOST:]PORT" in out.stderr
+    assert "Traceback" not in out.stderr
