@@ -70,9 +70,7 @@ def report_plot(reports: list[dict], path: str) -> None:
     if curves:
         ax_cdf.legend(fontsize=8)
     ax_cdf.set_title("Delivery-delay CDF")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def capacity_plot(results: list[dict], path: str) -> None:
@@ -92,6 +90,15 @@ def capacity_plot(results: list[dict], path: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("First-reply latency against offered rate")
+    _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str) -> None:
+    """The picture written, or a clear error (the run's tables are out already)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise SimulateError(f"--plot {path}: cannot write it: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)

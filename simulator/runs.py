@@ -196,6 +196,13 @@ def check_writable(option: str, target: str) -> None:
         raise SimulateError(f"{option} {target}: not writable")
     if os.path.isdir(target):
         raise SimulateError(f"{option} {target}: is a directory")
+    import tempfile
+
+    try:  # root passes access() where nothing can be made (/proc, say): a file tried there
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".simulate-check-"):
+            pass
+    except OSError as exc:
+        raise SimulateError(f"{option} {target}: cannot write in {parent}: {exc.strerror or exc}") from None
 
 
 def emit(args: argparse.Namespace, results: list[dict], compare) -> None:
@@ -222,7 +229,10 @@ def write_json(target: str | None, data) -> None:
     text = reports.to_json(data)
     if target == "-":
         sys.stdout.write(text)
-    else:
+        return
+    try:
         Path(target).write_text(text)
+    except OSError as exc:  # checked before the run; a disk that filled since, say
+        raise SimulateError(f"--json {target}: cannot write it: {exc.strerror or exc}") from None
 
 

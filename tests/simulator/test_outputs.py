@@ -28,3 +28,21 @@ def test_help_claims_no_environment_variable(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "GREYLIST_" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--plot", "/proc/x.png"], ["--json", "/proc/x.json"],
+                                  ["replay", "/dev/null", "--json", "/proc/x.json"]])
+def test_a_place_where_nothing_can_be_made_is_refused_at_once_even_for_root(args, capsys):
+    """/proc passes root's access() check: the run went a week, then ended in a traceback."""
+    assert main(args + ["--duration", "1w"] if args[0].startswith("--") else args) == 2
+    err = capsys.readouterr().err
+    assert ("cannot write in /proc" in err or "not writable" in err) and "Traceback" not in err
+
+
+def test_an_output_that_fails_at_the_end_is_a_clear_error(tmp_path):
+    """Checked before the run, it may still fail after it (a full disk): said, no traceback."""
+    from simulator.errors import SimulateError
+    from simulator.runs import write_json
+
+    with pytest.raises(SimulateError, match=f"--json {tmp_path}: cannot write it"):
+        write_json(str(tmp_path), {"a": 1})  # a directory by now
