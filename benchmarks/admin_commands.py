@@ -14,7 +14,9 @@ whole table at once): a million rows took 269 MB in either command; after,
 And ``greylist migrate`` of a postgrey database of as many triplets (made
 with Berkeley DB's ``db_load``, where it is installed) into a new SQLite
 store, as a site switching from postgrey runs it: 509 MB before db_dump's
-output was read as it came, 21 MB after.
+output was read as it came, 21 MB after; 26,000 triplets a second before they
+were written 1,000 a transaction (and unescaped only where db_dump escaped
+something), 91,000 after.
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ COMPARED = [
     ("admin_commands", "stats_peak_rss_mb", "lower"),
     ("admin_commands", "expire_rows_per_second", "higher"),
     ("admin_commands", "migrate_peak_rss_mb", "lower"),
+    ("admin_commands", "migrate_rows_per_second", "higher"),
     ("serve_cpu", "serve_vs_true", "lower"),
     ("serve_cpu", "serve_vs_wrap", "lower"),
     ("serve_cpu", "idle_rss_mb", "lower"),
