@@ -119,8 +119,18 @@ def parse_paths(text: str) -> str:
 
 
 def parse_store(text: str) -> str:
+    """A store URL of a kind we have: a typo in the scheme is the setting's error, said at
+    once (a server does not start, the wrapper answers 421 as for any bad setting), not a
+    store that fails at every connection while mail passes ungreylisted (on_error=pass).
+    Only the scheme: its options are the store's to check, when it is opened (a whitelisted
+    client's connection imports no store)."""
+    from greylist.stores import unknown
+
     if "://" not in text:
         raise ConfigError(f"store must be a URL such as file:///var/qmail/cqgreylist, not {text!r}")
+    why = unknown(text)
+    if why is not None:
+        raise ConfigError(why)
     return text
 
 

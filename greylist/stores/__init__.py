@@ -47,12 +47,20 @@ class StoreURL(Value):
         return f"{self.scheme}://{location}" + (f"?{query}" if query else "")
 
 
+def unknown(url: str) -> str | None:
+    """Why ``url`` names no kind of store we have, or None (its scheme only: nothing imported)."""
+    scheme, sep, _ = url.partition("://") if isinstance(url, str) else ("", "", "")
+    if sep and scheme in SCHEMES:
+        return None
+    return f"unknown store URL {url!r}: expected one of {', '.join(f'{s}://' for s in SCHEMES)}"
+
+
 def parse_url(url: str) -> StoreURL:
     """Split a store URL; raise StoreError for an unknown scheme or option."""
-    scheme, sep, rest = url.partition("://") if isinstance(url, str) else ("", "", "")
-    if not sep or scheme not in SCHEMES:
-        known = ", ".join(f"{s}://" for s in SCHEMES)
-        raise StoreError(f"unknown store URL {url!r}: expected one of {known}")
+    why = unknown(url)
+    if why is not None:
+        raise StoreError(why)
+    scheme, _, rest = url.partition("://")
     location, _, query = rest.partition("?")
     options: dict[str, str] = {}
     for part in query.split("&") if query else ():

@@ -912,3 +912,10 @@ def test_a_port_past_65535_is_a_clear_error_not_a_traceback():
                          capture_output=True, text=True, timeout=20, env=base_env())
     assert out.returncode == 1 and "ERROR: --inet takes [HOST:]PORT" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_store_url_of_no_kind_we_have_stops_the_start():
+    """It started, and passed every request ungreylisted (store unusable, on_error pass)."""
+    out = subprocess.run([*command("greylist"), "postgrey", "--inet=127.0.0.1:1", "--store=sqlte:///x.db",
+                          "--user=root"], capture_output=True, text=True, timeout=20, env=base_env())
+    assert out.returncode == 1 and "ERROR: --store: unknown store URL 'sqlte:///x.db'" in out.stderr, out.stderr

@@ -124,6 +124,15 @@ def test_bad_setting_answers_421_and_says_which(wrapper):
     assert "GREYLIST_DELAY" in parse_log(result.stderr)[0]["error"]
 
 
+def test_a_store_url_of_no_kind_we_have_is_a_bad_setting_not_a_failing_store(wrapper):
+    """A typo in the scheme passed every client ungreylisted (a store that failed, on_error
+    pass), an error a connection; now it is the setting's error, as a bad delay is: 421."""
+    result = wrapper.run(GREYLIST_STORE="sqlte:///var/lib/greylist.db")
+    assert result.stdout.startswith(b"421 ")
+    line = parse_log(result.stderr)[0]
+    assert "unknown store URL" in line["error"] and "verdict" in line and line.get("reason") != "store-error"
+
+
 def test_unwritable_store_fails_open_by_default(tmp_path):
     from conftest import Wrapper
 
