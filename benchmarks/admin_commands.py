@@ -123,7 +123,6 @@ def measure(rows: int = 1_000_000) -> dict:
 
 if __name__ == "__main__":
     import json
-    import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     print(json.dumps(measure(int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000), indent=2))
