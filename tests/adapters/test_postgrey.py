@@ -884,7 +884,11 @@ def test_a_postgrey_database_left_unmigrated_is_said_at_start_with_the_command(t
     def start_log(*extra: str) -> str:
         port = free_port()
         proc = ours(tmp_path, port, *extra)
-        stop(proc)
+        try:  # answered: it is serving, its start's lines written (its port answers before that)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                assert ask(s, client_address="192.0.2.9").startswith("action=")
+        finally:
+            stop(proc)
         return proc.stderr.read()
 
     log = start_log()
