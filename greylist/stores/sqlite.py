@@ -688,12 +688,7 @@ class SqliteStore(Store):
         """Scan the next ``BUILD_STEP`` keys of the table into the filter being built (in the
         snapshot just checked by :meth:`_look_for_others`); the last step completes it."""
         building = self.building
-        if building.after is None:
-            cursor = self._execute("SELECT key FROM greylist ORDER BY key LIMIT ?", (BUILD_STEP,))
-        else:
-            cursor = self._execute("SELECT key FROM greylist WHERE key > ? ORDER BY key LIMIT ?",
-                                   (building.after, BUILD_STEP))
-        rows = cursor.fetchall()
+        rows = self._page("key", building.after, BUILD_STEP)
         add = building.add
         for (key,) in rows:
             add(key)
@@ -703,6 +698,14 @@ class SqliteStore(Store):
             self.quiet = QUIET
         else:
             building.after = rows[-1][0]
+
+    def _page(self, columns: str, after: object, limit: int) -> list:
+        """``limit`` rows of ``columns`` in key order after the key ``after`` (None: from the
+        first): the key filter's build and :meth:`scan` walk the table so, a page a query."""
+        if after is None:
+            return self._execute(f"SELECT {columns} FROM greylist ORDER BY key LIMIT ?", (limit,)).fetchall()
+        return self._execute(f"SELECT {columns} FROM greylist WHERE key > ? ORDER BY key LIMIT ?",
+                             (after, limit)).fetchall()
 
     def _row(self, key: str) -> object:
         """What the database holds for ``key``: a Record, _ABSENT, or _ANY (not a record)."""
@@ -811,13 +814,7 @@ class SqliteStore(Store):
         removes meanwhile are seen or not, as they would be a moment later; none twice."""
         after = None
         while True:
-            if after is None:
-                cursor = self._execute("SELECT key, first_seen, last_seen, passes FROM greylist "
-                                       "ORDER BY key LIMIT ?", (SCAN_PAGE,))
-            else:
-                cursor = self._execute("SELECT key, first_seen, last_seen, passes FROM greylist "
-                                       "WHERE key > ? ORDER BY key LIMIT ?", (after, SCAN_PAGE))
-            rows = cursor.fetchall()
+            rows = self._page("key, first_seen, last_seen, passes", after, SCAN_PAGE)
             for key, first, last, passes in rows:
                 record = record_of(first, last, passes)
                 if record is None or not isinstance(key, str):
