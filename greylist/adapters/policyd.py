@@ -259,6 +259,17 @@ def answer(greylister, attrs: dict[str, str], replies: Replies = OUR_REPLIES) ->
     return reply, fields
 
 
+#: the verdicts of a decision's log line (a request that could not be decided is "error")
+DECISIONS = frozenset({"pass", "tempfail"})
+
+
+def noteworthy(fields: dict[str, object]) -> bool:
+    """A decision's line says more than the decision: a store that failed (on_error passed
+    the client), held rows lost, a whitelist unreadable. Such a line is written however
+    quiet the log is asked to be, or a store down would pass every client unsaid."""
+    return any(name == "error" or name.endswith(("_error", "_warning")) for name in fields)
+
+
 #: the protocol states where Postfix adds a PREPEND's header (smtpd_check.c)
 HEADER_STATES = frozenset({"RCPT", "MAIL", "DATA"})
 
@@ -407,8 +418,8 @@ class PolicyServer:
         wakes once per window, not per request, and the lines are formatted in one hot
         loop; a crash loses the lines of at most one window, as it loses the window's
         held decisions."""
-        if self.quiet and fields.get("verdict") == "pass":
-            return  # -q: greylisting and errors only
+        if self.quiet and fields.get("verdict") in DECISIONS and not noteworthy(fields):
+            return  # postgrey's -q: no decision is logged, but every error and warning is
         lines = self.lines
         lines.append(fields)
         if len(lines) == 1 and self.log_timer is None:

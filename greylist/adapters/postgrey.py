@@ -63,7 +63,7 @@ USAGE = """Usage:
          --version           output version information and exit
      -v, --verbose           log every decision (the default)
          --syslog-facility   syslog facility, with --daemonize (default mail)
-     -q, --quiet             log greylisting and errors only, not passes
+     -q, --quiet             log no decisions, only errors and warnings (beats -v)
      -u, --unix=PATH         listen on unix socket PATH
          --socketmode=MODE   unix socket permission (default 0666)
      -i, --inet=[HOST:]PORT  listen on PORT, localhost if HOST is not specified
@@ -311,7 +311,7 @@ def parse(argv: list[str], warn=lambda text: None) -> Plan:
         elif opt == "--version":
             plan.version_only = True
         elif opt == "--verbose":
-            plan.quiet = False
+            pass  # every decision is logged unless --quiet, which beats it in any order (postgrey's log_level)
         elif opt == "--quiet":
             plan.quiet = True
         elif opt == "--daemonize":

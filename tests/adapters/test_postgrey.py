@@ -923,3 +923,36 @@ def test_a_store_url_of_no_kind_we_have_stops_the_start():
     out = subprocess.run([*command("greylist"), "postgrey", "--inet=127.0.0.1:1", "--store=sqlte:///x.db",
                           "--user=root"], capture_output=True, text=True, timeout=20, env=base_env())
     assert out.returncode == 1 and "ERROR: --store: unknown store URL 'sqlte:///x.db'" in out.stderr, out.stderr
+
+
+def test_quiet_logs_no_decision_but_every_error_as_postgrey_does(tmp_path):
+    """postgrey's -q is its log level 1: no action line at all, greylist or pass, and -v does
+    not undo it in either order. Ours dropped passes only, and with them the passes that
+    a failing store let through (on_error pass): a store down passed every client with
+    nothing in the log but the one line that said so first."""
+    def log_of(dbdir: Path, *requests: dict) -> list[str]:
+        port = free_port()
+        proc = start([*command("greylist"), "postgrey", "-q", "-v", f"--inet=127.0.0.1:{port}", f"--dbdir={dbdir}",
+                      *(["--user", "root"] if os.geteuid() == 0 else [])], port)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                for attrs in requests:
+                    assert ask(s, **attrs).startswith("action=")
+        finally:
+            stop(proc)
+        return [line for line in proc.stderr.read().splitlines() if "started=" not in line and "listening" not in line]
+
+    greylisted = {"client_address": "192.0.2.5"}
+    assert log_of(tmp_path, greylisted, greylisted, {"client_address": "192.0.2.7", "recipient": "postmaster@x.org"},
+                  {"request": "garbage"}) == \
+        ["greylist-postgrey: verdict=error error=\"not an smtpd_access_policy request\""]
+    (tmp_path / "not-a-directory").write_text("")
+    failing = log_of(tmp_path / "not-a-directory", greylisted, {"client_address": "192.0.2.6"})
+    assert "store unusable at start" in failing[0]
+    assert [line.count("reason=store-error") for line in failing[1:]] == [1, 1], failing
+    assert all("on_error=pass" in line and "Not a directory" in line for line in failing)
+
+    def quiet(*options: str) -> bool:
+        return parse(["--inet=10023", *options]).quiet
+
+    assert quiet("-q", "-v") and quiet("-v", "-q") and quiet("--quiet") and not quiet("-v") and not quiet()
