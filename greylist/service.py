@@ -285,7 +285,7 @@ class Greylister:
                 raise StoreResting(self._store_failure)
             store = self._open(config.store)
         try:
-            return check(store, key, self.clock(), policy, client)
+            return check(store, key, self.clock(), policy, client, extra)
         finally:
             if store.warnings:
                 extra["store_warning"] = "; ".join(store.warnings)

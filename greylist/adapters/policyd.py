@@ -263,6 +263,10 @@ def answer(greylister, attrs: dict[str, str], replies: Replies = OUR_REPLIES) ->
 DECISIONS = frozenset({"pass", "tempfail"})
 
 
+#: what is left of a decision's line under quiet: the event it noted, and whose
+QUIET_FIELDS = frozenset({"ip", "whitelisted_after", "_request"})
+
+
 def noteworthy(fields: dict[str, object]) -> bool:
     """A decision's line says more than the decision: a store that failed (on_error passed
     the client), held rows lost, a whitelist unreadable. Such a line is written however
@@ -419,7 +423,11 @@ class PolicyServer:
         loop; a crash loses the lines of at most one window, as it loses the window's
         held decisions."""
         if self.quiet and fields.get("verdict") in DECISIONS and not noteworthy(fields):
-            return  # postgrey's -q: no decision is logged, but every error and warning is
+            # postgrey's -q: no decision is logged, but every error and warning is, and
+            # what postgrey logs at that level: a client auto-whitelisted now
+            if "whitelisted_after" not in fields:
+                return
+            fields = {name: value for name, value in fields.items() if name in QUIET_FIELDS}
         lines = self.lines
         lines.append(fields)
         if len(lines) == 1 and self.log_timer is None:

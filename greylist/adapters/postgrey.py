@@ -163,6 +163,11 @@ def postgrey_line(program: str, fields: dict) -> bytes:
     them), anything unprintable written %XX as Net::Server writes postgrey's: a log line is
     never split or forged."""
     request = fields.get("_request")
+    if request and "whitelisted_after" in fields and "shadow" not in fields:
+        note = _postgrey_text(f"whitelisted: {_postgrey_client(request, fields.get('ip', ''))}")
+        if fields.get("verdict") is None:  # -q: the decision itself goes unlogged
+            return note
+        return note + postgrey_line(program, {k: v for k, v in fields.items() if k != "whitelisted_after"})
     reason = fields.get("reason")
     words = POSTGREY_REASONS.get(reason)  # one test passes the usual line
     if (not request or (words is None and reason != "too-soon") or "shadow" in fields
@@ -188,10 +193,32 @@ def postgrey_line(program: str, fields: dict) -> bytes:
     queue_id = request.get("queue_id")
     if queue_id and queue_id != "0":
         line = f"{queue_id}: {line}"
-    if not (line.isascii() and line.isprintable()):  # as Net::Server writes postgrey's log
+    return _postgrey_text(line)
+
+
+def _postgrey_text(line: str) -> bytes:
+    """A line as Net::Server writes postgrey's log: anything unprintable as %XX."""
+    if not (line.isascii() and line.isprintable()):
         line = "".join(c if " " <= c <= "~" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "replace"))
                        for c in line)
     return (line + "\n").encode("ascii")
+
+
+def _postgrey_client(request: dict, ip: str) -> str:
+    """The client as postgrey's "whitelisted:" line names it: ``NAME[ADDRESS]``, or the address
+    alone without a name (Perl's truth: "unknown" is a name), the address as NetAddr::IP's
+    ``addr`` writes it (an IPv6 address in eight groups, upper case: 2001:DB8:0:0:0:0:0:25)."""
+    from greylist.core.keys import BadAddress, packed_ip
+
+    try:
+        packed = packed_ip(ip)
+    except BadAddress:
+        address = ip
+    else:
+        address = ip if len(packed) == 4 else ":".join(
+            f"{packed[i] << 8 | packed[i + 1]:X}" for i in range(0, 16, 2))
+    name = request.get("client_name")
+    return f"{name}[{address}]" if name and name != "0" else address
 
 
 #: options postgrey reads as `$opt{x} || default` ("" and "0" mean the default), and the

@@ -21,11 +21,15 @@ from greylist.stores.base import Store
 AWL_PREFIX = "awl|"
 
 
-def check(store: Store, key: str, now: float, policy: Policy, client: str | None = None) -> Verdict:
+def check(store: Store, key: str, now: float, policy: Policy, client: str | None = None,
+          notes: dict | None = None) -> Verdict:
     """Decide for ``key`` at ``now`` and record the outcome. Raises StoreError.
 
     ``client``: with triplet keys, the client address whose passes after waiting
-    count towards the auto-whitelist.
+    count towards the auto-whitelist. ``notes``: where to say what changed beyond the
+    verdict: ``whitelisted_after`` (the count) when this pass made the client
+    auto-whitelisted, an event postgrey logs (``whitelisted: NAME[ADDRESS]``) and an
+    admin watches for.
     """
     if client is None or not policy.auto_whitelist:
         with store.transaction():
@@ -43,6 +47,8 @@ def check(store: Store, key: str, now: float, policy: Policy, client: str | None
             tally = count_pass(tally, now, policy)
             if tally is not None:
                 store.put(awl_key, tally, expires_at(tally, policy) - now)
+                if tally.passes == policy.auto_whitelist and notes is not None:  # counted once an hour
+                    notes["whitelisted_after"] = tally.passes
         return verdict
 
 

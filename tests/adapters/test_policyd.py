@@ -131,6 +131,23 @@ def test_greylists_the_triplet_then_passes_with_a_header(policyd):
     c.close()
 
 
+def test_the_pass_that_auto_whitelists_a_client_says_so_on_its_line(policyd):
+    proc, address = policyd("--key", "triplet", "--delay", "1", "--auto-whitelist", "1")
+    lines = Lines(proc.stderr)
+    c = Client(address)
+    ask = request(client_address="192.0.2.1", client_name="mail.example.org", sender="a@example.org",
+                  recipient="b@example.net")
+    assert c.ask(ask).startswith("action=DEFER_IF_PERMIT")
+    time.sleep(1.1)
+    assert c.ask(ask).startswith("action=PREPEND X-Greylist")
+    assert c.ask(ask.replace(b"a@example.org", b"other@example.org")) == "action=DUNNO"  # the client's AWL
+    c.close()
+    assert lines.wait_for(lambda line: "reason=auto-whitelisted" in line)
+    reasons = [(line.split(" reason=")[1].split()[0], "whitelisted_after=1" in line)
+               for line in lines.lines if " reason=" in line]
+    assert reasons == [("new", False), ("passed", True), ("auto-whitelisted", False)], lines.lines
+
+
 def test_decided_wherever_postfix_asks_and_a_header_only_where_postfix_adds_one(policyd):
     """A site that asks in smtpd_data_restrictions (or with smtpd_delay_reject=no) is
     greylisted there, as postgrey greylists it: it used to get DUNNO, all its mail passing

@@ -609,9 +609,13 @@ def test_a_random_stream_of_400_requests_gets_postgreys_answers(tmp_path, option
             stream.append((t, rng.choice(clients), rng.choice(senders), rng.choice(recipients),
                            rng.choice(names)))
     assert stream[-1][0] - stream[0][0] < 35 * 86400
-    answers, _ = answers_of_both([dict(t=at, client_address=ip, sender=sender, recipient=rcpt, client_name=host)
-                               for at, ip, sender, rcpt, host in stream], options)
+    answers, logs = answers_of_both([dict(t=at, client_address=ip, sender=sender, recipient=rcpt, client_name=host)
+                                     for at, ip, sender, rcpt, host in stream], options)
     assert answers["ours"] == answers["postgrey"]
+    # and the clients postgrey says it auto-whitelisted, in its words, at the same requests
+    assert logs["ours"] == logs["postgrey"]
+    if "--auto-whitelist-clients=1" in options:
+        assert sum(line.startswith("whitelisted: ") for line in logs["ours"]) > 3
     assert sum(a.startswith("action=DEFER_IF_PERMIT") for a in answers["ours"]) > 10  # both kinds seen
     assert sum(a.startswith("action=PREPEND") for a in answers["ours"]) > 5
 
@@ -620,7 +624,7 @@ def answers_of_both(requests: list[dict], options: list[str] = (),
                     keep: Path | None = None) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """The real postgrey's answers and ours to the same requests (``ask``'s arguments), each
     server started with ``options`` on a fresh database of its own, in one connection; and
-    each one's log lines of decisions. ``keep``: a directory (reachable by the postgrey
+    each one's log lines of decisions (and of clients auto-whitelisted). ``keep``: a directory (reachable by the postgrey
     user) to run in and leave, for a test that reads a database afterwards."""
     import tempfile
 
@@ -643,7 +647,7 @@ def answers_of_both(requests: list[dict], options: list[str] = (),
             finally:
                 stop(proc)
             text = (base / "postgrey.log").read_text() if name == "postgrey" else proc.stderr.read()
-            logs[name] = [line for line in text.splitlines() if "action=" in line]
+            logs[name] = [line for line in text.splitlines() if "action=" in line or line.startswith("whitelisted: ")]
     finally:
         if keep is None:
             shutil.rmtree(base, ignore_errors=True)
@@ -956,3 +960,26 @@ def test_quiet_logs_no_decision_but_every_error_as_postgrey_does(tmp_path):
         return parse(["--inet=10023", *options]).quiet
 
     assert quiet("-q", "-v") and quiet("-v", "-q") and quiet("--quiet") and not quiet("-v") and not quiet()
+
+
+@pytest.mark.skipif(not Path(POSTGREY).exists(), reason="needs Debian's postgrey (apt-get install postgrey)")
+def test_a_client_auto_whitelisted_is_logged_in_postgreys_words_even_when_quiet():
+    """postgrey says "whitelisted: NAME[ADDRESS]" when a client's passes reach
+    --auto-whitelist-clients, at its log level 1, so -q keeps it (and logcheck reports it):
+    an admin sees which clients skip greylisting from then on. Ours said nothing."""
+    if os.geteuid() != 0:
+        pytest.skip("postgrey runs as its own user: needs root to start it here")
+    t0 = 1_800_000_000
+    requests = []
+    for i, (ip, name) in enumerate([("192.0.2.5", "mx.example.org"), ("2001:db8::25", "unknown"),
+                                    ("198.51.100.7", "")]):
+        requests += [dict(t=t0 + 10 * i, client_address=ip, client_name=name, sender=f"s{i}@example.org"),
+                     dict(t=t0 + 400 + 10 * i, client_address=ip, client_name=name, sender=f"s{i}@example.org"),
+                     dict(t=t0 + 500 + 10 * i, client_address=ip, client_name=name, sender=f"t{i}@example.org")]
+    answers, logs = answers_of_both(requests, ["-q", "--auto-whitelist-clients=1"])
+    assert answers["ours"] == answers["postgrey"]
+    assert [answer.split()[0] for answer in answers["ours"]] == ["action=DEFER_IF_PERMIT", "action=PREPEND",
+                                                                  "action=DUNNO"] * 3  # the third: client AWL
+    assert logs["ours"] == logs["postgrey"] == [
+        "whitelisted: mx.example.org[192.0.2.5]", "whitelisted: unknown[2001:DB8:0:0:0:0:0:25]",
+        "whitelisted: 198.51.100.7"]
