@@ -17,19 +17,54 @@ import time
 
 from greylist.service import log_line
 
+#: syslog's priorities (RFC 5424), as postgrey's Net::Server maps its log levels 0-3 to them
+ERR, WARNING, NOTICE, INFO = 3, 4, 5, 6
+
 BACKLOG = 1 << 20   # bytes of lines kept while the log reader is behind
 RETRY = 0.2         # seconds between tries while it is
 STOP_WAIT = 2.0     # seconds a stopping server gives the reader for the last lines
 
 
+def journal_stream(fd: int = 2) -> bool:
+    """Is ``fd`` journald's stream? systemd names it in JOURNAL_STREAM (device:inode) for a
+    unit's stdout and stderr. A line there may begin with its priority (``<3>``: the unit's
+    SyslogLevelPrefix, on by default), which the journal takes off and keeps, so that
+    ``journalctl -p err`` and a syslog's ``mail.err`` show our errors: unmarked, every line
+    is info."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (int(device), int(inode))
+
+
+def prefixed(lines: bytes, priority: int) -> bytes:
+    """``lines`` (one log entry's, each ending in a newline), each marked ``<priority>``."""
+    mark = b"<%d>" % priority
+    return mark + lines[:-1].replace(b"\n", b"\n" + mark) + lines[-1:]
+
+
+def priority_of(line: bytes) -> tuple[int, bytes]:
+    """A line's priority mark taken off (see :func:`prefixed`); INFO where it has none."""
+    if line[:1] == b"<" and line[2:3] == b">" and line[1:2].isdigit():
+        return int(line[1:2]), line[3:]
+    return INFO, line
+
+
 class LogWriter:
     """Writes to descriptor ``fd`` (stderr) without waiting. ``loop`` gives ``call_later``
-    (this package's loop or asyncio's), for the retries."""
+    (this package's loop or asyncio's), for the retries. ``levels``: its reader takes each
+    line's priority from a ``<N>`` in front (journald, greylist postgrey's syslog
+    forwarder); None: where fd is journald's stream."""
 
-    def __init__(self, loop, program: str, fd: int = 2) -> None:
+    def __init__(self, loop, program: str, fd: int = 2, levels: bool | None = None) -> None:
         self.loop = loop
         self.program = program
         self.fd = fd
+        self.levels = journal_stream(fd) if levels is None else levels
         self.unwritten = b""  # lines the reader has not taken yet
         self.dropped = 0      # lines dropped because it did not
         self.midline = False  # the reader has the start of unwritten's first line
@@ -47,6 +82,8 @@ class LogWriter:
         if self.dropped and len(self.unwritten) < BACKLOG // 2:  # the reader caught up: say so
             note = log_line(self.program, {"error": "the log reader fell behind",
                                            "log_lines_dropped": self.dropped})
+            if self.levels:
+                note = prefixed(note, ERR)
             first = self.unwritten.find(b"\n") + 1 if self.midline else 0
             self.unwritten = self.unwritten[:first] + note + self.unwritten[first:]
             self.note_end = first + len(note)  # never dropped in turn: it counts the others

@@ -39,7 +39,7 @@ from itertools import repeat
 from greylist.adapters import reloads
 from greylist.adapters.acceptor import Acceptor, SocketSession, largest_backlog, raise_descriptor_limit
 from greylist.adapters.eventloop import Loop
-from greylist.adapters.logwriter import STOP_WAIT, LogWriter
+from greylist.adapters.logwriter import ERR, INFO, NOTICE, STOP_WAIT, WARNING, LogWriter, prefixed
 from greylist.adapters.smtp import tempfail_text
 from greylist.core.keys import BadAddress, parse_ip
 from greylist.core.policy import PASSED, TEMPFAIL, Verdict
@@ -274,6 +274,27 @@ def noteworthy(fields: dict[str, object]) -> bool:
     return any(name == "error" or name.endswith(("_error", "_warning")) for name in fields)
 
 
+#: lines postgrey writes at its log level 1 (syslog's warning): a client auto-whitelisted, the
+#: nightly clean-up, a reload; and ours of the kind: connections refused at the bound
+LEVEL_1 = frozenset({"whitelisted_after", "expire", "reloaded", "refused"})
+
+
+def priority(fields: dict[str, object]) -> int:
+    """A line's syslog priority, as postgrey's Net::Server gives its own: an error err, what
+    postgrey logs at its level 1 (and our warnings) warning, a decision notice, the rest
+    (the start's lines) info. A monitor watching mail.err, or ``journalctl -p err``, then
+    sees a store that failed."""
+    level = INFO
+    for name in fields:
+        if name == "error" or name.endswith("_error"):
+            return ERR
+        if name.endswith("warning") or name in LEVEL_1:
+            level = WARNING
+    if level == INFO and fields.get("verdict") in DECISIONS:
+        return NOTICE
+    return level
+
+
 #: the protocol states where Postfix adds a PREPEND's header (smtpd_check.c)
 HEADER_STATES = frozenset({"RCPT", "MAIL", "DATA"})
 
@@ -300,18 +321,22 @@ class Messages:
         return True
 
 
-def _safe_line(line_format, program: str, fields: dict[str, object], exc: Exception) -> bytes:
+def _safe_line(line_format, program: str, fields: dict[str, object], exc: Exception, levels: bool = False) -> bytes:
     """A line that could not be formatted with the others: each alone, in our own format if
     need be, or a line saying so (never the window's other lines lost with it)."""
     try:
-        return line_format(program, fields)
+        line = line_format(program, fields)
     except Exception:  # noqa: BLE001
-        pass
+        try:
+            line = log_line(program, {k: v for k, v in fields.items() if not k.startswith("_")})
+        except Exception:  # noqa: BLE001
+            fields = {"verdict": "error",
+                      "error": f"internal error {type(exc).__name__}: a log line could not be written"}
+            line = log_line(program, fields)
     try:
-        return log_line(program, {k: v for k, v in fields.items() if not k.startswith("_")})
-    except Exception:  # noqa: BLE001
-        return log_line(program, {"verdict": "error", "error": f"internal error {type(exc).__name__}: "
-                                  "a log line could not be written"})
+        return prefixed(line, priority(fields)) if levels else line
+    except Exception:  # noqa: BLE001 - a field name that is no string: the line, unmarked
+        return line
 
 
 class Client(SocketSession):
@@ -367,7 +392,8 @@ class PolicyServer:
     def __init__(self, listener: socket.socket, config, where: str, idle_timeout: float = IDLE_TIMEOUT,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, replies: Replies = OUR_REPLIES,
                  quiet: bool = False, test_time: bool = False, one_request: bool = False,
-                 line_format=None, program: str = "greylist-policyd", nightly_expiry: bool = False) -> None:
+                 line_format=None, program: str = "greylist-policyd", nightly_expiry: bool = False,
+                 levels: bool | None = None) -> None:
         self.replies = replies
         #: how a request's log line is written: ours (log_line), or postgrey's words for
         #: greylist postgrey (given the request itself, as field "_request")
@@ -393,7 +419,7 @@ class PolicyServer:
         self.clients: dict[Client, None] = {}  # in order of arrival
         self.loop = Loop()  # not asyncio's: 9 MB less resident memory, less work per callback
         self.loop.at_round_end.append(self.greylister.write_owed)  # the round's rows, written together
-        self.log_writer = LogWriter(self.loop, self.program)
+        self.log_writer = LogWriter(self.loop, self.program, levels=levels)  # levels: see LogWriter
         self.loop.on_error = self.internal_error
         self.acceptor = Acceptor(self.loop, listener, self.accepted, self.at_bound, self.accept_failed,
                                  self.read_the_rest)
@@ -443,11 +469,14 @@ class PolicyServer:
         if not self.lines:
             return
         lines, self.lines = self.lines, []
+        line_format, levels = self.line_format, self.log_writer.levels
         try:
-            line_format = self.line_format
-            data = b"".join([line_format(self.program, fields) for fields in lines])
+            if levels:
+                data = b"".join([prefixed(line_format(self.program, fields), priority(fields)) for fields in lines])
+            else:
+                data = b"".join([line_format(self.program, fields) for fields in lines])
         except Exception as exc:  # noqa: BLE001 - a field that cannot be written: our bug, said once
-            data = b"".join(_safe_line(self.line_format, self.program, fields, exc) for fields in lines)
+            data = b"".join(_safe_line(line_format, self.program, fields, exc, levels) for fields in lines)
         self.log_writer.write(data)
 
     def clock(self) -> float:
@@ -699,10 +728,11 @@ def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, r
           backlog: int | None = None, socket_mode: int = 0o660, quiet: bool = False, after_bind=None,
           program: str = "greylist-policyd", test_time: bool = False, one_request: bool = False,
           line_format=None, nightly_expiry: bool = False, ready=None,
-          notes: list[dict[str, object]] | None = None) -> int:
+          notes: list[dict[str, object]] | None = None, levels: bool | None = None) -> int:
     """Listen, then (``after_bind``: drop privileges, daemonize) serve until SIGTERM;
     ``ready`` is called once it answers and its signal handlers are in place. ``notes``:
-    log lines (their fields) for the admin, written with the start's."""
+    log lines (their fields) for the admin, written with the start's. ``levels``: each log
+    line marked with its priority (None: where stderr is journald's)."""
     limit = raise_descriptor_limit()
     max_connections = max(1, min(max_connections, limit - 64))
     sock, where = make_listener(listen, backlog, socket_mode)
@@ -713,7 +743,7 @@ def serve(listen: str, config, max_connections: int = DEFAULT_MAX_CONNECTIONS, r
         identity = (st.st_dev, st.st_ino)
     server = PolicyServer(sock, config, where, max_connections=max_connections, replies=replies, quiet=quiet,
                           test_time=test_time, one_request=one_request, line_format=line_format,
-                          program=program, nightly_expiry=nightly_expiry)
+                          program=program, nightly_expiry=nightly_expiry, levels=levels)
     server.greylister.prepare()  # before after_bind() may drop privileges
     if after_bind is not None:
         after_bind()

@@ -501,6 +501,8 @@ def daemonize(facility: str, drop=lambda: None):
     the caller exit 1 (its reasons went to syslog)."""
     import syslog
 
+    from greylist.adapters.logwriter import priority_of
+
     told, tell = os.pipe()
     if os.fork():
         os.close(tell)
@@ -528,8 +530,9 @@ def daemonize(facility: str, drop=lambda: None):
             code = getattr(syslog, f"LOG_{facility.upper()}", syslog.LOG_MAIL)
             syslog.openlog("postgrey", syslog.LOG_PID, code)
             with os.fdopen(read, "rb") as lines:
-                for line in lines:
-                    syslog.syslog(syslog.LOG_INFO, line.decode("ascii", "replace").rstrip("\n"))
+                for line in lines:  # each at its priority, as postgrey's Net::Server logs its own
+                    level, text = priority_of(line)
+                    syslog.syslog(level, text.decode("ascii", "replace").rstrip("\n"))
         finally:
             os._exit(0)  # never the server's code in a second process
     os.close(read)
@@ -616,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                      quiet=plan.quiet, after_bind=after_bind, program="greylist-postgrey",
                      test_time=plan.test_time, one_request=plan.one_request, line_format=postgrey_line,
                      nightly_expiry=True, ready=lambda: [tell() for tell in tell_ready],
-                     notes=[note for note in (unmigrated(plan),) if note is not None])
+                     notes=[note for note in (unmigrated(plan),) if note is not None],
+                     levels=True if plan.daemonize else None)  # its forwarder takes each line's priority
     except PostgreyError as exc:
         sys.stderr.write(f"greylist postgrey: ERROR: {exc}\n")
         return 1

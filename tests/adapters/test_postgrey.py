@@ -983,3 +983,59 @@ def test_a_client_auto_whitelisted_is_logged_in_postgreys_words_even_when_quiet(
     assert logs["ours"] == logs["postgrey"] == [
         "whitelisted: mx.example.org[192.0.2.5]", "whitelisted: unknown[2001:DB8:0:0:0:0:0:25]",
         "whitelisted: 198.51.100.7"]
+
+
+def test_under_journald_each_line_carries_its_priority_as_postgreys_syslog_lines_do(tmp_path):
+    """Under systemd (the contrib unit) stderr is journald's stream, which names itself in
+    JOURNAL_STREAM; unmarked, every line was info, so `journalctl -p err` and a syslog's
+    mail.err never showed a failing store. Lines now begin with the priority postgrey's
+    Net::Server gives its own (journald takes the mark off): a decision notice, a client
+    auto-whitelisted warning, an error err. Where stderr is anything else, no mark."""
+    def lines(journal: bool) -> list[str]:
+        read, write = os.pipe()
+        st = os.fstat(write)
+        stream = f"{st.st_dev}:{st.st_ino}" if journal else f"{st.st_dev}:{st.st_ino + 1}"
+        port = free_port()
+        proc = subprocess.Popen([*command("greylist"), "postgrey", f"--inet=127.0.0.1:{port}", f"--dbdir={tmp_path}",
+                                 "--auto-whitelist-clients=1", "--accept-test-time",
+                                 *(["--user", "root"] if os.geteuid() == 0 else [])],
+                                env=base_env(JOURNAL_STREAM=stream), stdout=subprocess.DEVNULL, stderr=write)
+        os.close(write)
+        try:
+            assert answers_on(port)
+            t0 = 1_800_000_000 + (10_000 if journal else 0)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                assert ask(s, t0, client_address="192.0.2.5").startswith("action=DEFER_IF_PERMIT")
+                assert ask(s, t0 + 301, client_address="192.0.2.5").startswith("action=PREPEND")
+                assert ask(s, request="garbage") == "action=DUNNO"
+        finally:
+            stop(proc)
+        with os.fdopen(read) as f:
+            return [line for line in f.read().splitlines() if "listening on" not in line]
+
+    marked = lines(journal=True)
+    assert [line[:3] for line in marked] == ["<6>", "<5>", "<4>", "<4>", "<3>"], marked
+    assert marked[1].startswith("<5>action=greylist, reason=new")
+    assert marked[2] == "<4>whitelisted: mx.example.org[192.0.2.5]"
+    assert marked[4].startswith("<3>greylist-postgrey: verdict=error")
+    plain = lines(journal=False)
+    assert len(plain) == 5 and not any(line.startswith("<") for line in plain), plain
+
+
+def test_a_lines_priority_is_postgreys_and_its_mark_comes_off_for_syslog():
+    from greylist.adapters.logwriter import INFO, prefixed, priority_of
+    from greylist.adapters.policyd import priority
+
+    assert priority({"ip": "192.0.2.5", "verdict": "tempfail", "reason": "new"}) == 5
+    assert priority({"verdict": "pass", "reason": "passed", "whitelisted_after": 5}) == 4
+    assert priority({"expire": "started"}) == priority({"reloaded": "whitelists and store"}) == 4
+    assert priority({"verdict": "pass", "reason": "new", "store_warning": "3 held rows not written"}) == 4
+    assert priority({"verdict": "pass", "reason": "store-error", "error": "disk full", "on_error": "pass"}) == 3
+    assert priority({"verdict": "pass", "whitelist_error": "cannot read"}) == 3
+    assert priority({"started": "127.0.0.1:10023"}) == 6
+    two = prefixed(b"whitelisted: 192.0.2.5\naction=pass, reason=triplet found\n", 4)
+    assert two == b"<4>whitelisted: 192.0.2.5\n<4>action=pass, reason=triplet found\n"
+    assert [priority_of(line) for line in two.splitlines(keepends=True)] == \
+        [(4, b"whitelisted: 192.0.2.5\n"), (4, b"action=pass, reason=triplet found\n")]
+    assert priority_of(b"greylist postgrey: listening\n") == (INFO, b"greylist postgrey: listening\n")
+    assert priority_of(b"<x>odd\n") == (INFO, b"<x>odd\n")
