@@ -277,6 +277,9 @@ def noteworthy(fields: dict[str, object]) -> bool:
 #: lines postgrey writes at its log level 1 (syslog's warning): a client auto-whitelisted, the
 #: nightly clean-up, a reload; and ours of the kind: connections refused at the bound
 LEVEL_1 = frozenset({"whitelisted_after", "expire", "reloaded", "refused"})
+#: the fields of a decision's line that say nothing of its priority
+PLAIN_FIELDS = frozenset({"ip", "from", "to", "verdict", "reason", "age", "retry_in", "key", "decision_ms",
+                          "_request", "shadow", "header", "state", "truncated"})
 
 
 def priority(fields: dict[str, object]) -> int:
@@ -285,7 +288,7 @@ def priority(fields: dict[str, object]) -> int:
     (the start's lines) info. A monitor watching mail.err, or ``journalctl -p err``, then
     sees a store that failed."""
     level = INFO
-    for name in fields:
+    for name in fields.keys() - PLAIN_FIELDS:  # a decision's usual line has none left
         if name == "error" or name.endswith("_error"):
             return ERR
         if name.endswith("warning") or name in LEVEL_1:
