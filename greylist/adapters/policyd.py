@@ -267,19 +267,25 @@ DECISIONS = frozenset({"pass", "tempfail"})
 QUIET_FIELDS = frozenset({"ip", "whitelisted_after", "_request"})
 
 
+#: the fields of a decision's line that say nothing more than the decision
+PLAIN_FIELDS = frozenset({"ip", "from", "to", "verdict", "reason", "age", "retry_in", "key", "decision_ms",
+                          "_request", "shadow", "header", "state", "truncated"})
+
+
+def _errors(fields: dict[str, object]) -> bool:
+    return any(name == "error" or name.endswith("_error") for name in fields.keys() - PLAIN_FIELDS)
+
+
 def noteworthy(fields: dict[str, object]) -> bool:
     """A decision's line says more than the decision: a store that failed (on_error passed
     the client), held rows lost, a whitelist unreadable. Such a line is written however
     quiet the log is asked to be, or a store down would pass every client unsaid."""
-    return any(name == "error" or name.endswith(("_error", "_warning")) for name in fields)
+    return _errors(fields) or any(name.endswith("warning") for name in fields.keys() - PLAIN_FIELDS)
 
 
 #: lines postgrey writes at its log level 1 (syslog's warning): a client auto-whitelisted, the
 #: nightly clean-up, a reload; and ours of the kind: connections refused at the bound
 LEVEL_1 = frozenset({"whitelisted_after", "expire", "reloaded", "refused"})
-#: the fields of a decision's line that say nothing of its priority
-PLAIN_FIELDS = frozenset({"ip", "from", "to", "verdict", "reason", "age", "retry_in", "key", "decision_ms",
-                          "_request", "shadow", "header", "state", "truncated"})
 
 
 def priority(fields: dict[str, object]) -> int:
@@ -287,15 +293,12 @@ def priority(fields: dict[str, object]) -> int:
     postgrey logs at its level 1 (and our warnings) warning, a decision notice, the rest
     (the start's lines) info. A monitor watching mail.err, or ``journalctl -p err``, then
     sees a store that failed."""
-    level = INFO
-    for name in fields.keys() - PLAIN_FIELDS:  # a decision's usual line has none left
-        if name == "error" or name.endswith("_error"):
-            return ERR
-        if name.endswith("warning") or name in LEVEL_1:
-            level = WARNING
-    if level == INFO and fields.get("verdict") in DECISIONS:
-        return NOTICE
-    return level
+    if fields.keys() - PLAIN_FIELDS:  # a decision's usual line has nothing more
+        if noteworthy(fields):
+            return ERR if _errors(fields) else WARNING
+        if not LEVEL_1.isdisjoint(fields):
+            return WARNING
+    return NOTICE if fields.get("verdict") in DECISIONS else INFO
 
 
 #: the protocol states where Postfix adds a PREPEND's header (smtpd_check.c)
