@@ -9,9 +9,9 @@ from greylist.core.policy import AUTO_WHITELISTED, NEW, PASSED, Policy
 from greylist.stores.memory import MemoryStore
 
 
-def deliveries(policy: Policy, gaps: list[float]) -> list[tuple[str, dict]]:
-    """One new triplet of one client after another, each retried after the delay; the
-    reason of each retry and what it noted."""
+def deliveries(policy: Policy, gaps: list[float]) -> list[tuple[str, str, dict]]:
+    """One new triplet of one client after another, each retried after the delay: for each,
+    the reason of its first try and of its retry, and what the retry noted."""
     store, now, seen = MemoryStore(), 1_800_000_000.0, []
     for n, gap in enumerate(gaps):
         now += gap
