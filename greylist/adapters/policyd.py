@@ -272,15 +272,23 @@ PLAIN_FIELDS = frozenset({"ip", "from", "to", "verdict", "reason", "age", "retry
                           "_request", "shadow", "header", "state", "truncated"})
 
 
-def _errors(fields: dict[str, object]) -> bool:
-    return any(name == "error" or name.endswith("_error") for name in fields.keys() - PLAIN_FIELDS)
+def _level(names) -> int:
+    """ERR where one of a line's field ``names`` is an error, WARNING where one is a warning,
+    else INFO."""
+    level = INFO
+    for name in names:
+        if name == "error" or name.endswith("_error"):
+            return ERR
+        if name.endswith("warning"):
+            level = WARNING
+    return level
 
 
 def noteworthy(fields: dict[str, object]) -> bool:
     """A decision's line says more than the decision: a store that failed (on_error passed
     the client), held rows lost, a whitelist unreadable. Such a line is written however
     quiet the log is asked to be, or a store down would pass every client unsaid."""
-    return _errors(fields) or any(name.endswith("warning") for name in fields.keys() - PLAIN_FIELDS)
+    return _level(fields.keys() - PLAIN_FIELDS) < INFO
 
 
 #: lines postgrey writes at its log level 1 (syslog's warning): a client auto-whitelisted, the
@@ -293,10 +301,12 @@ def priority(fields: dict[str, object]) -> int:
     postgrey logs at its level 1 (and our warnings) warning, a decision notice, the rest
     (the start's lines) info. A monitor watching mail.err, or ``journalctl -p err``, then
     sees a store that failed."""
-    if fields.keys() - PLAIN_FIELDS:  # a decision's usual line has nothing more
-        if noteworthy(fields):
-            return ERR if _errors(fields) else WARNING
-        if not LEVEL_1.isdisjoint(fields):
+    unusual = fields.keys() - PLAIN_FIELDS  # a decision's usual line has none
+    if unusual:
+        level = _level(unusual)
+        if level < INFO:
+            return level
+        if not LEVEL_1.isdisjoint(unusual):
             return WARNING
     return NOTICE if fields.get("verdict") in DECISIONS else INFO
 
