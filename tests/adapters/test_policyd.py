@@ -939,6 +939,57 @@ def serve_started(server, delay: float, callback) -> None:
             signal.signal(signum, handler)
 
 
+def test_at_the_bound_the_connection_idle_the_longest_is_closed_found_a_batch_at_a_time(monkeypatch):
+    """At the connection bound each new connection, and only one that is there, closes the
+    one idle the longest (each try to accept closed one: the try that found none too, so
+    four clients of four were three). The idle longest are found a batch at a time
+    (EVICT_BATCH, 2 here), not in a pass over all clients per connection (150 us a
+    connection at 4,000); a candidate that asked since it was found is passed over, and
+    the next is looked for again."""
+    from greylist.adapters import policyd
+    from greylist.config import load
+
+    monkeypatch.setattr(policyd, "EVICT_BATCH", 2)
+    passes = []
+    real = policyd.nsmallest
+
+    def counted(n, clients, key):
+        passes.append(len(clients))
+        return real(n, clients, key=key)
+
+    monkeypatch.setattr(policyd, "nsmallest", counted)
+    listener, where = policyd.make_listener("127.0.0.1:0")
+    address = listener.getsockname()
+    server = policyd.PolicyServer(listener, load({"store": "memory://", "key": "ip"}, {}), where,
+                                  max_connections=4)
+    socks: dict[str, socket.socket] = {}
+    kept: list[str] = []
+    steps = [lambda: socks.update({name: socket.create_connection(address, timeout=5) for name in "abcd"})]
+    steps += [lambda name=name: socks[name].sendall(request(client_address="192.0.2.1")) for name in "abcd"]
+    steps += [lambda: socks.update(e=socket.create_connection(address, timeout=5)),   # closes a; b is next
+              lambda: socks["b"].sendall(request(client_address="192.0.2.1")),    # b asks: no longer idle
+              lambda: socks.update(f=socket.create_connection(address, timeout=5)),   # b passed over: c
+              lambda: socks.update(g=socket.create_connection(address, timeout=5)),   # d, found with c
+              lambda: kept.extend(name for name, sock in socks.items()
+                                  if any(c.sock.getpeername() == sock.getsockname() for c in server.clients)),
+              server.loop.stop]
+
+    def step() -> None:
+        steps.pop(0)()
+        if steps:
+            server.loop.call_later(0.1, step)
+
+    serve_started(server, 0.1, step)
+    assert sorted(kept) == ["b", "e", "f", "g"]  # a, c and d closed, one for each newcomer
+    assert passes == [4, 4]  # e's found a and b; f's (b had asked) found c and d; g took d
+    for name, sock in socks.items():  # every request answered, the closed ones' too
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        assert data.count(b"action=DEFER_IF_PERMIT") == {"a": 1, "b": 2, "c": 1, "d": 1}.get(name, 0), name
+        sock.close()
+
+
 def test_a_client_silent_for_the_idle_timeout_is_closed_and_one_that_asks_is_kept():
     """Clients have no timer of their own: the server's sweep closes the ones silent for
     the idle timeout (at most a SWEEPS-th of it late) and leaves the others open."""
