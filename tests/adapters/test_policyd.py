@@ -943,7 +943,7 @@ def test_at_the_bound_the_connection_idle_the_longest_is_closed_found_a_batch_at
     """At the connection bound each new connection, and only one that is there, closes the
     one idle the longest (each try to accept closed one: the try that found none too, so
     four clients of four were three). The idle longest are found a batch at a time
-    (EVICT_BATCH, 2 here), not in a pass over all clients per connection (150 us a
+    (EVICT_BATCH, 2 here), not in a pass over all clients per connection (some 170 us a
     connection at 4,000); a candidate that asked since it was found is passed over, and
     the next is looked for again."""
     from greylist.adapters import policyd
