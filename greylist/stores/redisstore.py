@@ -425,7 +425,12 @@ class RedisStore(Store):
             return super().get_or_add(key, record, ttl)
         try:
             old = self._do("SET", PREFIX + key, _value(record), "NX", "GET", *_ttl_ms(ttl))
-        except ReplyError:
+        except ReplyError as exc:
+            # only a syntax error says the server is older than 7.0; any other refusal (a
+            # Redis full at maxmemory, a read-only replica) is the store failing now, and
+            # was taken for an old server: three commands a new key for the process's life
+            if "syntax error" not in str(exc):
+                raise
             self.nx_get = False  # Redis before 7.0: three commands at worst
             return super().get_or_add(key, record, ttl)
         if old is None:

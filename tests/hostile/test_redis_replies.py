@@ -71,3 +71,26 @@ def test_malformed_replies_are_store_errors_never_answers(reply):
             store.get("192.0.2.1")
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("reply,older", [
+    (b"-ERR syntax error\r\n", True),  # what a Redis before 7.0 says to SET ... NX GET
+    (b"-OOM command not allowed when used memory > 'maxmemory'.\r\n", False),
+    (b"-READONLY You can't write against a read only replica.\r\n", False),
+])
+def test_only_a_syntax_error_is_taken_for_a_redis_without_set_nx_get(reply, older):
+    """A new key is one SET NX GET; a server older than 7.0 rejects it as a syntax error, and
+    the store then uses three commands for good. A full or read-only server's refusal is the
+    store failing now (a StoreError), not its version. (Our own connection: redis-py's
+    handshake would meet the stand-in's error first; it maps replies the same way, as the
+    full real Redis of tests/stores/test_redis.py shows.)"""
+    from greylist.core.policy import Record
+
+    server = FakeRedis(reply)
+    try:
+        store = open_store(f"redis://127.0.0.1:{server.port}/0?timeout=1")
+        with pytest.raises(StoreError):
+            store.get_or_add("192.0.2.1", Record(1.0, 1.0, 0))
+        assert (store.nx_get is False) is older
+    finally:
+        server.close()

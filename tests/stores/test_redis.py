@@ -103,3 +103,26 @@ def test_a_long_lived_store_reconnects_after_redis_comes_back(redis_server, redi
         check(store, "192.0.2.2", 1000.0, Policy())  # still away: a clear error again
     redis_server.start()
     assert check(store, "192.0.2.3", 1000.0, Policy()).reason == "new"
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_full_redis_is_a_store_error_and_what_it_holds_is_still_read(redis_server, redis_url, lean):
+    """A Redis at its maxmemory with the noeviction policy (a shared cache's usual setting)
+    refuses every write with an OOM reply: a store error, which the front ends pass the
+    client by (on_error) and log as the store's, never our bug. What it holds is still
+    read, and once there is room a new key is one command again: the refusal was taken for
+    a server older than 7.0 (no SET NX GET), three commands a new key from then on."""
+    store = open_store(redis_url, lean=lean)
+    policy = Policy(delay=60, retry_window=3600, max_age=86400)
+    assert check(store, "192.0.2.1", 1000.0, policy).reason == "new"
+    assert raw(redis_server, "CONFIG", "SET", "maxmemory-policy", "noeviction").startswith(b"+OK")
+    assert raw(redis_server, "CONFIG", "SET", "maxmemory", "1").startswith(b"+OK")  # any write is past it
+    try:
+        with pytest.raises(StoreError, match="maxmemory"):
+            check(store, "192.0.2.2", 1000.0, policy)
+        assert store.get("192.0.2.1") == Record(1000.0, 1000.0, 0)
+    finally:
+        raw(redis_server, "CONFIG", "SET", "maxmemory", "0")
+    commands = store.ops.get("command", 0)
+    assert check(store, "192.0.2.2", 1000.0, policy).reason == "new"
+    assert store.nx_get is not False and store.ops["command"] - commands == 1
