@@ -45,6 +45,29 @@ def test_expire_max_age_flag_and_stale_temp_files(tmp_path, capsys):
     assert not tmp.exists()
 
 
+def test_expire_removes_only_our_temp_files_and_only_in_the_stores_directories(tmp_path, capsys):
+    """A store URL one directory too high (file:///var for file:///var/greylist, in a cron
+    line) must not cost anyone a file: expire took any .*.tmp at any depth below it."""
+    base = tmp_path / "var"
+    store_dir = base / "greylist"
+    store = FileStore(str(store_dir))
+    store.put("192.0.2.1", Record(time.time(), time.time(), 0))
+    ours = [store_dir / "192" / ".192.0.2.1.4242.0123456789ab.tmp",  # a killed writer's
+            store_dir / "192" / ".192.0.2.1.4243.tmp"]  # as older versions named them
+    theirs = [base / ".cache.tmp", base / "app" / "state" / ".session.1.tmp", base / "192" / ".notes.tmp",
+              store_dir / "192" / ".notes.tmp", store_dir / "spool" / ".192.0.2.1.4244.tmp"]
+    for path in ours + theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+        os.utime(path, (time.time() - 7200,) * 2)
+    assert main(["expire", "--store", f"file://{base}", "--json"]) == 0  # one too high
+    assert json.loads(capsys.readouterr().out)["temp_files_removed"] == 0
+    assert all(path.exists() for path in ours + theirs)
+    assert main(["expire", "--store", f"file://{store_dir}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["temp_files_removed"] == 2
+    assert not any(path.exists() for path in ours) and all(path.exists() for path in theirs)
+
+
 def test_show(tmp_path, capsys):
     fill(tmp_path)
     assert main(["show", "192.0.2.1", "--store", f"file://{tmp_path}", "--json"]) == 0

@@ -303,16 +303,26 @@ class FileStore(Store):
         return total
 
     def stale_temp_files(self, older_than: float):
-        """Temp files left by a wrapper killed mid-write (paths), for expire to remove."""
-        for root, _dirs, files in os.walk(self.base):
-            for name in files:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    path = f"{root}/{name}"
-                    try:
-                        if os.stat(path).st_mtime < older_than:
-                            yield path
-                    except OSError:
-                        continue
+        """Temp files left by a wrapper killed mid-write (paths), for expire to remove: only
+        in the store's own directories of entries, and only named as put() names them. A
+        walk of the whole tree took any ``.*.tmp`` at any depth, so a store URL one
+        directory too high (``file:///var`` for ``file:///var/greylist``, in a cron line)
+        made ``greylist expire`` remove other programs' files."""
+        for directory, _key_of in self._entry_dirs():
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                if not _temp_name(name):
+                    continue
+                path = f"{directory}/{name}"
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if _S_ISREG(st.st_mode) and st.st_mtime < older_than:
+                    yield path
 
     def disk_usage(self) -> dict[str, int]:
         """Files, directories and bytes on disk (allocated blocks), for reports."""
@@ -330,6 +340,21 @@ class FileStore(Store):
                 except OSError:
                     pass
         return {"files": files, "directories": directories, "bytes": size}
+
+
+def _temp_name(name: str) -> bool:
+    """``.ENTRY.PID.RANDOM.tmp``, as put() names a temporary file (``.ENTRY.PID.tmp`` before
+    its name had 12 random hex digits)."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    parts = name[1:-4].split(".")
+    if len(parts) >= 3 and len(parts[-1]) == 12 and _HEX.issuperset(parts[-1]):
+        parts.pop()
+    return len(parts) >= 2 and parts[0] != "" and _DIGITS.issuperset(parts[-1]) and parts[-1] != ""
+
+
+_HEX = frozenset("0123456789abcdef")
+_DIGITS = frozenset("0123456789")
 
 
 def format_content(record: Record) -> bytes:
