@@ -367,6 +367,7 @@ class SqliteStore(Store):
             in_transaction = self.db.in_transaction
             if in_transaction:
                 self.db.execute("ROLLBACK")
+            self._refuse_foreign()
             self._setup()
             self.db.execute(SCHEMA)
             if in_transaction:  # holding writes, the only one open between flushes is a read snapshot
@@ -378,6 +379,19 @@ class SqliteStore(Store):
             return self.db.execute(sql, args)
         except sqlite.Error as exc:
             raise _failure(self.path, exc) from None
+
+    def _refuse_foreign(self) -> None:
+        """A database that holds tables, none of them ours, is another program's: a path
+        mistyped in a cron line or a run script. Set up as ours, it was switched to WAL
+        mode and given our table, by ``greylist stats`` as much as by a server, and the
+        program whose file it is may not read a WAL database (an older SQLite, a network
+        file system). It is said, and left as it is."""
+        names = [row[0] for row in self.db.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'view', 'index', 'trigger') "
+            "AND name != 'greylist' AND name NOT LIKE 'sqlite!_%' ESCAPE '!' LIMIT 4")]
+        if names:
+            raise StoreError(f"{self.path} is not a greylist database (it holds {', '.join(names)}); "
+                             "it is left as it is")
 
     def transaction(self) -> _Transaction:
         return self._transaction

@@ -929,3 +929,35 @@ def test_a_new_database_another_process_makes_at_the_same_moment_is_opened(tmp_p
     store.put("k", Record(1.0, 1.0, 0))
     assert store.get("k") == Record(1.0, 1.0, 0)
     store.close()
+
+
+def test_another_programs_database_is_said_and_left_as_it_is(tmp_path, capsys):
+    """A path mistyped in a cron line or a run script: a database holding tables, none of
+    them ours. It was set up as ours (WAL mode, our table) by a server and by greylist
+    stats alike; the program whose file it is may not read a WAL database. An empty file
+    is still a new store."""
+    import hashlib
+
+    from greylist.admin import main
+    from greylist.core.policy import Policy
+
+    path = tmp_path / "app.db"
+    theirs = sqlite3.connect(path)
+    theirs.executescript("CREATE TABLE accounts (name TEXT); CREATE INDEX by_name ON accounts (name);"
+                         "INSERT INTO accounts VALUES ('alice');")
+    theirs.close()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    store = open_store(f"sqlite://{path}")
+    with pytest.raises(StoreError, match="is not a greylist database .it holds accounts, by_name."):
+        check(store, "192.0.2.1", 1000.0, Policy())
+    store.close()
+    for command in (["stats"], ["expire"], ["show", "192.0.2.1"]):
+        assert main([*command, "--store", f"sqlite://{path}"]) != 0
+        assert "is not a greylist database" in capsys.readouterr().err
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]  # no -wal, no -shm
+    empty = tmp_path / "new.db"
+    empty.touch()
+    store = open_store(f"sqlite://{empty}")
+    assert check(store, "192.0.2.1", 1000.0, Policy()).reason == "new"
+    store.close()
