@@ -156,7 +156,7 @@ class FileStore(Store):
     def put(self, key: str, record: Record, ttl: float | None = None) -> None:
         directory, path = self.path_of(key)
         # an unpredictable name, created new: nothing planted in advance can be written through
-        tmp = f"{directory}/.{path[len(directory) + 1:]}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
+        tmp = f"{directory}/{_temp_file(path[len(directory) + 1:])}"
         if not self._write_file(directory, tmp, _O_CREATE_NEW, self._content(key, record), record.last_seen):
             raise StoreError(f"cannot create {tmp}: it exists already")
         self.count("rename")
@@ -342,9 +342,14 @@ class FileStore(Store):
         return {"files": files, "directories": directories, "bytes": size}
 
 
+def _temp_file(entry: str) -> str:
+    """put()'s temporary file for ``entry``: ``.ENTRY.PID.RANDOM.tmp``, 12 random hex digits."""
+    return f".{entry}.{os.getpid()}.{os.urandom(6).hex()}.tmp"
+
+
 def _temp_name(name: str) -> bool:
-    """``.ENTRY.PID.RANDOM.tmp``, as put() names a temporary file (``.ENTRY.PID.tmp`` before
-    its name had 12 random hex digits)."""
+    """A name :func:`_temp_file` makes (or ``.ENTRY.PID.tmp``, as it made them before they had
+    12 random hex digits): what expire may remove as a killed writer's."""
     if not (name.startswith(".") and name.endswith(".tmp")):
         return False
     parts = name[1:-4].split(".")

@@ -156,3 +156,14 @@ def test_a_planted_symlink_is_never_written_through(tmp_path):
     outcome = g.decide(Connection("192.0.2.2"))  # a FIFO: never opened, replaced
     assert outcome.verdict.reason == "new" and "not a regular file" in outcome.fields()["store_warning"]
     assert (store_dir / "192" / "192.0.2.2").is_file()
+
+
+def test_expire_knows_every_temporary_file_put_makes():
+    """expire removes a killed writer's temporary files by their names: the names put() makes,
+    for an address, a network, an IPv6 address and a triplet, are all of them."""
+    from greylist.stores.filetree import _temp_file, _temp_name
+
+    store = FileStore("/nonexistent")
+    for key in ("192.0.2.1", "192.0.2.0/24", "2001:db8::5", "192.0.2.0/24|a@b.example|c@d.example"):
+        directory, path = store.path_of(key)
+        assert _temp_name(_temp_file(path[len(directory) + 1:])), key
